@@ -1,0 +1,3 @@
+from fzpoll.cli import main
+
+raise SystemExit(main())

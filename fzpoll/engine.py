@@ -1,0 +1,633 @@
+"""The WireGuard protocol engine: sans-IO, driven by datagrams, packets and ``now``.
+
+Inputs: :meth:`Engine.receive` (a UDP datagram and its source address), :meth:`Engine.send` (an IP
+packet read from the TUN device) and :meth:`Engine.handle_timer`. Outputs accumulate in
+:attr:`Engine.out` (``(datagram, endpoint)`` pairs to send) and :attr:`Engine.to_tun` (decrypted IP
+packets); the IO shell drains both after each batch. :meth:`Engine.next_deadline` says when to
+call :meth:`handle_timer` next. Time is always the ``now`` argument (monotonic seconds);
+wall-clock time (for TAI64N) and randomness are injected at construction.
+
+Remote input never raises: an invalid datagram is dropped, its :class:`DropReason` counted in
+:attr:`Engine.drops` and returned, and no state changes. Timers follow wireguard-go's timers.go,
+which implements whitepaper section 6.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+from collections import Counter
+from typing import Callable
+
+from fzpoll import handshake
+from fzpoll.allowedips import AllowedIPs
+from fzpoll.constants import (
+    AEAD_TAG_SIZE,
+    COOKIE_REPLY_SIZE,
+    DEFAULT_MTU,
+    HANDSHAKE_BURST_PER_SOURCE,
+    HANDSHAKE_INITIATION_RATE,
+    HANDSHAKE_RATE_PER_SOURCE,
+    INITIATION_SIZE,
+    KEEPALIVE_SIZE,
+    KEEPALIVE_TIMEOUT,
+    MAX_RATE_LIMITER_SOURCES,
+    MAX_TIMER_HANDSHAKES,
+    MESSAGE_HANDSHAKE_COOKIE,
+    MESSAGE_HANDSHAKE_INITIATION,
+    MESSAGE_HANDSHAKE_RESPONSE,
+    MESSAGE_TRANSPORT_DATA,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+    REKEY_TIMEOUT,
+    REKEY_TIMEOUT_JITTER_MAX,
+    RESPONSE_SIZE,
+    UNDER_LOAD_AFTER_TIME,
+    UNDER_LOAD_HANDSHAKES_PER_WINDOW,
+    UNDER_LOAD_WINDOW,
+    ZERO_KEYS_AFTER_TIME,
+)
+from fzpoll.crypto import CryptoError, InvalidPoint
+from fzpoll.crypto import nonce as _nonce
+from fzpoll.errors import DropReason as D
+from fzpoll.errors import LocalError
+from fzpoll.keys import PrivateKey, PublicKey
+from fzpoll.peer import HANDSHAKE_INITIATION_SENT, HANDSHAKE_NONE, Endpoint, Keypair, Peer
+
+from nacl.bindings import crypto_aead_chacha20poly1305_ietf_decrypt as _decrypt
+from nacl.bindings import crypto_aead_chacha20poly1305_ietf_encrypt as _encrypt
+
+_PADDING = bytes(16)
+_TIMERS = ("retransmit_at", "keepalive_at", "new_handshake_at", "zero_keys_at", "persistent_at")
+
+
+def _source_bytes(addr: Endpoint) -> bytes:
+    """Packed IP and port of a socket address: what a cookie is bound to."""
+    try:
+        ip = ipaddress.ip_address(addr[0]).packed
+    except ValueError:
+        ip = str(addr[0]).encode()
+    return ip + int(addr[1]).to_bytes(2, "big")
+
+
+class Engine:
+    """One WireGuard interface's protocol state: our static key, peers, sessions and timers."""
+
+    def __init__(
+        self,
+        private_key: PrivateKey | None = None,
+        *,
+        random_bytes: Callable[[int], bytes],
+        wall_time: Callable[[], float],
+        mtu: int = DEFAULT_MTU,
+    ) -> None:
+        self.random_bytes = random_bytes
+        self.wall_time = wall_time
+        self.mtu = mtu
+        self.peers: dict[bytes, Peer] = {}
+        self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
+        self.out: list[tuple[bytes, Endpoint]] = []
+        self.to_tun: list[bytes] = []
+        self.events: list[tuple[str, Peer]] = []  # rare notable events for the IO shell to log
+        self.drops: Counter[str] = Counter()
+        self._index: dict[int, Keypair | Peer] = {}
+        self._timers: list[tuple[float, int, Peer, str]] = []
+        self._timer_seq = 0
+        self._load_window_start = float("-inf")
+        self._load_window_count = 0
+        self._under_load_until = float("-inf")
+        self._buckets: dict[bytes, list[float]] = {}
+        self._private: bytes | None = None
+        self._public: bytes = b""
+        self._cookies: handshake.CookieChecker | None = None
+        self._handlers = {
+            MESSAGE_HANDSHAKE_INITIATION: self._on_initiation,
+            MESSAGE_HANDSHAKE_RESPONSE: self._on_response,
+            MESSAGE_HANDSHAKE_COOKIE: self._on_cookie_reply,
+        }
+        self.set_private_key(private_key)
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def private_key(self) -> PrivateKey | None:
+        return None if self._private is None else PrivateKey(self._private)
+
+    @property
+    def public_key(self) -> PublicKey | None:
+        return None if self._private is None else PublicKey(self._public)
+
+    def set_private_key(self, key: PrivateKey | None) -> None:
+        """Set (or clear) our static key; every session and handshake in progress is dropped."""
+        if key is not None and self._private == key.raw:
+            return
+        for peer in self.peers.values():
+            self._clear_sessions(peer)
+        if key is None or key.is_zero():
+            self._private, self._public, self._cookies = None, b"", None
+            return
+        self._private = key.raw
+        self._public = key.public_key.raw
+        self._cookies = handshake.CookieChecker(self._public, self.random_bytes)
+        # A peer with our own public key makes no sense (wireguard-go removes it too).
+        if self._public in self.peers:
+            self.remove_peer(PublicKey(self._public))
+
+    def get_peer(self, public_key: PublicKey) -> Peer | None:
+        return self.peers.get(public_key.raw)
+
+    def add_peer(self, public_key: PublicKey) -> Peer:
+        """The peer with this key, created if new."""
+        peer = self.peers.get(public_key.raw)
+        if peer is None:
+            if public_key.raw == self._public:
+                raise LocalError("a peer cannot have the interface's own public key")
+            peer = self.peers[public_key.raw] = Peer(public_key)
+        return peer
+
+    def remove_peer(self, public_key: PublicKey) -> None:
+        peer = self.peers.pop(public_key.raw, None)
+        if peer is None:
+            return
+        self._clear_sessions(peer)
+        self.allowed_ips.remove_value(peer)
+        peer.removed = True
+
+    def remove_all_peers(self) -> None:
+        for peer in list(self.peers.values()):
+            self.remove_peer(peer.public_key)
+
+    def set_persistent_keepalive(self, peer: Peer, interval: int, now: float) -> None:
+        """Set the interval (0 = off); turning it on sends a keepalive at once, as wireguard-go."""
+        was_off = peer.persistent_keepalive_interval == 0
+        peer.persistent_keepalive_interval = interval
+        if interval == 0:
+            peer.persistent_at = None
+        elif was_off and self._private is not None and peer.endpoint is not None:
+            self._send_keepalive(peer, now)
+
+    def is_under_load(self, now: float) -> bool:
+        return now < self._under_load_until
+
+    # ------------------------------------------------------------------ data plane: outgoing
+
+    def send(self, packet: bytes, now: float) -> D | None:
+        """Encrypt an IP packet from the TUN device for the peer that its destination routes to."""
+        n = len(packet)
+        if n >= 20 and packet[0] >> 4 == 4:
+            peer = self.allowed_ips.lookup_v4(packet[16:20])
+        elif n >= 40 and packet[0] >> 4 == 6:
+            peer = self.allowed_ips.lookup_v6(packet[24:40])
+        else:
+            self.drops[D.BAD_INNER_PACKET] += 1
+            return D.BAD_INNER_PACKET
+        if peer is None:
+            self.drops[D.NO_ROUTE] += 1
+            return D.NO_ROUTE
+        return self.send_to_peer(peer, packet, now)
+
+    def send_to_peer(self, peer: Peer, packet: bytes, now: float) -> D | None:
+        """Encrypt ``packet`` for ``peer`` now if a session is usable, else stage it and handshake."""
+        if peer.endpoint is None:
+            self.drops[D.NO_ENDPOINT] += 1
+            return D.NO_ENDPOINT
+        kp = peer.current
+        if (
+            kp is None
+            or kp.send_counter >= REJECT_AFTER_MESSAGES
+            or now - kp.created_at >= REJECT_AFTER_TIME
+            or peer.staged
+        ):
+            full = not peer.stage(packet)
+            self._flush_staged(peer, now)
+            if full:
+                self.drops[D.STAGED_QUEUE_FULL] += 1
+                return D.STAGED_QUEUE_FULL
+            return None
+        self._encrypt(peer, kp, packet, now)
+        return None
+
+    def _encrypt(self, peer: Peer, kp: Keypair, packet: bytes, now: float) -> None:
+        counter = kp.send_counter
+        kp.send_counter = counter + 1
+        n = len(packet)
+        if n & 15:
+            pad = min(-n & 15, self.mtu - n) if n < self.mtu else 0
+            if pad > 0:
+                packet = packet + _PADDING[:pad]
+        ctr = counter.to_bytes(8, "little")
+        datagram = kp.header + ctr + _encrypt(packet, None, b"\x00\x00\x00\x00" + ctr, kp.send_key)
+        self.out.append((datagram, peer.endpoint))
+        peer.tx_bytes += len(datagram)
+        # timers: any authenticated packet traversal / sent, data sent (wireguard-go timers.go)
+        if peer.persistent_keepalive_interval:
+            self._arm(peer, "persistent_at", now + peer.persistent_keepalive_interval)
+        peer.keepalive_at = None
+        if n and peer.new_handshake_at is None:
+            self._arm(peer, "new_handshake_at", now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter())
+        # keep the key fresh
+        if counter + 1 >= REKEY_AFTER_MESSAGES or (kp.is_initiator and now - kp.created_at >= REKEY_AFTER_TIME):
+            self._send_initiation(peer, now, is_retry=False)
+
+    def _flush_staged(self, peer: Peer, now: float) -> None:
+        kp = peer.current
+        if (
+            kp is None
+            or kp.send_counter >= REJECT_AFTER_MESSAGES
+            or now - kp.created_at >= REJECT_AFTER_TIME
+        ):
+            # A responder whose fresh ``next`` keypair waits for the initiator's first packet
+            # holds its packets rather than crossing handshakes: confirmation is one RTT away.
+            if peer.next is None or now - peer.next.created_at >= REKEY_TIMEOUT:
+                self._send_initiation(peer, now, is_retry=False)
+            return
+        staged = peer.staged
+        while staged:
+            self._encrypt(peer, kp, staged.popleft(), now)
+
+    def _send_keepalive(self, peer: Peer, now: float) -> None:
+        if not peer.staged:
+            peer.staged.append(b"")
+        self._flush_staged(peer, now)
+
+    # ------------------------------------------------------------------ data plane: incoming
+
+    def receive(self, data: bytes, addr: Endpoint, now: float) -> D | None:
+        """Process one UDP datagram from ``addr``; decrypted packets go to :attr:`to_tun`."""
+        if len(data) < 4:
+            self.drops[D.TOO_SHORT] += 1
+            return D.TOO_SHORT
+        kind = data[0]
+        if data[1] or data[2] or data[3]:
+            self.drops[D.BAD_TYPE] += 1
+            return D.BAD_TYPE
+        if kind == MESSAGE_TRANSPORT_DATA:
+            reason = self._on_transport(data, addr, now)
+        else:
+            handler = self._handlers.get(kind)
+            if handler is None:
+                reason = D.BAD_TYPE
+            else:
+                reason = handler(data, addr, now)
+        if reason is not None:
+            self.drops[reason] += 1
+        return reason
+
+    def _on_transport(self, data: bytes, addr: Endpoint, now: float) -> D | None:
+        if len(data) < KEEPALIVE_SIZE:
+            return D.BAD_LENGTH
+        kp = self._index.get(int.from_bytes(data[4:8], "little"))
+        if kp is None or kp.__class__ is not Keypair:
+            return D.UNKNOWN_INDEX
+        ctr = data[8:16]
+        counter = int.from_bytes(ctr, "little")
+        if now - kp.created_at >= REJECT_AFTER_TIME:
+            return D.KEY_EXPIRED
+        replay = kp.replay
+        if not replay.may_accept(counter):
+            return D.REPLAYED
+        try:
+            plain = _decrypt(data[16:], None, b"\x00\x00\x00\x00" + ctr, kp.recv_key)
+        except CryptoError:
+            return D.BAD_TAG
+        peer = kp.peer
+        if plain:
+            reason = self._check_inner(peer, plain)
+            if reason is not None:
+                return reason  # authentic but unacceptable: dropped before any state changes
+        if not replay.accept(counter):
+            return D.REPLAYED
+        if kp is peer.next:
+            self._confirm_next(peer, now)
+        if peer.endpoint != addr:
+            peer.endpoint = addr  # roaming: follow the latest authenticated packet
+        peer.rx_bytes += len(data)
+        # timers: keep key fresh, traversal, any authenticated packet received
+        if (
+            kp.is_initiator
+            and not peer.sent_last_minute_handshake
+            and now - kp.created_at >= REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
+        ):
+            peer.sent_last_minute_handshake = True
+            self._send_initiation(peer, now, is_retry=False)
+        if peer.persistent_keepalive_interval:
+            self._arm(peer, "persistent_at", now + peer.persistent_keepalive_interval)
+        peer.new_handshake_at = None
+        if not plain:
+            return None  # a keepalive
+        if peer.keepalive_at is None:
+            self._arm(peer, "keepalive_at", now + KEEPALIVE_TIMEOUT)
+        else:
+            peer.need_another_keepalive = True
+        n = len(plain)
+        length = ((plain[2] << 8) | plain[3]) if plain[0] >> 4 == 4 else ((plain[4] << 8) | plain[5]) + 40
+        self.to_tun.append(plain if length == n else plain[:length])  # without the padding
+        return None
+
+    def _check_inner(self, peer: Peer, plain: bytes) -> D | None:
+        """Check the inner packet's length and source against the peer's allowed IPs."""
+        n = len(plain)
+        version = plain[0] >> 4
+        if version == 4 and n >= 20:
+            length = (plain[2] << 8) | plain[3]
+            source_peer = self.allowed_ips.lookup_v4(plain[12:16])
+        elif version == 6 and n >= 40:
+            length = ((plain[4] << 8) | plain[5]) + 40
+            source_peer = self.allowed_ips.lookup_v6(plain[8:24])
+        else:
+            return D.BAD_INNER_PACKET
+        if length > n or length < 20:
+            return D.BAD_INNER_PACKET
+        if source_peer is not peer:
+            return D.NOT_ALLOWED_SOURCE
+        return None
+
+    def _confirm_next(self, peer: Peer, now: float) -> None:
+        """The initiator used our ``next`` keypair: it is confirmed and becomes current."""
+        self._forget_keypair(peer.previous)
+        peer.previous = peer.current
+        peer.current = peer.next
+        peer.next = None
+        self._handshake_complete(peer)
+        self._flush_staged(peer, now)
+
+    # ------------------------------------------------------------------ handshakes
+
+    def _check_load(self, data: bytes, addr: Endpoint, now: float) -> D | None:
+        """MAC1 always; under load MAC2 (else a cookie reply) and a per-source rate limit."""
+        cookies = self._cookies
+        if cookies is None:
+            return D.NO_PRIVATE_KEY
+        if not cookies.check_mac1(data):
+            return D.BAD_MAC1
+        if now - self._load_window_start >= UNDER_LOAD_WINDOW:
+            self._load_window_start = now
+            self._load_window_count = 0
+        self._load_window_count += 1
+        if self._load_window_count > UNDER_LOAD_HANDSHAKES_PER_WINDOW:
+            self._under_load_until = now + UNDER_LOAD_AFTER_TIME
+        if now >= self._under_load_until:
+            return None
+        source = _source_bytes(addr)
+        if not cookies.check_mac2(data, source, now):
+            self.out.append((cookies.make_reply(data, source, now), addr))
+            return D.BAD_MAC2
+        return None if self._allow_source(source[:-2], now) else D.RATE_LIMITED
+
+    def _allow_source(self, ip: bytes, now: float) -> bool:
+        """Token bucket per source IP: HANDSHAKE_RATE_PER_SOURCE per second, small burst."""
+        bucket = self._buckets.get(ip)
+        if bucket is None:
+            if len(self._buckets) >= MAX_RATE_LIMITER_SOURCES:
+                self._buckets.clear()  # bounded memory; a flood resets to a fresh table
+            bucket = self._buckets[ip] = [float(HANDSHAKE_BURST_PER_SOURCE), now]
+        tokens = min(HANDSHAKE_BURST_PER_SOURCE, bucket[0] + (now - bucket[1]) * HANDSHAKE_RATE_PER_SOURCE)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1.0
+        return True
+
+    def _on_initiation(self, data: bytes, addr: Endpoint, now: float) -> D | None:
+        if len(data) != INITIATION_SIZE:
+            return D.BAD_LENGTH
+        reason = self._check_load(data, addr, now)
+        if reason is not None:
+            return reason
+        try:
+            init = handshake.parse_initiation(self._private, self._public, data)  # type: ignore[arg-type]
+        except (CryptoError, InvalidPoint):
+            return D.BAD_HANDSHAKE
+        peer = self.peers.get(init.remote_static)
+        if peer is None:
+            return D.UNKNOWN_PEER
+        if init.timestamp <= peer.last_timestamp:
+            return D.REPLAYED_HANDSHAKE
+        if now - peer.last_initiation_at < HANDSHAKE_INITIATION_RATE:
+            return D.HANDSHAKE_FLOOD
+        try:
+            ephemeral = self.random_bytes(32)
+            local_index = self._new_index(peer)
+            body, state = handshake.build_response(init, ephemeral, peer.preshared_key.raw, local_index)
+        except InvalidPoint:  # a low-order ephemeral from the initiator
+            self._index.pop(local_index, None)
+            return D.BAD_HANDSHAKE
+        # Accepted: from here on the state changes.
+        peer.last_timestamp = init.timestamp
+        peer.last_initiation_at = now
+        self._clear_handshake(peer)
+        recv_key, send_key = state.split()
+        kp = Keypair(peer, send_key, recv_key, local_index, init.sender_index, now, is_initiator=False)
+        self._index[local_index] = kp
+        self._forget_keypair(peer.next)
+        self._forget_keypair(peer.previous)
+        peer.previous = None
+        peer.next = kp
+        peer.endpoint = addr
+        self.out.append((peer.cookies.add_macs(body, now), addr))
+        peer.tx_bytes += RESPONSE_SIZE
+        peer.rx_bytes += len(data)
+        self._arm(peer, "zero_keys_at", now + ZERO_KEYS_AFTER_TIME, force=True)
+        self._authenticated_traversal(peer, now)
+        peer.keepalive_at = None
+        return None
+
+    def _on_response(self, data: bytes, addr: Endpoint, now: float) -> D | None:
+        if len(data) != RESPONSE_SIZE:
+            return D.BAD_LENGTH
+        reason = self._check_load(data, addr, now)
+        if reason is not None:
+            return reason
+        sender, receiver = handshake.response_indices(data)
+        peer = self._index.get(receiver)
+        if peer is None or peer.__class__ is not Peer or peer.handshake_state != HANDSHAKE_INITIATION_SENT:
+            return D.UNEXPECTED_RESPONSE
+        try:
+            state = handshake.parse_response(
+                peer.handshake_state_noise, self._private, peer.handshake_ephemeral,  # type: ignore[arg-type]
+                peer.preshared_key.raw, data,
+            )
+        except (CryptoError, InvalidPoint):
+            return D.BAD_HANDSHAKE
+        send_key, recv_key = state.split()
+        local_index = peer.handshake_index
+        peer.handshake_state = HANDSHAKE_NONE
+        peer.handshake_state_noise = None
+        peer.handshake_ephemeral = b""
+        peer.handshake_index = None
+        kp = Keypair(peer, send_key, recv_key, local_index, sender, now, is_initiator=True)  # type: ignore[arg-type]
+        self._index[local_index] = kp  # type: ignore[index]
+        if peer.next is not None:
+            self._forget_keypair(peer.previous)
+            self._forget_keypair(peer.current)
+            peer.previous = peer.next
+            peer.next = None
+        else:
+            self._forget_keypair(peer.previous)
+            peer.previous = peer.current
+        peer.current = kp
+        peer.endpoint = addr
+        peer.rx_bytes += len(data)
+        self._arm(peer, "zero_keys_at", now + ZERO_KEYS_AFTER_TIME, force=True)
+        self._handshake_complete(peer)
+        self._authenticated_traversal(peer, now)
+        peer.new_handshake_at = None
+        self._send_keepalive(peer, now)  # confirms the key to the responder, or sends what waited
+        return None
+
+    def _on_cookie_reply(self, data: bytes, addr: Endpoint, now: float) -> D | None:
+        if len(data) != COOKIE_REPLY_SIZE:
+            return D.BAD_LENGTH
+        entry = self._index.get(int.from_bytes(data[4:8], "little"))
+        if entry is None:
+            return D.UNKNOWN_INDEX
+        peer = entry.peer if entry.__class__ is Keypair else entry
+        if not peer.cookies.consume_reply(data, now):  # type: ignore[union-attr]
+            return D.BAD_COOKIE
+        return None
+
+    def _send_initiation(self, peer: Peer, now: float, *, is_retry: bool) -> None:
+        if not is_retry:
+            peer.handshake_attempts = 0
+        if now - peer.last_sent_handshake_at < REKEY_TIMEOUT:
+            return
+        if self._private is None or peer.endpoint is None:
+            return
+        peer.last_sent_handshake_at = now
+        self._clear_handshake(peer)
+        ephemeral = self.random_bytes(32)
+        index = self._new_index(peer)
+        body, state = handshake.build_initiation(
+            self._private, peer.raw_public, ephemeral, index, self.wall_time()
+        )
+        peer.handshake_state = HANDSHAKE_INITIATION_SENT
+        peer.handshake_index = index
+        peer.handshake_state_noise = state
+        peer.handshake_ephemeral = ephemeral
+        self.out.append((peer.cookies.add_macs(body, now), peer.endpoint))
+        peer.tx_bytes += INITIATION_SIZE
+        self.events.append(("handshake_initiated", peer))
+        self._authenticated_traversal(peer, now)
+        peer.keepalive_at = None
+        self._arm(peer, "retransmit_at", now + REKEY_TIMEOUT + self._jitter(), force=True)
+
+    def _handshake_complete(self, peer: Peer) -> None:
+        peer.retransmit_at = None
+        peer.handshake_attempts = 0
+        peer.sent_last_minute_handshake = False
+        peer.last_handshake_wall = self.wall_time()
+        self.events.append(("handshake_complete", peer))
+
+    def _authenticated_traversal(self, peer: Peer, now: float) -> None:
+        if peer.persistent_keepalive_interval:
+            self._arm(peer, "persistent_at", now + peer.persistent_keepalive_interval)
+
+    # ------------------------------------------------------------------ indices and cleanup
+
+    def _new_index(self, entry: Keypair | Peer) -> int:
+        while True:
+            index = int.from_bytes(self.random_bytes(4), "little")
+            if index not in self._index:
+                self._index[index] = entry
+                return index
+
+    def _forget_keypair(self, kp: Keypair | None) -> None:
+        if kp is not None and self._index.get(kp.local_index) is kp:
+            del self._index[kp.local_index]
+
+    def _clear_handshake(self, peer: Peer) -> None:
+        if peer.handshake_index is not None and self._index.get(peer.handshake_index) is peer:
+            del self._index[peer.handshake_index]
+        peer.handshake_index = None
+        peer.handshake_state = HANDSHAKE_NONE
+        peer.handshake_state_noise = None
+        peer.handshake_ephemeral = b""
+
+    def _clear_sessions(self, peer: Peer) -> None:
+        """Zero every key of ``peer`` (whitepaper 6.3: after 3 x REJECT_AFTER_TIME, or removal)."""
+        self._clear_handshake(peer)
+        for kp in peer.keypairs():
+            self._forget_keypair(kp)
+        peer.previous = peer.current = peer.next = None
+        peer.staged.clear()
+        for name in _TIMERS:
+            setattr(peer, name, None)
+
+    # ------------------------------------------------------------------ timers
+
+    def _jitter(self) -> float:
+        return int.from_bytes(self.random_bytes(2), "little") / 65535 * REKEY_TIMEOUT_JITTER_MAX
+
+    def _arm(self, peer: Peer, name: str, at: float, force: bool = False) -> None:
+        """Set a peer timer. A heap entry is pushed only when the deadline moves earlier (or on
+        ``force``); a later deadline is found when the old entry pops, so per-packet re-arming
+        costs an attribute store, not a heap push."""
+        old = getattr(peer, name)
+        setattr(peer, name, at)
+        if force or old is None or at < old:
+            self._timer_seq += 1
+            heapq.heappush(self._timers, (at, self._timer_seq, peer, name))
+
+    def _prune_timers(self) -> None:
+        """Drop heap entries of cancelled timers; re-push ones whose deadline moved later."""
+        heap = self._timers
+        while heap:
+            at, _, peer, name = heap[0]
+            current = getattr(peer, name)
+            if peer.removed or current is None or current < at:
+                heapq.heappop(heap)  # cancelled, or an earlier entry exists for it
+            elif current > at:
+                self._timer_seq += 1
+                heapq.heapreplace(heap, (current, self._timer_seq, peer, name))
+            else:
+                return
+
+    def next_deadline(self) -> float | None:
+        """The absolute time at which :meth:`handle_timer` must next run, or None if never."""
+        self._prune_timers()
+        return self._timers[0][0] if self._timers else None
+
+    def handle_timer(self, now: float) -> None:
+        """Fire every timer due at ``now``."""
+        heap = self._timers
+        while True:
+            self._prune_timers()
+            if not heap or heap[0][0] > now:
+                return
+            _, _, peer, name = heapq.heappop(heap)
+            setattr(peer, name, None)
+            getattr(self, "_expired_" + name)(peer, now)
+
+    def _expired_retransmit_at(self, peer: Peer, now: float) -> None:
+        if peer.handshake_attempts >= MAX_TIMER_HANDSHAKES:
+            dropped = len(peer.staged)
+            peer.staged.clear()
+            if dropped:
+                self.drops[D.HANDSHAKE_GAVE_UP] += dropped
+            self._clear_handshake(peer)
+            self.events.append(("handshake_gave_up", peer))
+            if peer.zero_keys_at is None:
+                self._arm(peer, "zero_keys_at", now + ZERO_KEYS_AFTER_TIME)
+            return
+        peer.handshake_attempts += 1
+        self._send_initiation(peer, now, is_retry=True)
+
+    def _expired_keepalive_at(self, peer: Peer, now: float) -> None:
+        self._send_keepalive(peer, now)
+        if peer.need_another_keepalive:
+            peer.need_another_keepalive = False
+            self._arm(peer, "keepalive_at", now + KEEPALIVE_TIMEOUT)
+
+    def _expired_new_handshake_at(self, peer: Peer, now: float) -> None:
+        self._send_initiation(peer, now, is_retry=False)
+
+    def _expired_zero_keys_at(self, peer: Peer, now: float) -> None:
+        self._clear_sessions(peer)
+        self.events.append(("keys_zeroed", peer))
+
+    def _expired_persistent_at(self, peer: Peer, now: float) -> None:
+        if peer.persistent_keepalive_interval:
+            self._send_keepalive(peer, now)

@@ -1,0 +1,166 @@
+"""Interface configuration over rtnetlink (pyroute2): MTU, up, addresses, peer routes.
+
+These run at start-up and when the peer set changes, never per packet, so each call opens and
+closes its own ``IPRoute`` socket: no netlink state to keep consistent with the poller. (pyroute2
+0.9 drives each request with a private asyncio loop, so do not call these from inside a running
+asyncio loop.)
+
+Every failure becomes a :class:`~fzpoll.errors.LocalError` naming the interface and the value.
+Adding what is already there (a route of a peer's allowed IPs, an address) is not an error, so a
+reconfiguration can simply re-apply the whole set; removing what is absent is not an error either.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from typing import Any
+
+from pyroute2 import IPRoute, NetlinkError
+
+from fzpoll.errors import LocalError
+
+_MAIN_TABLE = 254  # RT_TABLE_MAIN
+
+
+def _index(ipr: IPRoute, ifname: str) -> int:
+    """The ifindex of ``ifname``; LocalError if there is no such interface."""
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise LocalError(f"no network interface named {ifname!r}")
+    return int(found[0])
+
+
+def _fail(what: str, exc: NetlinkError) -> LocalError:
+    reason = errno.errorcode.get(exc.code, str(exc.code))
+    hint = " (needs CAP_NET_ADMIN)" if exc.code in (errno.EPERM, errno.EACCES) else ""
+    return LocalError(f"{what}: {reason} {exc.args[-1] if exc.args else ''}{hint}".rstrip())
+
+
+def _family(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> int:
+    return socket.AF_INET if net.version == 4 else socket.AF_INET6
+
+
+def link_exists(ifname: str) -> bool:
+    """Whether an interface of that name exists in this network namespace."""
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=ifname))
+
+
+def set_mtu(ifname: str, mtu: int) -> None:
+    """Set the interface MTU (the TUN MTU must leave room for WireGuard's 32-80 B overhead)."""
+    with IPRoute() as ipr:
+        index = _index(ipr, ifname)
+        try:
+            ipr.link("set", index=index, mtu=int(mtu))
+        except NetlinkError as exc:
+            raise _fail(f"cannot set MTU {mtu} on {ifname}", exc) from None
+
+
+def set_up(ifname: str) -> None:
+    """Bring the interface administratively up."""
+    with IPRoute() as ipr:
+        index = _index(ipr, ifname)
+        try:
+            ipr.link("set", index=index, state="up")
+        except NetlinkError as exc:
+            raise _fail(f"cannot bring {ifname} up", exc) from None
+
+
+def add_address(ifname: str, cidr: str) -> None:
+    """Add an IPv4 or IPv6 address such as ``100.64.0.1/32`` or ``fd00::1/128``; idempotent.
+
+    IPv6 addresses are added with NODAD: on a point-to-point tunnel there is no one to collide
+    with, and DAD would leave the address unusable ("tentative") for about a second.
+    """
+    try:
+        iface = ipaddress.ip_interface(cidr)
+    except ValueError:
+        raise LocalError(f"invalid address {cidr!r}: expected ADDRESS/PREFIXLEN") from None
+    kwargs: dict[str, Any] = {}
+    if iface.version == 6:
+        kwargs["flags"] = 0x02  # IFA_F_NODAD
+    with IPRoute() as ipr:
+        index = _index(ipr, ifname)
+        try:
+            ipr.addr(
+                "add",
+                index=index,
+                address=str(iface.ip),
+                prefixlen=iface.network.prefixlen,
+                family=_family(iface.network),
+                **kwargs,
+            )
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise _fail(f"cannot add address {cidr} to {ifname}", exc) from None
+
+
+def _parse_net(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A route destination; host bits are cleared as wg-quick does (10.0.0.1/24 -> 10.0.0.0/24)."""
+    try:
+        return ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        raise LocalError(f"invalid route {cidr!r}: expected NETWORK/PREFIXLEN") from None
+
+
+def _existing_oifs(ipr: IPRoute, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> set[int]:
+    """Output interfaces of main-table routes for exactly ``net``."""
+    oifs: set[int] = set()
+    for route in ipr.route("dump", table=_MAIN_TABLE, family=_family(net)):
+        dst = route.get("dst") or ("0.0.0.0" if net.version == 4 else "::")
+        if route["dst_len"] == net.prefixlen and ipaddress.ip_address(dst) == net.network_address:
+            oif = route.get("oif")
+            if oif is not None:
+                oifs.add(int(oif))
+    return oifs
+
+
+def add_route(ifname: str, cidr: str) -> None:
+    """Route ``cidr`` (a peer's allowed IPs) through ``ifname``, IPv4 or IPv6.
+
+    An identical route already present is fine. A route for the same prefix through another
+    interface is an error rather than silently replaced: it usually means a second VPN or a
+    misconfigured allowed-IPs. The link must be up first (the kernel answers ENETDOWN).
+    """
+    net = _parse_net(cidr)
+    with IPRoute() as ipr:
+        index = _index(ipr, ifname)
+        try:
+            ipr.route("add", dst=str(net), oif=index, family=_family(net))
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise _fail(f"cannot add route {net} via {ifname}", exc) from None
+            if index not in _existing_oifs(ipr, net):
+                raise LocalError(
+                    f"cannot add route {net} via {ifname}: a route for it already exists "
+                    "through another interface"
+                ) from None
+
+
+def del_route(ifname: str, cidr: str) -> None:
+    """Remove the route of ``cidr`` through ``ifname``; a missing route or link is fine."""
+    net = _parse_net(cidr)
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            return  # the link is gone and its routes with it
+        try:
+            ipr.route("del", dst=str(net), oif=int(found[0]), family=_family(net))
+        except NetlinkError as exc:
+            if exc.code != errno.ESRCH:
+                raise _fail(f"cannot delete route {net} via {ifname}", exc) from None
+
+
+def delete_link(ifname: str) -> None:
+    """Delete the interface; one that is already gone is fine (this is a cleanup path)."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            return
+        try:
+            ipr.link("del", index=int(found[0]))
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise _fail(f"cannot delete interface {ifname}", exc) from None

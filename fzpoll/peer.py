@@ -1,0 +1,113 @@
+"""Per-peer state: keypairs (previous/current/next), handshake progress, timers, staged packets.
+
+Plain slotted objects the engine mutates; they hold no logic beyond what reads better next to the
+data. Keys are never shown by repr.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from fzpoll.constants import MAX_STAGED_PACKETS, MESSAGE_TRANSPORT_DATA
+from fzpoll.handshake import CookieGenerator
+from fzpoll.keys import PresharedKey, PublicKey
+from fzpoll.replay import ReplayWindow
+
+Endpoint = tuple[Any, ...]  # a socket address as recvfrom returns it: (host, port) or (host, port, flow, scope)
+
+# Handshake states (the responder keeps none: its keypair waits in ``Peer.next``).
+HANDSHAKE_NONE = 0
+HANDSHAKE_INITIATION_SENT = 1
+
+
+class Keypair:
+    """One session's transport keys, counters and replay window (whitepaper 5.4.6)."""
+
+    __slots__ = (
+        "peer", "send_key", "recv_key", "local_index", "remote_index", "send_counter",
+        "replay", "created_at", "is_initiator", "header",
+    )
+
+    def __init__(self, peer: "Peer", send_key: bytes, recv_key: bytes, local_index: int,
+                 remote_index: int, created_at: float, is_initiator: bool) -> None:
+        self.peer = peer
+        self.send_key = send_key
+        self.recv_key = recv_key
+        self.local_index = local_index
+        self.remote_index = remote_index
+        self.send_counter = 0
+        self.replay = ReplayWindow()
+        self.created_at = created_at
+        self.is_initiator = is_initiator
+        # The first 8 bytes of every transport message we send with this keypair.
+        self.header = bytes([MESSAGE_TRANSPORT_DATA, 0, 0, 0]) + remote_index.to_bytes(4, "little")
+
+    def __repr__(self) -> str:
+        return f"<Keypair local={self.local_index} sent={self.send_counter} initiator={self.is_initiator}>"
+
+
+class Peer:
+    """A configured peer. Timer fields are absolute deadlines (monotonic seconds) or None."""
+
+    __slots__ = (
+        "public_key", "raw_public", "preshared_key", "endpoint", "persistent_keepalive_interval",
+        "cookies", "removed",
+        # handshake
+        "handshake_state", "handshake_index", "handshake_state_noise", "handshake_ephemeral",
+        "last_timestamp", "last_initiation_at", "last_sent_handshake_at", "handshake_attempts",
+        "sent_last_minute_handshake",
+        # sessions
+        "previous", "current", "next",
+        "staged",
+        # timers
+        "retransmit_at", "keepalive_at", "new_handshake_at", "zero_keys_at", "persistent_at",
+        "need_another_keepalive",
+        # statistics
+        "last_handshake_wall", "rx_bytes", "tx_bytes",
+    )
+
+    def __init__(self, public_key: PublicKey) -> None:
+        self.public_key = public_key
+        self.raw_public = public_key.raw
+        self.preshared_key = PresharedKey.zero()
+        self.endpoint: Endpoint | None = None
+        self.persistent_keepalive_interval = 0
+        self.cookies = CookieGenerator(public_key.raw)
+        self.removed = False
+        self.handshake_state = HANDSHAKE_NONE
+        self.handshake_index: int | None = None
+        self.handshake_state_noise = None
+        self.handshake_ephemeral = b""
+        self.last_timestamp = bytes(12)
+        self.last_initiation_at = float("-inf")
+        self.last_sent_handshake_at = float("-inf")
+        self.handshake_attempts = 0
+        self.sent_last_minute_handshake = False
+        self.previous: Keypair | None = None
+        self.current: Keypair | None = None
+        self.next: Keypair | None = None
+        self.staged: deque[bytes] = deque()
+        self.retransmit_at: float | None = None
+        self.keepalive_at: float | None = None
+        self.new_handshake_at: float | None = None
+        self.zero_keys_at: float | None = None
+        self.persistent_at: float | None = None
+        self.need_another_keepalive = False
+        self.last_handshake_wall = 0.0  # Unix time of the last completed handshake, 0 if none
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.public_key.short()}>"
+
+    def keypairs(self) -> list[Keypair]:
+        return [kp for kp in (self.previous, self.current, self.next) if kp is not None]
+
+    def stage(self, packet: bytes) -> bool:
+        """Queue a packet until a session exists; False if the oldest was dropped to make room."""
+        self.staged.append(packet)
+        if len(self.staged) > MAX_STAGED_PACKETS:
+            self.staged.popleft()
+            return False
+        return True

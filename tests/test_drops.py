@@ -1,0 +1,228 @@
+"""Every drop reason of the engine: counted, returned, and no state changed."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fzpoll.constants import HANDSHAKE_INITIATION_RATE, MAX_TIMER_HANDSHAKES
+from fzpoll.engine import Engine
+from fzpoll.errors import DropReason as D
+from fzpoll.keys import PrivateKey
+from enginepair import ADDR_A, ADDR_B, TUN_A, TUN_B, Pair, ip4, ip6
+
+
+def snapshot(engine: Engine):
+    peers = []
+    for peer in engine.peers.values():
+        kps = tuple(
+            (kp.local_index, kp.send_counter, kp.replay.newest, kp.replay.bitmap) if kp else None
+            for kp in (peer.previous, peer.current, peer.next)
+        )
+        peers.append((
+            peer.endpoint, kps, peer.last_timestamp, peer.last_initiation_at, peer.handshake_state,
+            peer.handshake_index, peer.rx_bytes, peer.tx_bytes, tuple(peer.staged),
+            peer.retransmit_at, peer.keepalive_at, peer.new_handshake_at, peer.zero_keys_at,
+        ))
+    return (sorted(engine._index), peers, len(engine.to_tun))
+
+
+def established() -> Pair:
+    p = Pair()
+    p.handshake()
+    p.deliver()
+    return p
+
+
+def transport_from_a(p: Pair, packet: bytes) -> bytes:
+    p.a.send(packet, p.now)
+    return p.take(p.a)[0]
+
+
+def fresh_initiation(p: Pair) -> bytes:
+    p.peer_b.last_sent_handshake_at = float("-inf")
+    p.a._send_initiation(p.peer_b, p.now, is_retry=False)
+    return p.take(p.a)[0]
+
+
+def flip(data: bytes, i: int) -> bytes:
+    return data[:i] + bytes([data[i] ^ 0x40]) + data[i + 1:]
+
+
+def case_too_short(p):
+    return b"\x04\x00", D.TOO_SHORT
+
+
+def case_bad_type(p):
+    return b"\x09\x00\x00\x00" + bytes(40), D.BAD_TYPE
+
+
+def case_reserved_not_zero(p):
+    return b"\x04\x01\x00\x00" + bytes(40), D.BAD_TYPE
+
+
+def case_bad_length_initiation(p):
+    return fresh_initiation(p)[:-1], D.BAD_LENGTH
+
+
+def case_bad_length_transport(p):
+    return transport_from_a(p, ip4(TUN_A, TUN_B))[:20], D.BAD_LENGTH
+
+
+def case_bad_mac1(p):
+    return flip(fresh_initiation(p), 120), D.BAD_MAC1
+
+
+def case_bad_handshake(p):
+    init = fresh_initiation(p)
+    body = flip(init, 50)[:116]  # corrupt the encrypted static, then re-MAC so MAC1 passes
+    return p.peer_b.cookies.add_macs(body, p.now), D.BAD_HANDSHAKE
+
+
+def case_low_order_ephemeral(p):
+    init = fresh_initiation(p)
+    body = init[:8] + bytes(32) + init[40:116]
+    return p.peer_b.cookies.add_macs(body, p.now), D.BAD_HANDSHAKE
+
+
+def case_unknown_peer(p):
+    stranger = PrivateKey.generate(random.Random(9).randbytes)
+    evil = Engine(stranger, random_bytes=random.Random(10).randbytes, wall_time=p.clock.wall)
+    peer = evil.add_peer(p.key_b.public_key)
+    peer.endpoint = ADDR_B
+    evil._send_initiation(peer, p.now, is_retry=False)
+    return evil.out[0][0], D.UNKNOWN_PEER
+
+
+def case_replayed_initiation(p):
+    return p.wire[0][1], D.REPLAYED_HANDSHAKE  # the very first initiation, seen already
+
+
+def case_handshake_flood(p):
+    p.clock.now += 1.0
+    p.b.receive(fresh_initiation(p), ADDR_A, p.now)
+    p.deliver()
+    # 5 ms later by the monotonic clock, but a newer TAI64N (so only the 20 ms rule applies)
+    p.clock.now += HANDSHAKE_INITIATION_RATE / 4
+    wall = p.clock.wall
+    p.a.wall_time = lambda: wall() + 1.0
+    return fresh_initiation(p), D.HANDSHAKE_FLOOD
+
+
+def case_unexpected_response(p):
+    p.peer_a.last_sent_handshake_at = float("-inf")
+    p.b._send_initiation(p.peer_a, p.now, is_retry=False)
+    p.a.receive(p.take(p.b)[0], ADDR_B, p.now)
+    response = p.take(p.a)[0]
+    assert p.b.receive(response, ADDR_A, p.now) is None
+    return response, D.UNEXPECTED_RESPONSE  # the same response again
+
+
+def case_unknown_index(p):
+    data = transport_from_a(p, ip4(TUN_A, TUN_B))
+    return data[:4] + b"\xde\xad\xbe\xef" + data[8:], D.UNKNOWN_INDEX
+
+
+def case_bad_tag(p):
+    return flip(transport_from_a(p, ip4(TUN_A, TUN_B)), 30), D.BAD_TAG
+
+
+def case_replayed_transport(p):
+    data = transport_from_a(p, ip4(TUN_A, TUN_B))
+    assert p.b.receive(data, ADDR_A, p.now) is None
+    p.b.to_tun.clear()
+    return data, D.REPLAYED
+
+
+def case_not_allowed_source(p):
+    return transport_from_a(p, ip4("10.9.9.9", TUN_B)), D.NOT_ALLOWED_SOURCE
+
+
+def case_bad_inner_packet(p):
+    kp = p.peer_b.current
+    p.a._encrypt(p.peer_b, kp, b"\x45" + bytes(10), p.now)  # too short for an IPv4 header
+    return p.take(p.a)[0], D.BAD_INNER_PACKET
+
+
+def case_bad_cookie(p):
+    p.peer_a.last_sent_handshake_at = float("-inf")
+    p.b._send_initiation(p.peer_a, p.now, is_retry=False)
+    init = p.take(p.b)[0]
+    return b"\x03\x00\x00\x00" + init[4:8] + bytes(56), D.BAD_COOKIE
+
+
+CASES = [v for k, v in sorted(globals().items()) if k.startswith("case_")]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__[5:])
+def test_invalid_datagram_is_dropped_counted_and_changes_nothing(case):
+    p = established()
+    data, reason = case(p)
+    p.b.to_tun.clear()
+    p.b.out.clear()
+    before = snapshot(p.b)
+    drops_before = p.b.drops[reason]
+    assert p.b.receive(data, ADDR_A, p.now) == reason
+    assert p.b.drops[reason] == drops_before + 1
+    assert snapshot(p.b) == before
+    assert p.b.out == []
+
+
+def test_outgoing_drop_reasons():
+    p = Pair()
+    assert p.a.send(b"", p.now) == D.BAD_INNER_PACKET
+    assert p.a.send(b"\x70" + bytes(40), p.now) == D.BAD_INNER_PACKET
+    assert p.a.send(ip4(TUN_A, "10.77.0.1"), p.now) == D.NO_ROUTE
+    assert p.a.send(ip6("fd00::1", "fd00::99"), p.now) == D.NO_ROUTE
+    p.peer_b.endpoint = None
+    assert p.a.send(ip4(TUN_A, TUN_B), p.now) == D.NO_ENDPOINT
+    assert p.a.drops == {D.BAD_INNER_PACKET: 2, D.NO_ROUTE: 2, D.NO_ENDPOINT: 1}
+
+
+def test_no_private_key_drops_handshakes():
+    p = Pair()
+    p.a.send(ip4(TUN_A, TUN_B), p.now)
+    (init,) = p.take(p.a)
+    p.b.set_private_key(None)
+    assert p.b.receive(init, ADDR_A, p.now) == D.NO_PRIVATE_KEY
+
+
+def test_rate_limited_per_source_under_load():
+    p = Pair()
+    p.b._under_load_until = 1e9
+    results = []
+    for i in range(12):
+        p.clock.now += 0.021  # beyond the per-peer 20 ms rule
+        init = fresh_initiation(p)
+        p.b.receive(init, ADDR_A, p.now)  # first: cookie reply
+        if p.b.out:
+            p.a.receive(p.take(p.b)[0], ADDR_B, p.now)
+        results.append(p.b.receive(fresh_initiation(p), ADDR_A, p.now))
+        p.b.out.clear()
+    assert D.RATE_LIMITED in results
+    assert results[0] is None
+
+
+def test_handshake_gave_up_counts_staged_packets():
+    p = Pair()
+    p.a.send(ip4(TUN_A, TUN_B), p.now)
+    p.a.send(ip4(TUN_A, TUN_B), p.now)
+    for _ in range(MAX_TIMER_HANDSHAKES + 2):
+        p.clock.now = p.a.next_deadline() or p.now
+        p.a.handle_timer(p.now)
+    assert p.a.drops[D.HANDSHAKE_GAVE_UP] == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from([1, 2, 3, 4]))
+def test_arbitrary_datagrams_never_raise_nor_change_state(blob, kind):
+    p = established()
+    before = snapshot(p.b)
+    data = bytes([kind, 0, 0, 0]) + blob
+    reason = p.b.receive(data, ADDR_A, p.now)
+    assert reason is not None
+    assert snapshot(p.b) == before
+    assert sum(p.b.drops.values()) == 1
