@@ -1,0 +1,124 @@
+"""Command line: ``fzpoll [-f] IFACE`` (as wireguard-go), ``fzpoll up CONFIG``, and tools."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from fzpoll import __version__
+from fzpoll.errors import LocalError
+
+COMMANDS = ("up", "show", "demo", "genkey", "pubkey")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"),
+                        choices=["debug", "info", "warning", "error"],
+                        help="log level (JSON lines on stderr; default info, or $LOG_LEVEL)")
+    parser.add_argument("--schedule", choices=["fair", "priority"], default="fair",
+                        help="loop schedule: fair batches from every source (default) or the old strict priority")
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N",
+                        help="packets read per ready fd per wakeup (default 64)")
+
+
+def _interface_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fzpoll",
+        description="Userspace WireGuard tunnel daemon. `fzpoll IFACE` creates IFACE and serves its UAPI "
+        "(configure it with `wg`), like wireguard-go. Other commands: " + ", ".join(COMMANDS)
+        + " (see `fzpoll COMMAND --help`).",
+    )
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground (default: return once the interface is ready)")
+    p.add_argument("--version", action="version", version=f"fzpoll {__version__}")
+    _common(p)
+    p.add_argument("interface", help="interface name to create (at most 15 characters)")
+    return p
+
+
+def _command_parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"fzpoll {command}")
+    if command == "up":
+        p.description = "Bring up an interface from a wg-quick style file and run in the foreground."
+        p.add_argument("config", help="configuration file; the interface is named after it (wg0.conf -> wg0)")
+        _common(p)
+    elif command == "show":
+        p.description = "Show interfaces, peers and fzpoll's own counters (drops, batches, buffers)."
+        p.add_argument("interface", nargs="?", help="interface (default: all fzpoll interfaces)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    elif command == "demo":
+        p.description = "Two network namespaces, two fzpoll daemons, a ping and a transfer through the tunnel."
+        p.add_argument("--seconds", type=float, default=3.0, help="length of the throughput test")
+    elif command == "genkey":
+        p.description = "Print a new private key (base64), as `wg genkey`."
+    elif command == "pubkey":
+        p.description = "Read a private key on stdin, print its public key, as `wg pubkey`."
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    try:
+        if command is None:
+            return _run_interface(_interface_parser().parse_args(argv))
+        args = _command_parser(command).parse_args(argv[1:])
+        return _COMMANDS[command](args)
+    except LocalError as exc:
+        print(f"fzpoll: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _setup_logging(level: str) -> None:
+    from fzpoll.jsonlog import setup_logging
+
+    setup_logging(level)
+
+
+def _run_interface(args: argparse.Namespace) -> int:
+    from fzpoll.daemon import Options, run
+
+    _setup_logging(args.log_level)
+    foreground = args.foreground or os.environ.get("WG_PROCESS_FOREGROUND") == "1"
+    return run(Options(ifname=args.interface, foreground=foreground, schedule=args.schedule,
+                       batch_size=args.batch_size))
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from fzpoll.daemon import Options, interface_name_from_config, run
+
+    _setup_logging(args.log_level)
+    return run(Options(ifname=interface_name_from_config(args.config), foreground=True,
+                       schedule=args.schedule, batch_size=args.batch_size, config_path=args.config))
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from fzpoll.show import show
+
+    return show(args.interface, as_json=args.json)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fzpoll.demo import demo
+
+    return demo(seconds=args.seconds)
+
+
+def _cmd_genkey(args: argparse.Namespace) -> int:
+    from fzpoll.keys import PrivateKey
+
+    print(PrivateKey.generate(os.urandom).base64())
+    return 0
+
+
+def _cmd_pubkey(args: argparse.Namespace) -> int:
+    from fzpoll.keys import PrivateKey
+
+    print(PrivateKey.from_text(sys.stdin.read()).public_key.base64())
+    return 0
+
+
+_COMMANDS = {"up": _cmd_up, "show": _cmd_show, "demo": _cmd_demo, "genkey": _cmd_genkey, "pubkey": _cmd_pubkey}

@@ -1,0 +1,286 @@
+"""The daemon process: wireguard-go compatible start-up, signals, systemd notification, reload.
+
+``fzpoll [-f] IFACE`` behaves as ``wireguard-go [-f] IFACE``: it creates the interface, serves the
+UAPI, and without ``-f`` returns once the interface is ready, leaving the daemon running.
+``fzpoll up CONFIG`` reads a wg-quick style file, configures addresses and routes too, and runs in
+the foreground (the systemd unit uses it). Either exits cleanly, removing its interface and
+socket, on SIGTERM/SIGINT or when its interface is deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fzpoll import netlink
+from fzpoll.config import Config, load_config
+from fzpoll.device import Device
+from fzpoll.errors import LocalError
+from fzpoll.jsonlog import register_secret
+from fzpoll.poller import TunGone
+from fzpoll.sdnotify import Notifier
+
+log = logging.getLogger("fzpoll.daemon")
+
+STATUS_INTERVAL = 10.0  # how often STATUS= is refreshed for systemd while running
+
+
+@dataclass(frozen=True)
+class Options:
+    ifname: str
+    foreground: bool = True
+    schedule: str = "fair"
+    batch_size: int = 64
+    config_path: str | None = None
+
+
+class Daemon:
+    """Runs one :class:`Device` with its UAPI server inside the poller, until told to stop."""
+
+    def __init__(self, options: Options, config: Config | None = None) -> None:
+        from fzpoll.uapi import UapiServer
+
+        self.options = options
+        self.config = config
+        mtu = config.interface.mtu if config is not None and config.interface.mtu else 1420
+        port = config.interface.listen_port if config is not None and config.interface.listen_port else 0
+        self.device = Device(options.ifname, mtu=mtu, batch_size=options.batch_size,
+                             schedule=options.schedule, listen_port=port)
+        self.poller = self.device.poller
+        self.notifier = Notifier()
+        self.exit_code = 0
+        self._reload_requested = False
+        self._routes: set[str] = set()
+        self._last_status = float("-inf")
+        self._watchdog_interval = self.notifier.watchdog_interval()
+        self._last_watchdog = float("-inf")
+        try:
+            self.uapi = UapiServer(self.device.name, self.device, self.poller)
+        except BaseException:
+            self.device.close()
+            raise
+        self._signal_r, self._signal_w = socket.socketpair()
+        self._signal_r.setblocking(False)
+        self._signal_w.setblocking(False)
+        self.poller.add_reader(self._signal_r.fileno(), self._on_signal)
+        self.poller.add_timer_source(self._next_housekeeping, self._housekeeping)
+
+    # ------------------------------------------------------------------ configuration
+
+    def apply_config(self, config: Config, *, initial: bool) -> None:
+        """Apply ``config`` like ``wg setconf`` at start, like ``wg syncconf`` on reload."""
+        from fzpoll.uapi import handle_set
+
+        for secret in config.secrets():
+            register_secret(secret)
+        body = config.to_uapi_set()
+        lines = [line for line in body.splitlines() if line]
+        if not initial:
+            # syncconf: keep peers (and their sessions), replace allowed IPs, remove the missing
+            lines = [line for line in lines if line != "replace_peers=true"]
+            wanted = {p.public_key.raw for p in config.peers}
+            for raw in list(self.device.engine.peers):
+                if raw not in wanted:
+                    lines += [f"public_key={raw.hex()}", "remove=true"]
+        lines = [line for line in lines if not line.startswith("set=")]
+        err = handle_set(self.device, lines, time.monotonic())
+        if err:
+            raise LocalError(f"applying {self.options.config_path}: errno {err} ({os.strerror(abs(err))})")
+        self._resolve_hostname_endpoints(config)
+        self._sync_network(config)
+        self.config = config
+
+    def _resolve_hostname_endpoints(self, config: Config) -> None:
+        for peer_config in config.peers:
+            endpoint = peer_config.endpoint
+            if endpoint is None or endpoint.ip is not None:
+                continue
+            try:
+                info = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_DGRAM)
+            except OSError as exc:
+                raise LocalError(f"{self.options.config_path}: cannot resolve endpoint {endpoint}: {exc}") from None
+            family, _, _, _, sockaddr = info[0]
+            peer = self.device.engine.get_peer(peer_config.public_key)
+            if peer is not None:
+                peer.endpoint = sockaddr if family == socket.AF_INET else (sockaddr[0], sockaddr[1], 0, 0)
+
+    def _sync_network(self, config: Config) -> None:
+        name = self.device.name
+        if config.interface.mtu:
+            netlink.set_mtu(name, config.interface.mtu)
+        for address in config.interface.addresses:
+            netlink.add_address(name, str(address))
+        netlink.set_up(name)
+        wanted = {str(net) for p in config.peers for net in p.allowed_ips}
+        for cidr in sorted(wanted - self._routes):
+            netlink.add_route(name, cidr)
+        for cidr in sorted(self._routes - wanted):
+            netlink.del_route(name, cidr)
+        self._routes = wanted
+
+    # ------------------------------------------------------------------ signals and housekeeping
+
+    def install_signal_handlers(self) -> None:
+        signal.set_wakeup_fd(self._signal_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: None)  # the wakeup fd carries the signal number
+
+    def _on_signal(self, now: float) -> None:
+        try:
+            data = self._signal_r.recv(64)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
+                self.poller.stop()
+            elif signum == signal.SIGHUP:
+                self.reload()
+
+    def reload(self) -> None:
+        if self.options.config_path is None:
+            log.warning("SIGHUP ignored: no configuration file to reload")
+            return
+        self.notifier.reloading()
+        try:
+            self.apply_config(load_config(self.options.config_path), initial=False)
+            log.info("configuration reloaded", extra={"fields": {"path": self.options.config_path}})
+        except LocalError as exc:
+            log.error("reload failed, keeping the running configuration", extra={"fields": {"error": str(exc)}})
+        self.notifier.ready()
+
+    def _next_housekeeping(self) -> float | None:
+        deadlines = [self.uapi.next_deadline()]
+        if self._watchdog_interval:
+            deadlines.append(self._last_watchdog + self._watchdog_interval)
+        if self.notifier.enabled:
+            deadlines.append(self._last_status + STATUS_INTERVAL)
+        deadlines = [d for d in deadlines if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def _housekeeping(self, now: float) -> None:
+        self.uapi.expire_idle(now)
+        if self._watchdog_interval and now >= self._last_watchdog + self._watchdog_interval:
+            self._last_watchdog = now
+            self.notifier.watchdog()  # sent from inside the loop: a stuck loop stops sending it
+        if self.notifier.enabled and now >= self._last_status + STATUS_INTERVAL:
+            self._last_status = now
+            self.notifier.status(self.status_line())
+
+    def status_line(self) -> str:
+        peers = self.device.engine.peers.values()
+        active = sum(1 for p in peers if p.current is not None)
+        return f"{len(peers)} peers, {active} with a session, listening on {self.device.listen_port}"
+
+    # ------------------------------------------------------------------ running
+
+    def run(self) -> int:
+        self.notifier.ready()
+        self.notifier.status(self.status_line())
+        log.info("interface ready", extra={"fields": {"interface": self.device.name,
+                                                        "port": self.device.listen_port}})
+        self.poller.running = True
+        try:
+            while self.poller.running:
+                self.poller.run_once()
+                self._log_events()
+        except TunGone:
+            log.info("interface deleted, exiting", extra={"fields": {"interface": self.device.name}})
+        finally:
+            self.notifier.stopping()
+            self.close()
+        return self.exit_code
+
+    def _log_events(self) -> None:
+        events = self.device.engine.events
+        if not events:
+            return
+        for kind, peer in events:
+            level = logging.INFO if kind in ("handshake_complete", "handshake_gave_up") else logging.DEBUG
+            log.log(level, kind.replace("_", " "), extra={"fields": {"peer": peer.public_key.short()}})
+        events.clear()
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        self.uapi.close()
+        self.device.close()
+        self._signal_r.close()
+        self._signal_w.close()
+
+
+def _daemonize() -> int | None:
+    """Fork: the parent waits until the child reports ready (returns its exit code); the child
+    returns None and must call :func:`_report_ready` once up."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        chunks = []
+        while True:
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        message = b"".join(chunks).decode(errors="replace")
+        if message.startswith("ok"):
+            return 0
+        sys.stderr.write(message or "fzpoll: the daemon exited before it was ready\n")
+        return 1
+    os.close(r)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.environ["_FZPOLL_READY_FD"] = str(w)
+    return None
+
+
+def _report_ready(message: str) -> None:
+    fd = os.environ.pop("_FZPOLL_READY_FD", None)
+    if fd is None:
+        return
+    try:
+        os.write(int(fd), message.encode())
+        os.close(int(fd))
+    except OSError:
+        pass
+
+
+def run(options: Options) -> int:
+    """Start the daemon; returns the process exit code."""
+    if not options.foreground:
+        code = _daemonize()
+        if code is not None:
+            return code
+    try:
+        config = load_config(options.config_path) if options.config_path else None
+        daemon = Daemon(options, config)
+    except LocalError as exc:
+        _report_ready(f"fzpoll: {exc}\n")
+        log.error(str(exc))
+        return 1
+    try:
+        if config is not None:
+            daemon.options = options
+            daemon.apply_config(config, initial=True)
+        daemon.install_signal_handlers()
+    except LocalError as exc:
+        _report_ready(f"fzpoll: {exc}\n")
+        log.error(str(exc))
+        daemon.close()
+        return 1
+    _report_ready("ok\n")
+    return daemon.run()
+
+
+def interface_name_from_config(path: str) -> str:
+    """wg-quick's rule: the interface is named after the file, without ``.conf``."""
+    name = Path(path).name
+    return name[: -len(".conf")] if name.endswith(".conf") else name
+

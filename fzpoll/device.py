@@ -1,0 +1,130 @@
+"""One WireGuard interface made real: the engine, its TUN device and UDP sockets, and a poller.
+
+:class:`Device` is also what the UAPI configures (it provides the ``UapiHost`` interface:
+``engine``, ``listen_port``, ``fwmark``, ``set_listen_port``, ``set_fwmark``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import time
+
+from fzpoll.constants import DEFAULT_MTU
+from fzpoll.engine import Engine
+from fzpoll.errors import LocalError
+from fzpoll.poller import DEFAULT_BATCH_SIZE, Poller
+from fzpoll.tun import TunDevice
+
+log = logging.getLogger("fzpoll.device")
+
+SOCKET_BUFFER_BYTES = 4 << 20  # as wireguard-go, large kernel buffers absorb bursts (not ours)
+
+
+def _tune(sock: socket.socket, fwmark: int) -> None:
+    for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_RCVBUFFORCE, SO_SNDBUFFORCE
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER_BYTES)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+    if fwmark:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
+
+
+def bind_udp(port: int, fwmark: int = 0) -> list[socket.socket]:
+    """Non-blocking UDP sockets on ``port`` for IPv4 and (where the host has it) IPv6.
+
+    Port 0 picks a free port, the same for both families. Raises OSError(EADDRINUSE) if taken.
+    """
+    for _attempt in range(8):
+        v4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            v4.bind(("0.0.0.0", port))
+        except OSError:
+            v4.close()
+            raise
+        chosen = v4.getsockname()[1]
+        try:
+            v6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        except OSError:
+            v6 = None  # no IPv6 on this host: IPv4 only
+        if v6 is not None:
+            v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                v6.bind(("::", chosen))
+            except OSError as exc:
+                v6.close()
+                v6 = None
+                if exc.errno == errno.EADDRINUSE:
+                    v4.close()
+                    if port:
+                        raise
+                    continue  # the random v4 port is taken on v6: try another
+                # EADDRNOTAVAIL / EAFNOSUPPORT: IPv6 disabled, run on IPv4 alone
+        sockets = [s for s in (v4, v6) if s is not None]
+        for s in sockets:
+            s.setblocking(False)
+            _tune(s, fwmark)
+        return sockets
+    raise OSError(errno.EADDRINUSE, "no free port for both IPv4 and IPv6")
+
+
+class Device:
+    """An interface: TUN + UDP + engine + poller."""
+
+    def __init__(
+        self,
+        ifname: str,
+        *,
+        mtu: int = DEFAULT_MTU,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        schedule: str = "fair",
+        listen_port: int = 0,
+    ) -> None:
+        self.tun = TunDevice(ifname)
+        self.name = self.tun.name
+        self.engine = Engine(None, random_bytes=os.urandom, wall_time=time.time, mtu=mtu)
+        self.poller = Poller(self.engine, self.tun.fd, batch_size=batch_size, schedule=schedule)
+        self.fwmark = 0
+        self.sockets: list[socket.socket] = []
+        self.listen_port = 0
+        try:
+            self._bind(listen_port)
+        except OSError as exc:
+            self.tun.close()
+            raise LocalError(f"cannot listen on UDP port {listen_port}: {exc.strerror}") from None
+
+    def _bind(self, port: int) -> None:
+        sockets = bind_udp(port, self.fwmark)
+        for s in self.sockets:
+            s.close()
+        self.sockets = sockets
+        self.listen_port = sockets[0].getsockname()[1]
+        self.poller.set_udp_sockets(sockets)
+        log.info("listening", extra={"fields": {"port": self.listen_port, "families": len(sockets)}})
+
+    # ------------------------------------------------------------------ UapiHost
+
+    def set_listen_port(self, port: int) -> None:
+        if port == self.listen_port:
+            return
+        try:
+            self._bind(port)
+        except OSError as exc:
+            from fzpoll.uapi import UapiError
+
+            raise UapiError(exc.errno or errno.EIO) from None
+
+    def set_fwmark(self, mark: int) -> None:
+        self.fwmark = mark
+        for s in self.sockets:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+
+    def close(self) -> None:
+        for s in self.sockets:
+            s.close()
+        self.sockets = []
+        self.poller.close()
+        self.tun.close()

@@ -1,0 +1,469 @@
+"""The one loop: a single-threaded epoll poller that feeds the sans-IO engine fair batches.
+
+Theory of operation
+-------------------
+Every fd is registered level-triggered in one ``select.epoll``: the TUN device, the UDP sockets
+(IPv4 and IPv6) and any number of auxiliary sources (the UAPI socket and its clients, DNS sockets,
+the signal wakeup socket) added with :meth:`Poller.add_reader`. Level triggering means we never
+have to drain an fd to EAGAIN: whatever we leave unread is reported again on the next wakeup.
+
+Each wakeup is one *pass*, in a fixed order:
+
+1. flush the writes that were left pending by an earlier EAGAIN;
+2. read **up to** ``batch_size`` packets from **every** ready data fd (UDP and TUN), so that every
+   source makes progress on every tick: a busy UDP socket cannot starve the TUN device;
+3. process the UDP batch (engine.receive), then the TUN batch (engine.send), then the auxiliary
+   sources (DNS replies, recursive DNS queries, UAPI), then due timers;
+4. write what the engine produced; a write that meets EAGAIN waits in a bounded buffer, and the fd
+   gets EPOLLOUT only while something waits there.
+
+Backpressure: while the TUN output is blocked we stop *reading* UDP (which feeds it), and while a
+UDP output is blocked we stop reading TUN (which feeds it), by taking EPOLLIN off the feeding fds.
+A burst then waits in the kernel's socket and TUN queues, not in our memory; a packet is dropped
+(and counted) only when a bounded buffer is full.
+
+Errors: every packet's failure - a drop reason returned by the engine or an unexpected exception -
+is collected, and after the pass they become one :class:`TunnelError` logged once with counts by
+kind. Nothing aborts a batch; a bad packet costs exactly itself.
+
+The epoll timeout is the earliest deadline of the engine and of the auxiliary timer sources, so an
+idle daemon sleeps in epoll_wait and uses no CPU.
+
+``schedule="priority"`` keeps Firezone's old strict-priority loop (flush, UDP, TUN, auxiliary,
+timers; a lower source is served only when every higher one is idle) on the same code, so the
+benchmark can compare both.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import time
+from collections import Counter, deque
+from typing import Callable
+
+from fzpoll.engine import Engine
+from fzpoll.errors import DropReason as D
+from fzpoll.errors import TunnelError
+
+log = logging.getLogger("fzpoll.poller")
+
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+EPOLLERR = select.EPOLLERR | select.EPOLLHUP
+
+DEFAULT_BATCH_SIZE = 64
+MAX_PENDING_WRITES = 1024  # per output fd
+MAX_ERROR_LOGS_PER_SECOND = 5.0
+_READ_SIZE = 65535
+Callback = Callable[[float], None]
+
+
+class TunGone(Exception):
+    """The TUN interface was deleted under us: the daemon should exit cleanly."""
+
+
+class _Output:
+    """Writes to one fd that met EAGAIN, waiting for EPOLLOUT (bounded)."""
+
+    __slots__ = ("pending", "dropped", "high_water")
+
+    def __init__(self) -> None:
+        self.pending: deque = deque()
+        self.dropped = 0
+        self.high_water = 0
+
+    def push(self, item) -> bool:
+        if len(self.pending) >= MAX_PENDING_WRITES:
+            self.dropped += 1
+            return False
+        self.pending.append(item)
+        if len(self.pending) > self.high_water:
+            self.high_water = len(self.pending)
+        return True
+
+
+class Stats:
+    """Counters ``fzpoll show`` prints and wg cannot: passes, batch sizes, errors by kind."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+        self.udp_packets = 0
+        self.tun_packets = 0
+        self.max_udp_batch = 0
+        self.max_tun_batch = 0
+        self.errors: Counter[str] = Counter()
+
+    def as_dict(self) -> dict:
+        return {
+            "passes": self.passes,
+            "udp_packets_in": self.udp_packets,
+            "tun_packets_in": self.tun_packets,
+            "max_udp_batch": self.max_udp_batch,
+            "max_tun_batch": self.max_tun_batch,
+            "errors": dict(self.errors),
+        }
+
+
+class Poller:
+    """Owns every fd and the clock; drives one :class:`Engine`."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        tun_fd: int | None,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        schedule: str = "fair",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if schedule not in ("fair", "priority"):
+            raise ValueError("schedule must be 'fair' or 'priority'")
+        self.engine = engine
+        self.batch_size = batch_size
+        self.schedule = schedule
+        self.clock = clock
+        self.stats = Stats()
+        self.running = False
+        self._epoll = select.epoll()
+        self._masks: dict[int, int] = {}
+        self._tun_fd = tun_fd
+        self._udp: dict[int, socket.socket] = {}  # fd -> socket
+        self._udp_by_family: dict[int, socket.socket] = {}
+        self._udp_out: dict[int, _Output] = {}
+        self._tun_out = _Output()
+        self._readers: dict[int, Callback] = {}
+        self._writers: dict[int, Callback] = {}
+        self._timer_sources: list[tuple[Callable[[], float | None], Callback]] = []
+        self._last_error_log = float("-inf")
+        self._error_tokens = MAX_ERROR_LOGS_PER_SECOND
+        self._suppressed: Counter[str] = Counter()
+        self.last_error: TunnelError | None = None
+        if tun_fd is not None:
+            self._set_mask(tun_fd, EPOLLIN)
+
+    # ------------------------------------------------------------------ registration
+
+    def _set_mask(self, fd: int, mask: int) -> None:
+        old = self._masks.get(fd)
+        if old == mask:
+            return
+        if old is None:
+            self._epoll.register(fd, mask)
+        else:
+            self._epoll.modify(fd, mask)
+        self._masks[fd] = mask
+
+    def _unregister(self, fd: int) -> None:
+        if self._masks.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass  # already closed
+
+    def set_udp_sockets(self, sockets: list[socket.socket]) -> None:
+        """Replace the UDP sockets (at start, and when the listen port changes)."""
+        for fd in list(self._udp):
+            self._unregister(fd)
+        self._udp = {s.fileno(): s for s in sockets}
+        self._udp_by_family = {s.family: s for s in sockets}
+        self._udp_out = {fd: _Output() for fd in self._udp}
+        for fd in self._udp:
+            self._set_mask(fd, EPOLLIN)
+
+    def add_reader(self, fd: int, callback: Callback) -> None:
+        self._readers[fd] = callback
+        self._update_aux_mask(fd)
+
+    def remove_reader(self, fd: int) -> None:
+        self._readers.pop(fd, None)
+        self._update_aux_mask(fd)
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        self._writers[fd] = callback
+        self._update_aux_mask(fd)
+
+    def remove_writer(self, fd: int) -> None:
+        self._writers.pop(fd, None)
+        self._update_aux_mask(fd)
+
+    def _update_aux_mask(self, fd: int) -> None:
+        mask = (EPOLLIN if fd in self._readers else 0) | (EPOLLOUT if fd in self._writers else 0)
+        if mask:
+            self._set_mask(fd, mask)
+        else:
+            self._unregister(fd)
+
+    def add_timer_source(self, next_deadline: Callable[[], float | None], handle: Callback) -> None:
+        """Another sans-IO object with deadlines (UAPI idle clients, DNS, watchdog)."""
+        self._timer_sources.append((next_deadline, handle))
+
+    # ------------------------------------------------------------------ the loop
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for d in (self.engine.next_deadline(), *(f() for f, _ in self._timer_sources)) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def run(self) -> None:
+        """Run passes until :meth:`stop` (or a TunGone) ends the loop."""
+        self.running = True
+        while self.running:
+            self.run_once()
+
+    def stop(self) -> None:
+        self.running = False
+
+    def run_once(self, max_timeout: float | None = None) -> None:
+        """Wait for events or the next deadline, then run one pass."""
+        deadline = self.next_deadline()
+        timeout = -1.0 if deadline is None else max(0.0, deadline - self.clock())
+        if max_timeout is not None:
+            timeout = max_timeout if timeout < 0 else min(timeout, max_timeout)
+        try:
+            events = self._epoll.poll(timeout)
+        except InterruptedError:
+            events = []
+        self.run_pass(events, self.clock())
+
+    def run_pass(self, events: list[tuple[int, int]], now: float) -> None:
+        self.stats.passes += 1
+        drops: Counter[str] = Counter()
+        failures: list[Exception] = []
+        ready = dict(events)
+        tun_fd = self._tun_fd
+        # 1. flush what waited
+        for fd, mask in events:
+            if mask & EPOLLOUT:
+                if fd == tun_fd:
+                    self._flush_tun(drops)
+                elif fd in self._udp:
+                    self._flush_udp(fd, drops)
+        # 2. read a batch from every ready data fd (or, strict priority, from the first)
+        udp_batch: list[tuple[bytes, tuple]] = []
+        tun_batch: list[bytes] = []
+        priority = self.schedule == "priority"
+        if not self._tun_out.pending:
+            for fd in self._udp:
+                if ready.get(fd, 0) & EPOLLIN:
+                    self._read_udp(self._udp[fd], udp_batch, failures)
+        if tun_fd is not None:
+            tun_events = ready.get(tun_fd, 0)
+            if tun_events & EPOLLERR and not tun_events & EPOLLIN:
+                raise TunGone()
+            udp_blocked = any(o.pending for o in self._udp_out.values())
+            if tun_events & EPOLLIN and not udp_blocked and not (priority and udp_batch):
+                self._read_tun(tun_fd, tun_batch, failures)
+        # 3. process: UDP, TUN, auxiliary sources, timers
+        engine = self.engine
+        receive = engine.receive
+        for data, addr in udp_batch:
+            try:
+                reason = receive(data, addr, now)
+                if reason is not None:
+                    drops[reason] += 1
+            except Exception as exc:  # a bug on one packet must not cost the batch
+                failures.append(exc)
+        send = engine.send
+        for packet in tun_batch:
+            try:
+                reason = send(packet, now)
+                if reason is not None:
+                    drops[reason] += 1
+            except Exception as exc:
+                failures.append(exc)
+        busy = bool(udp_batch or tun_batch)
+        if not (priority and busy):
+            for fd, mask in events:
+                callback = self._readers.get(fd) if mask & (EPOLLIN | EPOLLERR) else None
+                if callback is None and mask & EPOLLOUT:
+                    callback = self._writers.get(fd)
+                if callback is not None:
+                    busy = True
+                    try:
+                        callback(now)
+                    except Exception as exc:
+                        failures.append(exc)
+        if not (priority and busy):
+            self._run_timers(now, failures)
+        # 4. write what the engine produced
+        self._write_outputs(drops)
+        self._update_masks()
+        self._report(drops, failures, now)
+
+    def _run_timers(self, now: float, failures: list[Exception]) -> None:
+        deadline = self.engine.next_deadline()
+        if deadline is not None and deadline <= now:
+            try:
+                self.engine.handle_timer(now)
+            except Exception as exc:
+                failures.append(exc)
+        for next_deadline, handle in self._timer_sources:
+            try:
+                d = next_deadline()
+                if d is not None and d <= now:
+                    handle(now)
+            except Exception as exc:
+                failures.append(exc)
+
+    # ------------------------------------------------------------------ reads
+
+    def _read_udp(self, sock: socket.socket, batch: list, failures: list[Exception]) -> None:
+        recvfrom = sock.recvfrom
+        n = 0
+        try:
+            while n < self.batch_size:
+                batch.append(recvfrom(_READ_SIZE))
+                n += 1
+        except BlockingIOError:
+            pass
+        except OSError as exc:  # e.g. ECONNREFUSED from an ICMP error: the socket stays usable
+            failures.append(exc)
+        self.stats.udp_packets += n
+        if n > self.stats.max_udp_batch:
+            self.stats.max_udp_batch = n
+
+    def _read_tun(self, fd: int, batch: list[bytes], failures: list[Exception]) -> None:
+        read = os.read
+        n = 0
+        try:
+            while n < self.batch_size:
+                batch.append(read(fd, _READ_SIZE))
+                n += 1
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            if exc.errno in (errno.EBADFD, errno.EIO, errno.ENODEV):
+                raise TunGone() from None
+            failures.append(exc)
+        self.stats.tun_packets += n
+        if n > self.stats.max_tun_batch:
+            self.stats.max_tun_batch = n
+
+    # ------------------------------------------------------------------ writes
+
+    def _write_outputs(self, drops: Counter[str]) -> None:
+        engine = self.engine
+        if engine.to_tun:
+            packets, engine.to_tun = engine.to_tun, []
+            self._write_tun(packets, drops)
+        if engine.out:
+            datagrams, engine.out = engine.out, []
+            self._write_udp(datagrams, drops)
+
+    def _write_tun(self, packets: list[bytes], drops: Counter[str]) -> None:
+        out = self._tun_out
+        if out.pending:
+            for p in packets:
+                if not out.push(p):
+                    drops[D.BUFFER_FULL] += 1
+            return
+        write = os.write
+        fd = self._tun_fd
+        if fd is None:
+            return
+        for i, packet in enumerate(packets):
+            try:
+                write(fd, packet)
+            except BlockingIOError:
+                for p in packets[i:]:
+                    if not out.push(p):
+                        drops[D.BUFFER_FULL] += 1
+                return
+            except OSError:
+                drops[D.WRITE_FAILED] += 1
+
+    def _write_udp(self, datagrams: list[tuple[bytes, tuple]], drops: Counter[str]) -> None:
+        by_family = self._udp_by_family
+        v4 = by_family.get(socket.AF_INET)
+        v6 = by_family.get(socket.AF_INET6)
+        for data, addr in datagrams:
+            sock = v4 if len(addr) == 2 else v6
+            if sock is None:
+                drops[D.WRITE_FAILED] += 1
+                continue
+            out = self._udp_out[sock.fileno()]
+            if out.pending:
+                if not out.push((data, addr)):
+                    drops[D.BUFFER_FULL] += 1
+                continue
+            try:
+                sock.sendto(data, addr)
+            except BlockingIOError:
+                out.push((data, addr))
+            except OSError:
+                drops[D.WRITE_FAILED] += 1
+
+    def _flush_tun(self, drops: Counter[str]) -> None:
+        pending = self._tun_out.pending
+        while pending:
+            try:
+                os.write(self._tun_fd, pending[0])  # type: ignore[arg-type]
+            except BlockingIOError:
+                return
+            except OSError:
+                drops[D.WRITE_FAILED] += 1
+            pending.popleft()
+
+    def _flush_udp(self, fd: int, drops: Counter[str]) -> None:
+        sock = self._udp[fd]
+        pending = self._udp_out[fd].pending
+        while pending:
+            data, addr = pending[0]
+            try:
+                sock.sendto(data, addr)
+            except BlockingIOError:
+                return
+            except OSError:
+                drops[D.WRITE_FAILED] += 1
+            pending.popleft()
+
+    def _update_masks(self) -> None:
+        """EPOLLOUT only where a write waits; EPOLLIN off on fds feeding a blocked output."""
+        tun_blocked = bool(self._tun_out.pending)
+        udp_blocked = False
+        for fd, out in self._udp_out.items():
+            blocked = bool(out.pending)
+            udp_blocked |= blocked
+            self._set_mask(fd, (0 if tun_blocked else EPOLLIN) | (EPOLLOUT if blocked else 0))
+        if self._tun_fd is not None:
+            self._set_mask(self._tun_fd, (0 if udp_blocked else EPOLLIN) | (EPOLLOUT if tun_blocked else 0))
+
+    def pending_writes(self) -> dict[str, int]:
+        depths = {"tun": len(self._tun_out.pending)}
+        for fd, out in self._udp_out.items():
+            depths[f"udp{'6' if self._udp[fd].family == socket.AF_INET6 else '4'}"] = len(out.pending)
+        return depths
+
+    # ------------------------------------------------------------------ the aggregate error
+
+    def _report(self, drops: Counter[str], failures: list[Exception], now: float) -> None:
+        error = TunnelError.from_batch(drops, failures)
+        if error is None:
+            return
+        self.last_error = error
+        counts = error.counts()
+        self.stats.errors.update(counts)
+        # A flood must not become a log flood: a few lines per second, the rest summed up.
+        self._error_tokens = min(
+            MAX_ERROR_LOGS_PER_SECOND, self._error_tokens + (now - self._last_error_log) * MAX_ERROR_LOGS_PER_SECOND
+        )
+        self._last_error_log = now
+        if self._error_tokens < 1.0:
+            self._suppressed.update(counts)
+            return
+        self._error_tokens -= 1.0
+        fields: dict = {"counts": counts, "total": sum(counts.values())}
+        if self._suppressed:
+            fields["suppressed_since_last"] = dict(self._suppressed)
+            self._suppressed.clear()
+        unexpected = [e for e in error.exceptions if not hasattr(e, "reason")]
+        if unexpected:
+            fields["first_unexpected"] = f"{type(unexpected[0]).__name__}: {unexpected[0]}"
+        level = logging.ERROR if unexpected else logging.WARNING
+        log.log(level, str(error.message), extra={"fields": fields})
+
+    def close(self) -> None:
+        self._epoll.close()
