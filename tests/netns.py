@@ -374,6 +374,8 @@ class WireguardGo:
     instance is stopped automatically when its namespace closes.
     """
 
+    program: Sequence[str] = ("wireguard-go", "-f")  # the daemon, before the interface name
+
     def __init__(self, ns: Namespace, ifname: str | None = None,
                  log_level: str = "error") -> None:
         self.ns = ns
@@ -395,7 +397,7 @@ class WireguardGo:
         env = dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL=self.log_level,
                    WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1")
         with open(self.log_path, "wb") as log:
-            self.proc = self.ns.popen(["wireguard-go", "-f", self.ifname], env=env,
+            self.proc = self.ns.popen([*self.program, self.ifname], env=env,
                                       stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -484,11 +486,19 @@ class WireguardGo:
         self._tmp.cleanup()
 
 
+class Fzpoll(WireguardGo):
+    """fzpoll run exactly as wireguard-go is (``fzpoll -f IFNAME``, configured with ``wg``)."""
+
+    program = (sys.executable, "-m", "fzpoll", "-f", "--log-level", "debug")
+
+
 def wg_pair(ns_a: Namespace, ns_b: Namespace, pair: VethPair, port_a: int = 51820,
-            port_b: int = 51821) -> tuple[WireguardGo, WireguardGo]:
-    """Two configured wireguard-go peers over ``pair``: 100.64.0.1 / fd00:64::1 in ns_a and
-    100.64.0.2 / fd00:64::2 in ns_b, each routing the other's /32 and /128."""
-    a, b = WireguardGo(ns_a).start(), WireguardGo(ns_b).start()
+            port_b: int = 51821, kind_a: type = WireguardGo,
+            kind_b: type = WireguardGo) -> tuple[WireguardGo, WireguardGo]:
+    """Two configured peers over ``pair``: 100.64.0.1 / fd00:64::1 in ns_a and
+    100.64.0.2 / fd00:64::2 in ns_b, each routing the other's /32 and /128.
+    ``kind_a``/``kind_b`` pick the implementation (wireguard-go or fzpoll)."""
+    a, b = kind_a(ns_a).start(), kind_b(ns_b).start()
     key_a, key_b = genkey(), genkey()
     a.configure(key_a, port_a)
     b.configure(key_b, port_b)

@@ -1,0 +1,84 @@
+"""fzpoll as a daemon in network namespaces, against wireguard-go and against itself.
+
+Each side is started as `PROGRAM -f IFNAME` and configured only with `wg`, as wireguard-go's own
+interop script does. Checks ping (the first one too: handshake on demand) and a TCP transfer both
+ways, IPv4 and IPv6 inside the tunnel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+
+import pytest
+
+import netns
+from netns import Fzpoll, Namespace, WireguardGo, veth_pair, wg_pair
+
+pytestmark = pytest.mark.netns
+
+_RECEIVE = """
+import hashlib, socket, sys
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 7001)); s.listen(1); print("ready", flush=True)
+s.settimeout(20); c, _ = s.accept(); c.settimeout(20); h = hashlib.sha256(); n = 0
+while True:
+    b = c.recv(65536)
+    if not b: break
+    h.update(b); n += len(b)
+print(n, h.hexdigest(), flush=True)
+"""
+
+_SEND = """
+import socket, sys
+data = bytes(range(256)) * 4096 * int(sys.argv[2])
+s = socket.create_connection((sys.argv[1], 7001), timeout=20); s.sendall(data); s.close()
+"""
+
+
+@pytest.fixture(autouse=True)
+def _need_root():
+    reason = netns.need_root() or netns.need_wireguard_go()
+    if reason:
+        pytest.skip(reason)
+
+
+def transfer(src: Namespace, dst: Namespace, address: str, megabytes: int = 2) -> None:
+    receiver = dst.popen([sys.executable, "-c", _RECEIVE, address], stdout=__import__("subprocess").PIPE,
+                         text=True)
+    assert receiver.stdout.readline().strip() == "ready"
+    src.run([sys.executable, "-c", _SEND, address, str(megabytes)], timeout=30)
+    out, _ = receiver.communicate(timeout=30)
+    n, digest = out.split()
+    data = bytes(range(256)) * 4096 * megabytes
+    assert int(n) == len(data)
+    assert digest == hashlib.sha256(data).hexdigest()
+
+
+def ping(ns: Namespace, address: str, count: int = 3) -> None:
+    flag = ["-6"] if ":" in address else []
+    result = ns.run(["ping", *flag, "-c", str(count), "-i", "0.2", "-W", "3", address], check=False, timeout=20)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("kinds", [(Fzpoll, WireguardGo), (Fzpoll, Fzpoll)], ids=["fzpoll-wggo", "fzpoll-fzpoll"])
+def test_tunnel_ping_and_tcp_both_ways(kinds):
+    with Namespace("a") as ns_a, Namespace("b") as ns_b:
+        pair = veth_pair(ns_a, ns_b)
+        a, b = wg_pair(ns_a, ns_b, pair, kind_a=kinds[0], kind_b=kinds[1])
+        try:
+            ping(ns_a, "100.64.0.2", count=1)  # the very first ping: handshake on demand
+            ping(ns_b, "100.64.0.1")
+            ping(ns_a, "fd00:64::2")
+            ping(ns_b, "fd00:64::1")
+            transfer(ns_a, ns_b, "100.64.0.2")
+            transfer(ns_b, ns_a, "100.64.0.1")
+            transfer(ns_a, ns_b, "fd00:64::2", megabytes=1)
+            transfer(ns_b, ns_a, "fd00:64::1", megabytes=1)
+            dump = a.wg_show_dump()
+            (peer,) = dump.peers
+            assert peer.latest_handshake > 0 and peer.rx_bytes > 0 and peer.tx_bytes > 0
+        except AssertionError:
+            print("--- a log ---\n" + a.log()[-4000:] + "\n--- b log ---\n" + b.log()[-4000:])
+            raise
