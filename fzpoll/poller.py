@@ -41,6 +41,7 @@ import logging
 import os
 import select
 import socket
+import sys
 import time
 from collections import Counter, deque
 from typing import Callable
@@ -56,10 +57,58 @@ EPOLLOUT = select.EPOLLOUT
 EPOLLERR = select.EPOLLERR | select.EPOLLHUP
 
 DEFAULT_BATCH_SIZE = 64
+
+# UDP segmentation offloads (linux/udp.h): one sendmsg carries up to 64 equal-sized datagrams
+# to one address (GSO), one recvmsg returns a run of them coalesced (GRO) with their size.
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+MAX_GSO_SEGMENTS = 64
+MAX_GSO_BYTES = 65000
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 MAX_PENDING_WRITES = 1024  # per output fd
 MAX_ERROR_LOGS_PER_SECOND = 5.0
 _READ_SIZE = 65535
 Callback = Callable[[float], None]
+
+
+_LITTLE = sys.byteorder == "little"
+
+
+def _probe_gso(sock: socket.socket) -> bool:
+    try:
+        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+        return True
+    except OSError:
+        return False
+
+
+def _enable_gro(sock: socket.socket) -> bool:
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        return True
+    except OSError:
+        return False
+
+
+def _gso_run(datagrams: list[tuple[bytes, tuple]], start: int, count: int) -> int:
+    """End of the run from ``start`` that one GSO send can carry: same address, same size
+    (the last may be shorter), at most MAX_GSO_SEGMENTS and MAX_GSO_BYTES."""
+    data, addr = datagrams[start]
+    size = len(data)
+    total = size
+    end = start + 1
+    limit = min(count, start + MAX_GSO_SEGMENTS)
+    while end < limit:
+        d, a = datagrams[end]
+        n = len(d)
+        if a != addr or n > size or total + n > MAX_GSO_BYTES:
+            break
+        total += n
+        end += 1
+        if n < size:
+            break  # a shorter datagram can only close a run
+    return end
 
 
 class TunGone(Exception):
@@ -164,15 +213,26 @@ class Poller:
             except OSError:
                 pass  # already closed
 
-    def set_udp_sockets(self, sockets: list[socket.socket]) -> None:
-        """Replace the UDP sockets (at start, and when the listen port changes)."""
+    def set_udp_sockets(self, sockets: list[socket.socket], offload: bool = True) -> None:
+        """Replace the UDP sockets (at start, and when the listen port changes).
+
+        With ``offload``, each socket is probed for UDP GSO and GRO; either is used only where the
+        kernel accepts it, and GSO is switched off for good on the first EIO (as wireguard-go).
+        """
         for fd in list(self._udp):
             self._unregister(fd)
         self._udp = {s.fileno(): s for s in sockets}
         self._udp_by_family = {s.family: s for s in sockets}
         self._udp_out = {fd: _Output() for fd in self._udp}
+        disabled = os.environ.get("FZPOLL_DISABLE_OFFLOAD", "").split(",")  # e.g. "gso,gro"
+        self._gso = {fd: offload and "gso" not in disabled and _probe_gso(s) for fd, s in self._udp.items()}
+        self._gro = {fd: offload and "gro" not in disabled and _enable_gro(s) for fd, s in self._udp.items()}
         for fd in self._udp:
             self._set_mask(fd, EPOLLIN)
+
+    def offloads(self) -> dict[str, bool]:
+        """Which UDP offloads are in use, for logs and ``fzpoll show``."""
+        return {"gso": any(self._gso.values()), "gro": any(self._gro.values())}
 
     def add_reader(self, fd: int, callback: Callback) -> None:
         self._readers[fd] = callback
@@ -248,7 +308,10 @@ class Poller:
         if not self._tun_out.pending:
             for fd in self._udp:
                 if ready.get(fd, 0) & EPOLLIN:
-                    self._read_udp(self._udp[fd], udp_batch, failures)
+                    if self._gro[fd]:
+                        self._read_udp_gro(self._udp[fd], udp_batch, failures)
+                    else:
+                        self._read_udp(self._udp[fd], udp_batch, failures)
         if tun_fd is not None:
             tun_events = ready.get(tun_fd, 0)
             if tun_events & EPOLLERR and not tun_events & EPOLLIN:
@@ -325,6 +388,32 @@ class Poller:
         if n > self.stats.max_udp_batch:
             self.stats.max_udp_batch = n
 
+    def _read_udp_gro(self, sock: socket.socket, batch: list, failures: list[Exception]) -> None:
+        """Like :meth:`_read_udp`, but one recvmsg may return a coalesced run of datagrams."""
+        recvmsg = sock.recvmsg
+        n = 0
+        try:
+            while n < self.batch_size:
+                data, ancillary, _, addr = recvmsg(_READ_SIZE, _GRO_CMSG_SPACE)
+                size = 0
+                for level, kind, value in ancillary:
+                    if level == SOL_UDP and kind == UDP_GRO:
+                        size = int.from_bytes(value[:4], "little" if _LITTLE else "big")
+                if size and len(data) > size:
+                    for offset in range(0, len(data), size):
+                        batch.append((data[offset : offset + size], addr))
+                        n += 1
+                else:
+                    batch.append((data, addr))
+                    n += 1
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            failures.append(exc)
+        self.stats.udp_packets += n
+        if n > self.stats.max_udp_batch:
+            self.stats.max_udp_batch = n
+
     def _read_tun(self, fd: int, batch: list[bytes], failures: list[Exception]) -> None:
         read = os.read
         n = 0
@@ -379,22 +468,43 @@ class Poller:
         by_family = self._udp_by_family
         v4 = by_family.get(socket.AF_INET)
         v6 = by_family.get(socket.AF_INET6)
-        for data, addr in datagrams:
+        count = len(datagrams)
+        i = 0
+        while i < count:
+            data, addr = datagrams[i]
             sock = v4 if len(addr) == 2 else v6
             if sock is None:
                 drops[D.WRITE_FAILED] += 1
+                i += 1
                 continue
-            out = self._udp_out[sock.fileno()]
+            fd = sock.fileno()
+            out = self._udp_out[fd]
             if out.pending:
                 if not out.push((data, addr)):
                     drops[D.BUFFER_FULL] += 1
+                i += 1
                 continue
+            end = i + 1
+            if self._gso[fd]:
+                end = _gso_run(datagrams, i, count)
             try:
-                sock.sendto(data, addr)
+                if end - i > 1:
+                    size = len(data)
+                    sock.sendmsg([d for d, _ in datagrams[i:end]],
+                                 [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, "little" if _LITTLE else "big"))], 0, addr)
+                else:
+                    sock.sendto(data, addr)
             except BlockingIOError:
-                out.push((data, addr))
-            except OSError:
-                drops[D.WRITE_FAILED] += 1
+                for item in datagrams[i:end]:
+                    if not out.push(item):
+                        drops[D.BUFFER_FULL] += 1
+            except OSError as exc:
+                if end - i > 1 and exc.errno == errno.EIO:
+                    log.warning("UDP GSO failed with EIO: switched off", extra={"fields": {"fd": fd}})
+                    self._gso[fd] = False
+                    continue  # resend this run one datagram at a time
+                drops[D.WRITE_FAILED] += end - i
+            i = end
 
     def _flush_tun(self, drops: Counter[str]) -> None:
         pending = self._tun_out.pending
