@@ -430,7 +430,7 @@ class Engine:
         self.out.append((peer.cookies.add_macs(body, now), addr))
         peer.tx_bytes += RESPONSE_SIZE
         peer.rx_bytes += len(data)
-        self._arm(peer, "zero_keys_at", now + ZERO_KEYS_AFTER_TIME, force=True)
+        self._arm(peer, "zero_keys_at", now + ZERO_KEYS_AFTER_TIME)
         self._authenticated_traversal(peer, now)
         peer.keepalive_at = None
         return None
@@ -471,7 +471,7 @@ class Engine:
         peer.current = kp
         peer.endpoint = addr
         peer.rx_bytes += len(data)
-        self._arm(peer, "zero_keys_at", now + ZERO_KEYS_AFTER_TIME, force=True)
+        self._arm(peer, "zero_keys_at", now + ZERO_KEYS_AFTER_TIME)
         self._handshake_complete(peer)
         self._authenticated_traversal(peer, now)
         peer.new_handshake_at = None
@@ -512,7 +512,7 @@ class Engine:
         self.events.append(("handshake_initiated", peer))
         self._authenticated_traversal(peer, now)
         peer.keepalive_at = None
-        self._arm(peer, "retransmit_at", now + REKEY_TIMEOUT + self._jitter(), force=True)
+        self._arm(peer, "retransmit_at", now + REKEY_TIMEOUT + self._jitter())
 
     def _handshake_complete(self, peer: Peer) -> None:
         peer.retransmit_at = None
@@ -561,26 +561,35 @@ class Engine:
     def _jitter(self) -> float:
         return int.from_bytes(self.random_bytes(2), "little") / 65535 * REKEY_TIMEOUT_JITTER_MAX
 
-    def _arm(self, peer: Peer, name: str, at: float, force: bool = False) -> None:
-        """Set a peer timer. A heap entry is pushed only when the deadline moves earlier (or on
-        ``force``); a later deadline is found when the old entry pops, so per-packet re-arming
-        costs an attribute store, not a heap push."""
-        old = getattr(peer, name)
+    def _arm(self, peer: Peer, name: str, at: float) -> None:
+        """Set a peer timer. Each timer has at most one live heap entry (``timer_entries``): a
+        new one is pushed only when the deadline moves earlier than it; a later deadline is found
+        when the live entry pops and is re-pushed once, so per-packet re-arming costs an
+        attribute store, not a heap push, and the heap never holds more than a few entries per
+        peer."""
         setattr(peer, name, at)
-        if force or old is None or at < old:
+        live = peer.timer_entries.get(name)
+        if live is None or at < live[0]:
             self._timer_seq += 1
+            peer.timer_entries[name] = (at, self._timer_seq)
             heapq.heappush(self._timers, (at, self._timer_seq, peer, name))
 
     def _prune_timers(self) -> None:
-        """Drop heap entries of cancelled timers; re-push ones whose deadline moved later."""
+        """Drop stale heap entries and cancelled timers; re-push ones whose deadline moved later."""
         heap = self._timers
         while heap:
-            at, _, peer, name = heap[0]
+            at, seq, peer, name = heap[0]
+            live = peer.timer_entries.get(name)
+            if peer.removed or live is None or live[1] != seq:
+                heapq.heappop(heap)  # superseded by an earlier entry
+                continue
             current = getattr(peer, name)
-            if peer.removed or current is None or current < at:
-                heapq.heappop(heap)  # cancelled, or an earlier entry exists for it
+            if current is None:
+                heapq.heappop(heap)  # cancelled
+                del peer.timer_entries[name]
             elif current > at:
                 self._timer_seq += 1
+                peer.timer_entries[name] = (current, self._timer_seq)
                 heapq.heapreplace(heap, (current, self._timer_seq, peer, name))
             else:
                 return
@@ -598,6 +607,7 @@ class Engine:
             if not heap or heap[0][0] > now:
                 return
             _, _, peer, name = heapq.heappop(heap)
+            del peer.timer_entries[name]
             setattr(peer, name, None)
             getattr(self, "_expired_" + name)(peer, now)
 

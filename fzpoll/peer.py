@@ -62,7 +62,7 @@ class Peer:
         "staged",
         # timers
         "retransmit_at", "keepalive_at", "new_handshake_at", "zero_keys_at", "persistent_at",
-        "need_another_keepalive",
+        "need_another_keepalive", "timer_entries",
         # statistics
         "last_handshake_wall", "rx_bytes", "tx_bytes",
     )
@@ -94,6 +94,7 @@ class Peer:
         self.zero_keys_at: float | None = None
         self.persistent_at: float | None = None
         self.need_another_keepalive = False
+        self.timer_entries: dict[str, tuple[float, int]] = {}  # timer -> its one live heap entry
         self.last_handshake_wall = 0.0  # Unix time of the last completed handshake, 0 if none
         self.rx_bytes = 0
         self.tx_bytes = 0

@@ -258,3 +258,18 @@ def test_repr_never_shows_keys():
     for t in texts:
         for s in secrets:
             assert s not in t
+
+
+def test_timer_heap_stays_small_under_traffic():
+    """Re-arming timers per packet must not grow the heap (a regression: it once did)."""
+    p = Pair()
+    p.handshake()
+    for _ in range(2000):
+        p.a.send(ip4(TUN_A, TUN_B), p.now)
+        p.a.next_deadline()
+        p.deliver()
+        p.b.send(ip4(TUN_B, TUN_A), p.now)
+        p.b.next_deadline()
+        p.deliver()
+        p.advance(0.001)
+    assert len(p.a._timers) <= 10 and len(p.b._timers) <= 10
