@@ -184,8 +184,11 @@ class Engine:
             self.drops[D.BAD_INNER_PACKET] += 1
             return D.BAD_INNER_PACKET
         if peer is None:
-            self.drops[D.NO_ROUTE] += 1
-            return D.NO_ROUTE
+            # multicast (IPv6 router solicitations, MLD): the kernel's own, no peer asked for it
+            multicast = packet[24] == 0xFF if packet[0] >> 4 == 6 else packet[16] >> 4 == 14
+            reason = D.MULTICAST if multicast else D.NO_ROUTE
+            self.drops[reason] += 1
+            return reason
         return self.send_to_peer(peer, packet, now)
 
     def send_to_peer(self, peer: Peer, packet: bytes, now: float) -> D | None:

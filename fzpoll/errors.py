@@ -34,6 +34,7 @@ class DropReason(enum.StrEnum):
     NOT_ALLOWED_SOURCE = "not_allowed_source"  # inner source address not in the peer's allowed IPs
     BAD_INNER_PACKET = "bad_inner_packet"
     NO_ROUTE = "no_route"  # outgoing packet with no peer for its destination
+    MULTICAST = "multicast"  # outgoing multicast with no peer (the kernel's own IPv6 chatter)
     NO_ENDPOINT = "no_endpoint"
     NO_PRIVATE_KEY = "no_private_key"
     STAGED_QUEUE_FULL = "staged_queue_full"
@@ -41,6 +42,10 @@ class DropReason(enum.StrEnum):
     BUFFER_FULL = "buffer_full"  # a bounded write buffer was full
     WRITE_FAILED = "write_failed"
     DNS_MALFORMED = "dns_malformed"
+
+
+# Drops that are normal operation, counted but not worth a warning in the logs.
+QUIET_DROPS = frozenset({DropReason.MULTICAST})
 
 
 class LocalError(Exception):

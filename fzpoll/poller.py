@@ -48,7 +48,7 @@ from typing import Callable
 
 from fzpoll.engine import Engine
 from fzpoll.errors import DropReason as D
-from fzpoll.errors import TunnelError
+from fzpoll.errors import QUIET_DROPS, TunnelError
 
 log = logging.getLogger("fzpoll.poller")
 
@@ -191,6 +191,12 @@ class Poller:
         self._error_tokens = MAX_ERROR_LOGS_PER_SECOND
         self._suppressed: Counter[str] = Counter()
         self.last_error: TunnelError | None = None
+        # A TUN packet whose destination is in intercept_v4/v6 is offered to ``intercept`` first
+        # (the DNS stub's sentinels); True means it was consumed and is not for the engine.
+        self.intercept: Callable[[bytes, float], bool] | None = None
+        self.intercept_v4: frozenset[bytes] = frozenset()
+        self.intercept_v6: frozenset[bytes] = frozenset()
+        self._flushers: list[Callback] = []
         if tun_fd is not None:
             self._set_mask(tun_fd, EPOLLIN)
 
@@ -256,6 +262,15 @@ class Poller:
             self._set_mask(fd, mask)
         else:
             self._unregister(fd)
+
+    def add_flusher(self, callback: Callback) -> None:
+        """Called at the end of every pass, before writes: a source sends what it produced
+        (the DNS stub's recursive queries) and queues packets for TUN with :meth:`queue_tun`."""
+        self._flushers.append(callback)
+
+    def queue_tun(self, packets: list[bytes]) -> None:
+        """Packets for the TUN device from a source other than the engine, written this pass."""
+        self.engine.to_tun.extend(packets)
 
     def add_timer_source(self, next_deadline: Callable[[], float | None], handle: Callback) -> None:
         """Another sans-IO object with deadlines (UAPI idle clients, DNS, watchdog)."""
@@ -330,13 +345,28 @@ class Poller:
             except Exception as exc:  # a bug on one packet must not cost the batch
                 failures.append(exc)
         send = engine.send
-        for packet in tun_batch:
-            try:
-                reason = send(packet, now)
-                if reason is not None:
-                    drops[reason] += 1
-            except Exception as exc:
-                failures.append(exc)
+        intercept = self.intercept
+        if intercept is None:
+            for packet in tun_batch:
+                try:
+                    reason = send(packet, now)
+                    if reason is not None:
+                        drops[reason] += 1
+                except Exception as exc:
+                    failures.append(exc)
+        else:
+            iv4, iv6 = self.intercept_v4, self.intercept_v6
+            for packet in tun_batch:
+                try:
+                    version = packet[0] >> 4 if packet else 0
+                    if ((version == 4 and packet[16:20] in iv4) or (version == 6 and packet[24:40] in iv6)) \
+                            and intercept(packet, now):
+                        continue
+                    reason = send(packet, now)
+                    if reason is not None:
+                        drops[reason] += 1
+                except Exception as exc:
+                    failures.append(exc)
         busy = bool(udp_batch or tun_batch)
         if not (priority and busy):
             for fd, mask in events:
@@ -351,7 +381,12 @@ class Poller:
                         failures.append(exc)
         if not (priority and busy):
             self._run_timers(now, failures)
-        # 4. write what the engine produced
+        # 4. sources send what they produced (recursive DNS queries), then write everything
+        for flush in self._flushers:
+            try:
+                flush(now)
+            except Exception as exc:
+                failures.append(exc)
         self._write_outputs(drops)
         self._update_masks()
         self._report(drops, failures, now)
@@ -572,7 +607,8 @@ class Poller:
         unexpected = [e for e in error.exceptions if not hasattr(e, "reason")]
         if unexpected:
             fields["first_unexpected"] = f"{type(unexpected[0]).__name__}: {unexpected[0]}"
-        level = logging.ERROR if unexpected else logging.WARNING
+        quiet = all(kind in QUIET_DROPS for kind in counts)
+        level = logging.ERROR if unexpected else logging.DEBUG if quiet else logging.WARNING
         log.log(level, str(error.message), extra={"fields": fields})
 
     def close(self) -> None:

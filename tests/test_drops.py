@@ -177,9 +177,10 @@ def test_outgoing_drop_reasons():
     assert p.a.send(b"\x70" + bytes(40), p.now) == D.BAD_INNER_PACKET
     assert p.a.send(ip4(TUN_A, "10.77.0.1"), p.now) == D.NO_ROUTE
     assert p.a.send(ip6("fd00::1", "fd00::99"), p.now) == D.NO_ROUTE
+    assert p.a.send(ip6("fe80::1", "ff02::2"), p.now) == D.MULTICAST  # a router solicitation
     p.peer_b.endpoint = None
     assert p.a.send(ip4(TUN_A, TUN_B), p.now) == D.NO_ENDPOINT
-    assert p.a.drops == {D.BAD_INNER_PACKET: 2, D.NO_ROUTE: 2, D.NO_ENDPOINT: 1}
+    assert p.a.drops == {D.BAD_INNER_PACKET: 2, D.NO_ROUTE: 2, D.MULTICAST: 1, D.NO_ENDPOINT: 1}
 
 
 def test_no_private_key_drops_handshakes():
