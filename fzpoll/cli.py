@@ -13,9 +13,10 @@ COMMANDS = ("up", "show", "demo", "genkey", "pubkey")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"),
-                        choices=["debug", "info", "warning", "error"],
-                        help="log level (JSON lines on stderr; default info, or $LOG_LEVEL)")
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                        help="log level (JSON lines on stderr; default $LOG_LEVEL, else info). "
+                        "A daemonized `fzpoll IFACE` keeps logging to stderr only if this or "
+                        "$LOG_LEVEL is given, as wireguard-go")
     parser.add_argument("--schedule", choices=["fair", "priority"], default="fair",
                         help="loop schedule: fair batches from every source (default) or the old strict priority")
     parser.add_argument("--batch-size", type=int, default=64, metavar="N",
@@ -42,6 +43,8 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
     if command == "up":
         p.description = "Bring up an interface from a wg-quick style file and run in the foreground."
         p.add_argument("config", help="configuration file; the interface is named after it (wg0.conf -> wg0)")
+        p.add_argument("--resolv-conf", metavar="PATH",
+                       help="write the DNS stub's sentinel addresses here as resolv.conf nameserver lines")
         _common(p)
     elif command == "show":
         p.description = "Show interfaces, peers and fzpoll's own counters (drops, batches, buffers)."
@@ -72,27 +75,45 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _setup_logging(level: str) -> None:
+# wireguard-go's LOG_LEVEL words, so an environment set up for it works for us too.
+_WIREGUARD_GO_LEVELS = {"verbose": "debug", "silent": "critical"}
+
+
+def _log_level(args: argparse.Namespace) -> str:
+    level = args.log_level or os.environ.get("LOG_LEVEL", "").strip().lower() or "info"
+    return _WIREGUARD_GO_LEVELS.get(level, level)
+
+
+def _log_level_given(args: argparse.Namespace) -> bool:
+    """Whether the user asked for logs (so a daemon keeps its stderr), as wireguard-go decides."""
+    if args.log_level is not None:
+        return True
+    return os.environ.get("LOG_LEVEL", "").strip().lower() not in ("", "silent")
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
     from fzpoll.jsonlog import setup_logging
 
-    setup_logging(level)
+    # An unknown $LOG_LEVEL is a LocalError naming the accepted levels (main() prints it).
+    setup_logging(_log_level(args))
 
 
 def _run_interface(args: argparse.Namespace) -> int:
     from fzpoll.daemon import Options, run
 
-    _setup_logging(args.log_level)
+    _setup_logging(args)
     foreground = args.foreground or os.environ.get("WG_PROCESS_FOREGROUND") == "1"
     return run(Options(ifname=args.interface, foreground=foreground, schedule=args.schedule,
-                       batch_size=args.batch_size))
+                       batch_size=args.batch_size, keep_stderr=_log_level_given(args)))
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
     from fzpoll.daemon import Options, interface_name_from_config, run
 
-    _setup_logging(args.log_level)
+    _setup_logging(args)
     return run(Options(ifname=interface_name_from_config(args.config), foreground=True,
-                       schedule=args.schedule, batch_size=args.batch_size, config_path=args.config))
+                       schedule=args.schedule, batch_size=args.batch_size, config_path=args.config,
+                       resolv_conf=args.resolv_conf))
 
 
 def _cmd_show(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ socket, on SIGTERM/SIGINT or when its interface is deleted.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -21,6 +22,8 @@ from pathlib import Path
 from fzpoll import netlink
 from fzpoll.config import Config, load_config
 from fzpoll.device import Device
+from fzpoll.dns import PROXY_V4, PROXY_V6, Resource
+from fzpoll.dnsio import DnsForwarder, make_stub, write_resolv_conf
 from fzpoll.errors import LocalError
 from fzpoll.jsonlog import register_secret
 from fzpoll.poller import TunGone
@@ -38,6 +41,12 @@ class Options:
     schedule: str = "fair"
     batch_size: int = 64
     config_path: str | None = None
+    resolv_conf: str | None = None  # where to write the DNS stub's sentinels as nameserver lines
+    # Daemonized (not ``foreground``): keep logging to the caller's stderr once ready? As
+    # wireguard-go, only when asked (LOG_LEVEL or --log-level); otherwise stdout and stderr go to
+    # /dev/null at readiness, so a caller reading our output to EOF (wg-quick under a test,
+    # ``$(fzpoll wg0)``) is not held open by the daemon for its whole life.
+    keep_stderr: bool = False
 
 
 class Daemon:
@@ -57,11 +66,13 @@ class Daemon:
         self.exit_code = 0
         self._reload_requested = False
         self._routes: set[str] = set()
+        self._addresses: set[str] = set()
+        self.dns: DnsForwarder | None = None
         self._last_status = float("-inf")
         self._watchdog_interval = self.notifier.watchdog_interval()
         self._last_watchdog = float("-inf")
         try:
-            self.uapi = UapiServer(self.device.name, self.device, self.poller)
+            self.uapi = UapiServer(self.device.name, self.device, self.poller, stats=self.stats_snapshot)
         except BaseException:
             self.device.close()
             raise
@@ -79,6 +90,9 @@ class Daemon:
 
         for secret in config.secrets():
             register_secret(secret)
+        if initial:
+            for warning in config.warnings:
+                log.warning(warning)
         body = config.to_uapi_set()
         lines = [line for line in body.splitlines() if line]
         if not initial:
@@ -93,8 +107,35 @@ class Daemon:
         if err:
             raise LocalError(f"applying {self.options.config_path}: errno {err} ({os.strerror(abs(err))})")
         self._resolve_hostname_endpoints(config)
+        self._sync_dns(config)
         self._sync_network(config)
         self.config = config
+
+    def _sync_dns(self, config: Config) -> None:
+        """The DNS stub runs when the config names DNS servers or declares resources."""
+        resources = [Resource(r.name, r.peer.base64()) for r in config.resources]
+        if self.dns is not None:
+            self.dns.stub.set_resources(resources)
+            return
+        if not config.interface.dns and not resources:
+            return
+        stub = make_stub(list(config.interface.dns), resources)
+        self.dns = DnsForwarder(stub, self.poller, self.device.engine)
+        log.info("DNS stub ready", extra={"fields": {
+            "sentinels": [str(s) for s in stub.sentinels],
+            "upstreams": [f"{h}:{p}" for h, p in (stub.upstream_for(s) for s in stub.sentinels)],
+        }})
+        if self.options.resolv_conf:
+            write_resolv_conf(stub, self.options.resolv_conf)
+
+    def _dns_routes(self, config: Config) -> set[str]:
+        """Sentinels, and the proxy ranges when resources exist, are routed into the tunnel."""
+        if self.dns is None:
+            return set()
+        routes = {str(ipaddress.ip_network(s)) for s in self.dns.stub.sentinels}
+        if config.resources:
+            routes |= {str(PROXY_V4), str(PROXY_V6)}
+        return routes
 
     def _resolve_hostname_endpoints(self, config: Config) -> None:
         for peer_config in config.peers:
@@ -114,10 +155,14 @@ class Daemon:
         name = self.device.name
         if config.interface.mtu:
             netlink.set_mtu(name, config.interface.mtu)
-        for address in config.interface.addresses:
-            netlink.add_address(name, str(address))
+        addresses = {str(address) for address in config.interface.addresses}
+        for address in sorted(addresses - self._addresses):
+            netlink.add_address(name, address)
+        for address in sorted(self._addresses - addresses):
+            netlink.del_address(name, address)
+        self._addresses = addresses
         netlink.set_up(name)
-        wanted = {str(net) for p in config.peers for net in p.allowed_ips}
+        wanted = {str(net) for p in config.peers for net in p.allowed_ips} | self._dns_routes(config)
         for cidr in sorted(wanted - self._routes):
             netlink.add_route(name, cidr)
         for cidr in sorted(self._routes - wanted):
@@ -180,11 +225,15 @@ class Daemon:
 
     # ------------------------------------------------------------------ running
 
-    def run(self) -> int:
+    def announce_ready(self) -> None:
+        """Tell systemd and the log that the interface and its UAPI socket are up."""
         self.notifier.ready()
         self.notifier.status(self.status_line())
         log.info("interface ready", extra={"fields": {"interface": self.device.name,
                                                         "port": self.device.listen_port}})
+
+    def run(self) -> int:
+        """Serve until a signal or the interface's deletion; always cleans up. Returns 0."""
         self.poller.running = True
         try:
             while self.poller.running:
@@ -195,6 +244,7 @@ class Daemon:
         finally:
             self.notifier.stopping()
             self.close()
+        log.info("stopped", extra={"fields": {"interface": self.device.name}})
         return self.exit_code
 
     def _log_events(self) -> None:
@@ -206,50 +256,95 @@ class Daemon:
             log.log(level, kind.replace("_", " "), extra={"fields": {"peer": peer.public_key.short()}})
         events.clear()
 
+    def stats_snapshot(self) -> dict:
+        """fzpoll's own counters for ``fzpoll show`` (UAPI ``get=fzpoll``): what wg cannot show."""
+        engine, poller = self.device.engine, self.poller
+        stats = {
+            "daemon": {
+                "pid": os.getpid(),
+                "interface": self.device.name,
+                "schedule": poller.schedule,
+                "batch_size": poller.batch_size,
+                "listen_port": self.device.listen_port,
+                "config": self.options.config_path,
+                "uapi_clients": self.uapi.client_count,
+                "udp_offloads": poller.offloads(),
+            },
+            "drops": dict(engine.drops),
+            "poller": poller.stats.as_dict(),
+            "pending_writes": poller.pending_writes(),
+            "staged_packets": sum(len(p.staged) for p in engine.peers.values()),
+        }
+        if self.dns is not None:
+            stub = self.dns.stub
+            stats["dns"] = {"in_flight": stub.in_flight, "drops": dict(stub.drops), "stats": dict(stub.stats)}
+        return stats
+
     def close(self) -> None:
         signal.set_wakeup_fd(-1)
+        if self.dns is not None:
+            self.dns.close()
         self.uapi.close()
         self.device.close()
         self._signal_r.close()
         self._signal_w.close()
 
 
+_ready_fd: int | None = None  # daemonized child: the pipe to the waiting parent
+
+
 def _daemonize() -> int | None:
-    """Fork: the parent waits until the child reports ready (returns its exit code); the child
-    returns None and must call :func:`_report_ready` once up."""
+    """Fork. The parent waits until the child reports (see :func:`_report_ready`) and returns the
+    exit code for the command: 0 once the interface is ready, 1 if the child failed. The child
+    returns None, in a new session, with stdin on /dev/null.
+
+    Until it is ready the child still writes to the caller's stderr, so a start-up error appears
+    there exactly once, as a JSON log line written by the child itself.
+    """
+    global _ready_fd
     r, w = os.pipe()
     pid = os.fork()
     if pid:
         os.close(w)
         chunks = []
-        while True:
-            chunk = os.read(r, 4096)
-            if not chunk:
-                break
+        while chunk := os.read(r, 4096):
             chunks.append(chunk)
-        message = b"".join(chunks).decode(errors="replace")
-        if message.startswith("ok"):
+        os.close(r)
+        message = b"".join(chunks)
+        if message.startswith(b"ok"):
             return 0
-        sys.stderr.write(message or "fzpoll: the daemon exited before it was ready\n")
+        if not message:  # killed, or a bug (its traceback is on stderr): it said nothing
+            log.error("the daemon exited before it was ready", extra={"fields": {"pid": pid}})
         return 1
     os.close(r)
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.close(devnull)
-    os.environ["_FZPOLL_READY_FD"] = str(w)
+    _ready_fd = w
     return None
 
 
-def _report_ready(message: str) -> None:
-    fd = os.environ.pop("_FZPOLL_READY_FD", None)
+def _report_ready(ok: bool, keep_stderr: bool = True) -> None:
+    """Daemonized child only: tell the parent whether we are up; once up, unless
+    ``keep_stderr``, let go of the caller's stdout and stderr (they become /dev/null)."""
+    global _ready_fd
+    fd, _ready_fd = _ready_fd, None
     if fd is None:
         return
+    if ok and not keep_stderr:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.close(devnull)
     try:
-        os.write(int(fd), message.encode())
-        os.close(int(fd))
+        os.write(fd, b"ok\n" if ok else b"error\n")
     except OSError:
-        pass
+        pass  # the parent is gone (killed): nobody to tell
+    finally:
+        os.close(fd)
 
 
 def run(options: Options) -> int:
@@ -258,24 +353,21 @@ def run(options: Options) -> int:
         code = _daemonize()
         if code is not None:
             return code
+    daemon: Daemon | None = None
     try:
         config = load_config(options.config_path) if options.config_path else None
         daemon = Daemon(options, config)
-    except LocalError as exc:
-        _report_ready(f"fzpoll: {exc}\n")
-        log.error(str(exc))
-        return 1
-    try:
         if config is not None:
-            daemon.options = options
             daemon.apply_config(config, initial=True)
         daemon.install_signal_handlers()
     except LocalError as exc:
-        _report_ready(f"fzpoll: {exc}\n")
         log.error(str(exc))
-        daemon.close()
+        if daemon is not None:
+            daemon.close()
+        _report_ready(False)
         return 1
-    _report_ready("ok\n")
+    daemon.announce_ready()
+    _report_ready(True, keep_stderr=options.keep_stderr)
     return daemon.run()
 
 

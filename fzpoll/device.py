@@ -20,6 +20,7 @@ from fzpoll.tun import TunDevice
 
 log = logging.getLogger("fzpoll.device")
 
+TUN_TXQUEUELEN = 1000  # packets the kernel holds for us between reads (its default: 500)
 SOCKET_BUFFER_BYTES = 4 << 20  # as wireguard-go, large kernel buffers absorb bursts (not ours)
 
 
@@ -85,6 +86,12 @@ class Device:
     ) -> None:
         self.tun = TunDevice(ifname)
         self.name = self.tun.name
+        try:
+            self.tun.set_mtu(mtu)  # as wireguard-go: the interface starts at the engine's MTU
+            self.tun.set_txqueuelen(TUN_TXQUEUELEN)
+        except LocalError:
+            self.tun.close()
+            raise
         self.engine = Engine(None, random_bytes=os.urandom, wall_time=time.time, mtu=mtu)
         self.poller = Poller(self.engine, self.tun.fd, batch_size=batch_size, schedule=schedule)
         self.fwmark = 0

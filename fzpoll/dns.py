@@ -45,7 +45,7 @@ flight are dropped and counted under plain-string reasons. ``stats`` counts ever
 from __future__ import annotations
 
 import random
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from ipaddress import (
     IPv4Address,
@@ -56,7 +56,21 @@ from ipaddress import (
 )
 from typing import Callable, NamedTuple
 
-from dnslib import AAAA, PTR, QTYPE, RCODE, RR, A, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
+from dnslib import (
+    AAAA,
+    PTR,
+    QTYPE,
+    RCODE,
+    RR,
+    A,
+    DNSError,
+    DNSHeader,
+    DNSLabel,
+    DNSQuestion,
+    DNSRecord,
+)
+from dnslib.buffer import BufferError as DNSBufferError
+from dnslib.label import DNSLabelError
 
 from fzpoll.errors import DropReason as D
 from fzpoll.errors import LocalError
@@ -80,9 +94,9 @@ RECURSION_TIMEOUT = 5.0
 MAX_IN_FLIGHT = 1000
 # Proxy addresses are handed out by index 1 .. 2**21 - 2 in both pools (both are 2**21 wide).
 MAX_PROXY_NAMES = min(PROXY_V4.num_addresses, PROXY_V6.num_addresses) - 2
+MAX_NAME_TEXT = 253  # RFC 1035 2.3.4: 255 octets on the wire, 253 as dotted text
 
 CANARY = (b"use-application-dns", b"net")  # Firefox's DoH canary domain
-QTYPE_HTTPS = 65
 CLASS_IN = 1
 CLASS_ANY = 255
 OPCODE_QUERY = 0
@@ -195,6 +209,19 @@ def _same_address(source: object, server: Server) -> bool:
     return port == server[1] and str(ip) == server[0]
 
 
+def _query_problem(query: DNSRecord | None) -> str | None:
+    """Why a parsed client message is not a query we can handle (None if it is one)."""
+    if query is None:
+        return "dns_unparsable"
+    if query.header.qr:
+        return "dns_not_a_query"
+    if not query.questions:
+        return "dns_no_question"
+    if any(len(b".".join(q.qname.label)) > MAX_NAME_TEXT for q in query.questions):
+        return "dns_name_too_long"  # dnslib parses such names but cannot encode them again
+    return None
+
+
 def _response(query: DNSRecord, rcode: int, *, aa: int) -> DNSRecord:
     """An answer skeleton for ``query``: its ID, opcode, RD/CD bits and first question."""
     header = DNSHeader(id=query.header.id, bitmap=query.header.bitmap, qr=1, ra=1, aa=aa)
@@ -222,18 +249,21 @@ class StubResolver:
         self.to_tun: list[bytes] = []
         self.udp_queries: list[UpstreamQuery] = []
         self.tcp_queries: list[UpstreamQuery] = []
+        # Proxy addresses handed out since the IO shell last looked: it routes them to the peer.
+        self.new_proxies: list[tuple[IPAddress, Resource]] = []
         self.drops: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
         self._rng = rng if rng is not None else random.SystemRandom()
         self._max_proxy_names = min(max_proxy_names, MAX_PROXY_NAMES)
         self._resources = _ResourceTable(resources)
-        self._pending: dict[int, _Pending] = {}  # insertion order == deadline order
+        # Insertion order is deadline order; OrderedDict keeps the front O(1) under deletions.
+        self._pending: OrderedDict[int, _Pending] = OrderedDict()
         self._proxies: dict[tuple[Labels, Resource], tuple[IPv4Address, IPv6Address]] = {}
         self._by_proxy: dict[bytes, tuple[Labels, Resource]] = {}
         self.sentinels: list[IPAddress] = []
         self._upstream_for: dict[bytes, Server] = {}  # packed sentinel -> upstream
         self._allocate_sentinels(upstreams)
-        self._local: dict[int, Callable[[Labels, Resource], list[RR]]] = {
+        self._local: dict[int, Callable[[Labels, Resource], list]] = {
             QTYPE.A: self._answer_a,
             QTYPE.AAAA: self._answer_aaaa,
         }
@@ -284,9 +314,9 @@ class StubResolver:
 
     def next_deadline(self) -> float | None:
         """When :meth:`handle_timer` must next run (absolute, on the caller's clock)."""
-        for pending in self._pending.values():
-            return pending.expires_at
-        return None
+        if not self._pending:
+            return None
+        return next(iter(self._pending.values())).expires_at
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -354,11 +384,8 @@ class StubResolver:
 
     def handle_timer(self, now: float) -> None:
         """Expire recursive queries whose deadline passed."""
-        while self._pending:
-            query_id, pending = next(iter(self._pending.items()))
-            if pending.expires_at > now:
-                break
-            del self._pending[query_id]
+        while self._pending and next(iter(self._pending.values())).expires_at <= now:
+            _, pending = self._pending.popitem(last=False)
             if pending.via_tcp:
                 self._servfail(pending, "dns_servfail_tcp_timeout")
             else:
@@ -385,14 +412,12 @@ class StubResolver:
 
     def _on_query(self, datagram: UdpDatagram, now: float) -> None:
         query = self._parse(datagram.payload)
-        if query is None or query.header.qr or not query.questions:
+        problem = _query_problem(query)
+        if problem is not None:
             self.drops[D.DNS_MALFORMED] += 1
-            self.stats[
-                "dns_unparsable" if query is None
-                else "dns_not_a_query" if query.header.qr
-                else "dns_no_question"
-            ] += 1
+            self.stats[problem] += 1
             return
+        assert query is not None
         reply = self._local_reply(query)
         if reply is not None:
             self._reply(datagram, reply)
@@ -452,6 +477,7 @@ class StubResolver:
                 return None
             addresses = (PROXY_V4[index], PROXY_V6[index])
             self._proxies[key] = addresses
+            self.new_proxies.extend((address, resource) for address in addresses)
             for address in addresses:
                 self._by_proxy[address.packed] = key
         return addresses
@@ -511,10 +537,9 @@ class StubResolver:
         return "ok"
 
     def _retry_over_tcp(self, query_id: int, pending: _Pending, now: float) -> None:
-        del self._pending[query_id]  # re-inserted at the end: deadline order is kept
         pending.via_tcp = True
         pending.expires_at = now + RECURSION_TIMEOUT
-        self._pending[query_id] = pending
+        self._pending.move_to_end(query_id)  # the latest deadline: order is kept
         framed = len(pending.data).to_bytes(2, "big") + pending.data
         self.tcp_queries.append(UpstreamQuery(query_id, framed, pending.server))
         self.stats["dns_tcp_retry"] += 1
@@ -533,7 +558,7 @@ class StubResolver:
     def _pack(self, record: DNSRecord) -> bytes | None:
         try:
             return record.pack()
-        except Exception:  # dnslib cannot re-encode some names it parsed; drop, don't crash
+        except (DNSError, DNSLabelError, DNSBufferError):  # a bug of ours; dropped, not raised
             self.drops["dns_unencodable_reply"] += 1
             return None
 

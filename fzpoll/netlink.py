@@ -97,6 +97,22 @@ def add_address(ifname: str, cidr: str) -> None:
                 raise _fail(f"cannot add address {cidr} to {ifname}", exc) from None
 
 
+
+def del_address(ifname: str, cidr: str) -> None:
+    """Remove an address added by :func:`add_address`; a missing address is not an error."""
+    try:
+        iface = ipaddress.ip_interface(cidr)
+    except ValueError:
+        raise LocalError(f"invalid address {cidr!r}: expected ADDRESS/PREFIXLEN") from None
+    with IPRoute() as ipr:
+        index = _index(ipr, ifname)
+        try:
+            ipr.addr("del", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen,
+                     family=_family(iface.network))
+        except NetlinkError as exc:
+            if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH):
+                raise _fail(f"cannot remove address {cidr} from {ifname}", exc) from None
+
 def _parse_net(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """A route destination; host bits are cleared as wg-quick does (10.0.0.1/24 -> 10.0.0.0/24)."""
     try:

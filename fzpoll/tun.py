@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 import struct
 
 from fzpoll.errors import LocalError
@@ -26,9 +27,12 @@ TUN_PATH = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+SIOCSIFTXQLEN = 0x8943
+SIOCSIFMTU = 0x8922  # <linux/sockios.h>
 
 IFNAMSIZ = 16  # including the terminating NUL: at most 15 visible characters
 _IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, then ifr_flags, padded to 40 bytes
+_IFREQ_MTU = struct.Struct("16si20x")  # struct ifreq: name, then ifr_mtu
 
 # Largest IP packet a TUN read can return (IPv4 total length is 16 bits; we do not enable GSO).
 MAX_PACKET = 65535
@@ -73,6 +77,32 @@ class TunDevice:
         self.fd = fd
         # The kernel writes back the final name (differs only for patterns like "tun%d").
         self.name = _IFREQ.unpack(out)[0].rstrip(b"\0").decode("ascii")
+
+    def set_mtu(self, mtu: int) -> None:
+        """Set the interface MTU (SIOCSIFMTU, so no netlink is needed for it).
+
+        wireguard-go creates its TUN with MTU 1420; a TUN left at the kernel's 1500 would send
+        1500-byte packets whose encrypted datagrams (1560 B on the wire) need fragmenting.
+        """
+        ifr = _IFREQ_MTU.pack(self.name.encode("ascii"), int(mtu))
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                fcntl.ioctl(sock.fileno(), SIOCSIFMTU, ifr)
+        except OSError as exc:
+            raise LocalError(f"cannot set MTU {mtu} on {self.name}: {exc.strerror}") from None
+
+    def set_txqueuelen(self, length: int) -> None:
+        """Set how many packets the kernel queues for us to read (SIOCSIFTXQLEN).
+
+        The kernel's default for TUN is 500; a burst larger than that (1000 DNS queries sent at
+        once) is dropped before we can read it, so the daemon asks for more.
+        """
+        ifr = _IFREQ_MTU.pack(self.name.encode("ascii"), int(length))  # same layout: name, int
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                fcntl.ioctl(sock.fileno(), SIOCSIFTXQLEN, ifr)
+        except OSError as exc:
+            raise LocalError(f"cannot set txqueuelen {length} on {self.name}: {exc.strerror}") from None
 
     def fileno(self) -> int:
         """The fd, so the device can be registered with selectors/epoll directly."""

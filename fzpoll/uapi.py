@@ -23,6 +23,12 @@ Behaviour follows wireguard-go v0.0.20220316 (``device/uapi.go``), checked again
 - Values are parsed exactly as Go does (``strconv.ParseUint``, ``netip.ParseAddrPort``,
   ``netip.ParsePrefix``): leading zeros and upper-case hex are fine, signs and spaces are not.
 
+One request is fzpoll's own and read-only: ``get=fzpoll\n\n`` is answered with one line
+``fzpoll_stats=<JSON object on one line>`` (counters ``wg`` cannot show: drops by reason, loop
+statistics, buffer depths, daemon settings; see ``fzpoll show``) and ``errno=0``. ``wg`` never
+sends it; a server built without a ``stats`` provider treats it as any unknown operation, and
+wireguard-go answers it by closing the connection (after logging "invalid UAPI operation").
+
 Where wireguard-go is sloppy we are stricter, never looser for ``wg``: requests pipelined on one
 connection are all answered (wireguard-go loses those after a ``set``), an unknown operation gets
 ``errno=-71`` before the close (wireguard-go just closes), and at EOF inside a ``set`` the complete
@@ -33,13 +39,14 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import logging
 import math
 import os
 import re
 import socket
 import stat
-from typing import Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from fzpoll.engine import Engine
 from fzpoll.errors import LocalError
@@ -49,8 +56,9 @@ from fzpoll.peer import Endpoint, Peer
 log = logging.getLogger("fzpoll.uapi")
 
 __all__ = [
-    "SOCKET_DIR", "UapiConnection", "UapiError", "UapiHost", "UapiLoop", "UapiServer",
-    "format_endpoint", "handle_get", "handle_set", "parse_endpoint", "parse_prefix",
+    "SOCKET_DIR", "STATS_KEY", "STATS_REQUEST", "StatsProvider", "UapiConnection", "UapiError",
+    "UapiHost", "UapiLoop", "UapiServer", "format_endpoint", "handle_get", "handle_get_stats",
+    "handle_set", "parse_endpoint", "parse_prefix",
 ]
 
 SOCKET_DIR = "/var/run/wireguard"
@@ -62,6 +70,10 @@ IDLE_TIMEOUT = 10.0  # seconds a client may stay silent (or not read) before it 
 LISTEN_BACKLOG = 16
 RECV_SIZE = 1 << 16
 MAX_ACCEPTS_PER_WAKEUP = 64
+
+STATS_REQUEST = b"get=fzpoll\n\n"  # fzpoll's read-only statistics request (not wireguard-go's)
+STATS_KEY = "fzpoll_stats"
+StatsProvider = Callable[[], dict[str, Any]]
 
 _HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
 _DIGITS = re.compile(r"[0-9]+")
@@ -443,6 +455,16 @@ def handle_set(host: UapiHost, lines: Iterable[str], now: float) -> int:
     return _SetOperation(host, now).run(lines)
 
 
+def handle_get_stats(stats: StatsProvider) -> str:
+    """The answer to ``get=fzpoll``: ``fzpoll_stats=`` and the provider's dict as one-line JSON.
+
+    Values JSON cannot hold are written as their ``str()``; ``json.dumps`` escapes newlines, so
+    the object is always a single line.
+    """
+    body = json.dumps(stats(), separators=(",", ":"), sort_keys=True, default=str)
+    return f"{STATS_KEY}={body}\nerrno=0\n\n"
+
+
 def _status(code: int) -> bytes:
     return b"errno=0\n\n" if not code else f"errno=-{abs(code)}\n\n".encode()
 
@@ -450,7 +472,7 @@ def _status(code: int) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # One client's byte stream.
 
-_OP, _GET, _SET = 0, 1, 2
+_OP, _GET, _SET, _GET_STATS = 0, 1, 2, 3
 
 
 class UapiConnection:
@@ -460,12 +482,15 @@ class UapiConnection:
     :attr:`closing` turns True, write what was returned and close. If :attr:`has_pending` is True
     the output budget stopped it early: once the output is written, call :meth:`process`.
     Never raises: a request over 1 MiB, a line over 4 KiB, or an unknown operation is answered
-    with ``errno=-71`` (EPROTO) and ends the connection.
+    with ``errno=-71`` (EPROTO) and ends the connection. ``get=fzpoll\n\n`` is answered from
+    ``stats`` when one is given (framed as ``get=1``), and is an unknown operation otherwise.
     """
 
     def __init__(self, host: UapiHost, *, max_request: int = MAX_REQUEST_SIZE,
-                 max_line: int = MAX_LINE_LENGTH, output_budget: int = OUTPUT_BUDGET) -> None:
+                 max_line: int = MAX_LINE_LENGTH, output_budget: int = OUTPUT_BUDGET,
+                 stats: StatsProvider | None = None) -> None:
         self.host = host
+        self.stats = stats
         self.max_request = max_request
         self.max_line = max_line
         self.output_budget = output_budget
@@ -535,15 +560,20 @@ class UapiConnection:
 
     def _step(self, out: bytearray, now: float) -> bool:
         """Consume one line (or byte); False when more input is needed."""
-        if self._state == _GET:
+        if self._state in (_GET, _GET_STATS):
             if self._pos >= len(self._buf):
                 return False
             byte = self._buf[self._pos]
             self._pos += 1
-            self._state = _OP
+            state, self._state = self._state, _OP
             self.requests += 1
             # wireguard-go: "get=1\n" must be followed by "\n"; anything else is EINVAL
-            out += handle_get(self.host).encode() if byte == 0x0A else _status(errno.EINVAL)
+            if byte != 0x0A:
+                out += _status(errno.EINVAL)
+            elif state == _GET_STATS and self.stats is not None:
+                out += handle_get_stats(self.stats).encode()
+            else:
+                out += handle_get(self.host).encode()
             return True
         line = self._next_line(out)
         if line is None:
@@ -553,6 +583,8 @@ class UapiConnection:
                 self._state = _GET
             elif line == b"set=1":
                 self._state, self._lines, self._size = _SET, [], len(line) + 1
+            elif line == STATS_REQUEST[:-2] and self.stats is not None:
+                self._state = _GET_STATS
             else:
                 self._fail(out, errno.EPROTO, "unknown operation")
             return True
@@ -626,17 +658,19 @@ class UapiServer:
     silent (or not reading) for ``idle_timeout`` seconds is dropped by :meth:`expire_idle`, which
     the owner calls at :meth:`next_deadline`. Pipelined answers wait in a per-client buffer bounded
     by the connection's output budget, and a client is not read while its answer waits. A failing
-    client is logged and closed; no exception leaves a callback.
+    client is logged and closed; no exception leaves a callback. ``stats``, when given, answers
+    fzpoll's read-only ``get=fzpoll`` request (see :func:`handle_get_stats`).
     """
 
     def __init__(self, interface: str, host: UapiHost, loop: UapiLoop, *,
                  socket_dir: str = SOCKET_DIR, max_clients: int = MAX_CLIENTS,
-                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+                 idle_timeout: float = IDLE_TIMEOUT, stats: StatsProvider | None = None) -> None:
         if not interface or "/" in interface or "\0" in interface or interface in (".", ".."):
             raise LocalError(f"invalid interface name {interface!r}")
         self.interface = interface
         self.host = host
         self.loop = loop
+        self.stats = stats  # answers get=fzpoll (None: an unknown operation, as before)
         self.max_clients = max_clients
         self.idle_timeout = idle_timeout
         self.path = os.path.join(socket_dir, f"{interface}.sock")
@@ -742,7 +776,7 @@ class UapiServer:
                     sock.close()
                     continue
                 sock.setblocking(False)
-                client = _Client(sock, UapiConnection(self.host), now)
+                client = _Client(sock, UapiConnection(self.host, stats=self.stats), now)
                 self._clients[client.fd] = client
                 try:
                     self._set_reading(client, True)

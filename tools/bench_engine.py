@@ -88,10 +88,12 @@ class Link:
     def deliver(self) -> None:
         a, b = self.a, self.b
         while a.out or b.out:
-            out, a.out = a.out, []
+            out = a.out[:]
+            a.out.clear()
             for data, _ in out:
                 b.receive(data, ADDR_A, self.now)
-            out, b.out = b.out, []
+            out = b.out[:]
+            b.out.clear()
             for data, _ in out:
                 a.receive(data, ADDR_B, self.now)
 

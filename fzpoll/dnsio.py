@@ -1,0 +1,227 @@
+"""The IO shell of the DNS stub: its upstream sockets, served by the same poller as the tunnel.
+
+The sans-IO :class:`~fzpoll.dns.StubResolver` decides everything; this module only moves bytes:
+queries to sentinels are intercepted from the TUN batch, recursive queries go out on one
+non-blocking UDP socket per address family (answers are "DNS server replies", a source of the
+loop), truncated answers are retried over non-blocking TCP, and answers go back to TUN in the
+same pass. Proxy addresses handed out for resources are routed to the resource's peer.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket
+from typing import Callable
+
+from fzpoll.dns import Resource, StubResolver, UpstreamQuery
+from fzpoll.engine import Engine
+from fzpoll.errors import LocalError
+from fzpoll.keys import PublicKey
+from fzpoll.poller import Poller
+
+log = logging.getLogger("fzpoll.dns")
+
+MAX_REPLIES_PER_PASS = 64  # answers read from one upstream socket per wakeup (fairness)
+MAX_TCP_ANSWER = 65535
+
+
+class _TcpQuery:
+    """One recursive query retried over TCP: connect, write the framed query, read the answer."""
+
+    __slots__ = ("query", "sock", "out", "inbuf")
+
+    def __init__(self, query: UpstreamQuery, sock: socket.socket) -> None:
+        self.query = query
+        self.sock = sock
+        self.out = memoryview(query.data)
+        self.inbuf = bytearray()
+
+
+class DnsForwarder:
+    """Plugs a StubResolver into a Poller and routes proxy addresses through an Engine."""
+
+    def __init__(self, stub: StubResolver, poller: Poller, engine: Engine) -> None:
+        self.stub = stub
+        self.poller = poller
+        self.engine = engine
+        self._udp: dict[int, socket.socket] = {}  # family -> socket
+        self._tcp: dict[int, _TcpQuery] = {}  # fd -> query
+        poller.intercept = self._intercept
+        poller.intercept_v4 = frozenset(s.packed for s in stub.sentinels if s.version == 4)
+        poller.intercept_v6 = frozenset(s.packed for s in stub.sentinels if s.version == 6)
+        poller.add_flusher(self.flush)
+        poller.add_timer_source(stub.next_deadline, self._on_timer)
+
+    def _intercept(self, packet: bytes, now: float) -> bool:
+        return self.stub.handle_packet(packet, now)
+
+    # ------------------------------------------------------------------ recursive queries out
+
+    def flush(self, now: float) -> None:
+        stub = self.stub
+        if stub.udp_queries:
+            queries, stub.udp_queries = stub.udp_queries, []
+            for query in queries:
+                self._send_udp(query, now)
+        if stub.tcp_queries:
+            queries, stub.tcp_queries = stub.tcp_queries, []
+            for query in queries:
+                self._start_tcp(query, now)
+        if stub.new_proxies:
+            proxies, stub.new_proxies = stub.new_proxies, []
+            for address, resource in proxies:
+                self._route_proxy(address, resource)
+        if stub.to_tun:
+            packets, stub.to_tun = stub.to_tun, []
+            self.poller.queue_tun(packets)
+
+    def _udp_socket(self, family: int) -> socket.socket:
+        sock = self._udp.get(family)
+        if sock is None:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            self._udp[family] = sock
+            self.poller.add_reader(sock.fileno(), lambda now, s=sock: self._on_udp_reply(s, now))
+        return sock
+
+    def _send_udp(self, query: UpstreamQuery, now: float) -> None:
+        host, port = query.server
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            self._udp_socket(family).sendto(query.data, (host, port))
+        except OSError as exc:  # EAGAIN included: the query fails now rather than waiting unbounded
+            log.debug("upstream query not sent", extra={"fields": {"server": host, "error": exc.strerror}})
+            self.stub.upstream_failed(query.query_id, now)
+
+    def _on_udp_reply(self, sock: socket.socket, now: float) -> None:
+        for _ in range(MAX_REPLIES_PER_PASS):
+            try:
+                data, addr = sock.recvfrom(65535)
+            except BlockingIOError:
+                return
+            except OSError:  # e.g. ECONNREFUSED from an ICMP error: keep serving
+                continue
+            self.stub.handle_upstream_reply(data, now, source=addr)
+
+    # ------------------------------------------------------------------ TCP fallback
+
+    def _start_tcp(self, query: UpstreamQuery, now: float) -> None:
+        host, port = query.server
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        code = sock.connect_ex((host, port))
+        if code not in (0, errno.EINPROGRESS):
+            sock.close()
+            self.stub.upstream_failed(query.query_id, now)
+            return
+        tcp = _TcpQuery(query, sock)
+        self._tcp[sock.fileno()] = tcp
+        self.poller.add_writer(sock.fileno(), lambda now, t=tcp: self._tcp_writable(t, now))
+
+    def _tcp_writable(self, tcp: _TcpQuery, now: float) -> None:
+        try:
+            sent = tcp.sock.send(tcp.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._tcp_done(tcp, now, None)
+            return
+        tcp.out = tcp.out[sent:]
+        if not tcp.out:
+            fd = tcp.sock.fileno()
+            self.poller.remove_writer(fd)
+            self.poller.add_reader(fd, lambda now, t=tcp: self._tcp_readable(t, now))
+
+    def _tcp_readable(self, tcp: _TcpQuery, now: float) -> None:
+        try:
+            chunk = tcp.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._tcp_done(tcp, now, None)
+            return
+        if not chunk:
+            self._tcp_done(tcp, now, None)
+            return
+        tcp.inbuf += chunk
+        if len(tcp.inbuf) >= 2:
+            need = int.from_bytes(tcp.inbuf[:2], "big")
+            if len(tcp.inbuf) >= 2 + need:
+                self._tcp_done(tcp, now, bytes(tcp.inbuf[2 : 2 + need]))
+
+    def _tcp_done(self, tcp: _TcpQuery, now: float, answer: bytes | None) -> None:
+        fd = tcp.sock.fileno()
+        self.poller.remove_reader(fd)
+        self.poller.remove_writer(fd)
+        self._tcp.pop(fd, None)
+        tcp.sock.close()
+        if answer is None:
+            self.stub.upstream_failed(tcp.query.query_id, now)
+        else:
+            self.stub.handle_upstream_reply(answer, now, via_tcp=True)
+
+    def _on_timer(self, now: float) -> None:
+        self.stub.handle_timer(now)
+        for tcp in list(self._tcp.values()):
+            if not self.stub.is_pending(tcp.query.query_id):  # timed out: SERVFAIL already sent
+                fd = tcp.sock.fileno()
+                self.poller.remove_reader(fd)
+                self.poller.remove_writer(fd)
+                del self._tcp[fd]
+                tcp.sock.close()
+
+    # ------------------------------------------------------------------ routing proxies
+
+    def _route_proxy(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, resource: Resource) -> None:
+        try:
+            peer = self.engine.get_peer(PublicKey.from_text(resource.peer_key))
+        except LocalError:
+            peer = None
+        if peer is None:
+            log.warning("resource peer not configured", extra={"fields": {"resource": resource.pattern}})
+            return
+        self.engine.allowed_ips.insert(ipaddress.ip_network(address), peer)
+
+    def close(self) -> None:
+        for tcp in list(self._tcp.values()):
+            tcp.sock.close()
+        for sock in self._udp.values():
+            self.poller.remove_reader(sock.fileno())
+            sock.close()
+        self._tcp.clear()
+        self._udp.clear()
+
+
+def upstreams_from(dns: list[str] | tuple, resolv_conf: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    """The configured DNS servers, else the nameservers of resolv.conf."""
+    servers = [str(ip) for ip in dns]
+    if not servers:
+        try:
+            with open(resolv_conf) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) >= 2 and parts[0] == "nameserver":
+                        servers.append(parts[1].split("%")[0])
+        except OSError:
+            pass
+    return [(server, 53) for server in servers]
+
+
+def make_stub(dns: list, resources: list[Resource], resolv_conf: str = "/etc/resolv.conf") -> StubResolver:
+    upstreams = upstreams_from(dns, resolv_conf)
+    if not upstreams:
+        raise LocalError("DNS stub: no upstream servers (set DNS = in the config)")
+    return StubResolver(upstreams, resources)
+
+
+
+
+def write_resolv_conf(stub: StubResolver, path: str) -> None:
+    """Write the sentinels as a resolv.conf-style file for the user to install."""
+    with open(path, "w") as f:
+        f.write("# written by fzpoll: DNS through the tunnel's stub resolver\n")
+        for sentinel in stub.sentinels:
+            f.write(f"nameserver {sentinel}\n")

@@ -1,0 +1,157 @@
+"""The DNS stub in a running daemon: dig through sentinels, resources, TCP fallback, bounds.
+
+Topology: the client namespace runs `fzpoll up` with `DNS =` pointing at dnsmasq in the peer's
+namespace (reached over the underlay, from the daemon's own DNS sockets) and a `[Resource]` served
+by the peer (a second fzpoll). Only addresses inside these namespaces are used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+import netns
+from netns import Fzpoll, Namespace, veth_pair
+from fzpoll.keys import PrivateKey
+
+pytestmark = pytest.mark.netns
+
+BIG_RECORDS = 40
+
+
+@pytest.fixture(autouse=True)
+def _need_tools():
+    reason = netns.need_root()
+    if reason is None and (shutil.which("dnsmasq") is None or shutil.which("dig") is None):
+        reason = "needs dnsmasq and dig (bash tools/install-deps.sh installs them)"
+    if reason:
+        pytest.skip(reason)
+
+
+def dig(ns: Namespace, *args: str, timeout: float = 10) -> subprocess.CompletedProcess:
+    return ns.run(["dig", "+tries=1", "+time=2", *args], check=False, timeout=timeout)
+
+
+def answers(result: subprocess.CompletedProcess) -> list[str]:
+    return [line.split()[-1] for line in result.stdout.splitlines()
+            if line and not line.startswith(";") and len(line.split()) >= 5]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dns")
+    with Namespace("c") as client, Namespace("p") as peer_ns:
+        pair = veth_pair(client, peer_ns)
+        hosts = tmp / "hosts"
+        hosts.write_text("".join(f"192.0.2.{i} big.test\n" for i in range(1, BIG_RECORDS + 1))
+                         + "198.51.100.7 www.upstream.test\n2001:db8::7 www.upstream.test\n")
+        dnsmasq = peer_ns.popen(["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv",
+                                 "--no-hosts", f"--addn-hosts={hosts}", f"--listen-address={pair.ip_b}",
+                                 "--bind-interfaces", "--port=53", "--pid-file="],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        key_c, key_p = PrivateKey.generate(os.urandom), PrivateKey.generate(os.urandom)
+        conf = tmp / "fzdns.conf"
+        conf.write_text(
+            "[Interface]\n"
+            f"PrivateKey = {key_c.base64()}\nListenPort = 51820\nAddress = 100.64.9.1/32\n"
+            f"DNS = {pair.ip_b}, {pair.ip_b.rsplit('.', 1)[0]}.99\n"  # the second never answers
+            "\n[Peer]\n"
+            f"PublicKey = {key_p.public_key.base64()}\nEndpoint = {pair.ip_b}:51821\n"
+            "AllowedIPs = 100.64.9.2/32\n"
+            "\n[Resource]\n"
+            f"Name = *.corp.test\nPeer = {key_p.public_key.base64()}\n"
+        )
+        log = open(tmp / "client.log", "w")
+        daemon = client.popen([sys.executable, "-m", "fzpoll", "up", str(conf), "--log-level", "debug"],
+                              stdout=log, stderr=subprocess.STDOUT)
+        peer = Fzpoll(peer_ns).start()
+        peer.configure(key_p.base64(), 51821)
+        peer.add_peer(key_c.public_key.base64(), ["100.64.9.1/32"], f"{pair.ip_a}:51820")
+        peer.address("100.64.9.2/32")
+        peer.up()
+        peer.route("100.64.9.1/32")
+        deadline = time.monotonic() + 10
+        while "fzdns" not in client.ip("link", "show", check=False).stdout or \
+                not list(client.ip_json("route", "show", "100.100.111.1")):
+            assert daemon.poll() is None and time.monotonic() < deadline, (tmp / "client.log").read_text()
+            time.sleep(0.05)
+        try:
+            yield client, peer_ns, peer, pair, tmp
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=5)
+            log.close()
+            dnsmasq.terminate()
+            dnsmasq.wait(timeout=5)
+
+
+def test_upstream_name_resolves_through_the_stub(setup):
+    client, *_ = setup
+    assert answers(dig(client, "@100.100.111.1", "www.upstream.test", "A")) == ["198.51.100.7"]
+    assert answers(dig(client, "@100.100.111.1", "www.upstream.test", "AAAA")) == ["2001:db8::7"]
+
+
+def test_resource_gets_stable_proxy_addresses_and_traffic_reaches_the_peer(setup):
+    client, peer_ns, peer, pair, tmp = setup
+    first = answers(dig(client, "@100.100.111.1", "app.corp.test", "A"))
+    again = answers(dig(client, "@100.100.111.1", "app.corp.test", "A"))
+    six = answers(dig(client, "@100.100.111.1", "app.corp.test", "AAAA"))
+    assert first == again and len(first) == 1 and first[0].startswith("100.")
+    assert six and six[0].startswith("fd00:2021:1111:8000:")
+    assert answers(dig(client, "@100.100.111.1", "use-application-dns.net", "A")) == []
+    # the peer answers for the proxy address: traffic to it goes through the tunnel to the peer
+    peer_ns.ip("addr", "add", f"{first[0]}/32", "dev", peer.ifname)
+    peer_ns.ip("route", "replace", "100.64.9.1/32", "dev", peer.ifname, "src", first[0])
+    result = client.run(["ping", "-c", "2", "-W", "3", first[0]], check=False, timeout=15)
+    assert result.returncode == 0, result.stdout + (tmp / "client.log").read_text()[-3000:]
+
+
+def test_large_answer_comes_back_whole_via_tcp_fallback(setup):
+    client, *_ = setup
+    result = dig(client, "@100.100.111.1", "+noedns", "+ignore", "big.test", "A")
+    assert len(answers(result)) == BIG_RECORDS, result.stdout
+
+
+def test_unreachable_upstream_gives_no_answer_and_tunnel_keeps_working(setup):
+    client, *_ = setup
+    slow = subprocess.Popen(client.exec_argv(["dig", "+tries=1", "+time=3", "@100.100.111.2", "x.test"]),
+                            stdout=subprocess.PIPE, text=True)
+    ping = client.run(["ping", "-c", "5", "-i", "0.2", "-W", "2", "100.64.9.2"], check=False, timeout=15)
+    out, _ = slow.communicate(timeout=15)
+    assert ping.returncode == 0, ping.stdout
+    assert "timed out" in out or "no servers could be reached" in out
+
+
+_CONCURRENT = """
+import json, random, socket, struct, sys, time
+n = int(sys.argv[1]); socks = []
+for i in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 0)); s.setblocking(False)
+    qid = random.getrandbits(16)
+    q = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0) + b"\\x03www\\x08upstream\\x04test\\x00" + struct.pack(">HH", 1, 1)
+    s.sendto(q, ("100.100.111.1", 53)); socks.append((s, qid))
+ok = 0; deadline = time.monotonic() + 8; pending = dict((s.fileno(), (s, qid)) for s, qid in socks)
+while pending and time.monotonic() < deadline:
+    for fd, (s, qid) in list(pending.items()):
+        try:
+            data = s.recv(4096)
+        except BlockingIOError:
+            continue
+        if struct.unpack(">H", data[:2])[0] == qid and bytes([198, 51, 100, 7]) in data:
+            ok += 1
+        del pending[fd]
+    time.sleep(0.01)
+print(json.dumps({"ok": ok, "missing": len(pending)}))
+"""
+
+
+def test_1000_concurrent_queries_all_answered_with_their_own_ids(setup):
+    client, *_ = setup
+    result = client.run([sys.executable, "-c", _CONCURRENT, "1000"], timeout=30)
+    assert json.loads(result.stdout) == {"ok": 1000, "missing": 0}
