@@ -13,6 +13,8 @@ from typing import Generic, Iterator, TypeVar
 
 V = TypeVar("V")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_MISS = object()
+CACHE_SIZE = 4096  # addresses remembered per family; emptied when full and on every change
 
 
 class _Family(Generic[V]):
@@ -56,6 +58,10 @@ class AllowedIPs(Generic[V]):
         self._v6: _Family[V] = _Family(128)
         self._by_value: dict[V, set[Network]] = {}
         self._owner: dict[Network, V] = {}
+        # Packed address -> its longest-prefix match (None included), so that the lookup of a
+        # packet is one dict probe. Any change to the table empties it.
+        self._cache4: dict[bytes, V | None] = {}
+        self._cache6: dict[bytes, V | None] = {}
 
     def insert(self, network: Network | str, value: V) -> None:
         net = ipaddress.ip_network(network, strict=False)
@@ -64,6 +70,7 @@ class AllowedIPs(Generic[V]):
             self._by_value[old].discard(net)
         family = self._v4 if net.version == 4 else self._v6
         family.insert(int(net.network_address), net.prefixlen, value)
+        self._forget()
         self._owner[net] = value
         self._by_value.setdefault(value, set()).add(net)
 
@@ -75,6 +82,7 @@ class AllowedIPs(Generic[V]):
         self._by_value[value].discard(net)
         family = self._v4 if net.version == 4 else self._v6
         family.remove(int(net.network_address), net.prefixlen)
+        self._forget()
 
     def remove_value(self, value: V) -> None:
         """Remove every prefix of ``value`` (a peer being removed or replace_allowed_ips)."""
@@ -82,16 +90,27 @@ class AllowedIPs(Generic[V]):
             del self._owner[net]
             family = self._v4 if net.version == 4 else self._v6
             family.remove(int(net.network_address), net.prefixlen)
+        self._forget()
+
+    def _forget(self) -> None:
+        self._cache4.clear()
+        self._cache6.clear()
 
     def prefixes(self, value: V) -> list[Network]:
         """The prefixes of ``value`` in a stable order (v4 first, then by address)."""
         return sorted(self._by_value.get(value, ()), key=lambda n: (n.version, n.network_address, n.prefixlen))
 
     def lookup_v4(self, address: bytes) -> V | None:
-        return self._v4.lookup(int.from_bytes(address, "big"))
+        value = self._cache4.get(address, _MISS)
+        if value is _MISS:
+            value = _remember(self._cache4, self._v4, address)
+        return value  # type: ignore[return-value]
 
     def lookup_v6(self, address: bytes) -> V | None:
-        return self._v6.lookup(int.from_bytes(address, "big"))
+        value = self._cache6.get(address, _MISS)
+        if value is _MISS:
+            value = _remember(self._cache6, self._v6, address)
+        return value  # type: ignore[return-value]
 
     def lookup(self, address: bytes | str) -> V | None:
         """Longest-prefix match of a packed (4 or 16 bytes) or textual address."""
@@ -104,3 +123,10 @@ class AllowedIPs(Generic[V]):
 
     def __len__(self) -> int:
         return len(self._owner)
+
+
+def _remember(cache: dict[bytes, V | None], family: _Family[V], address: bytes) -> V | None:
+    if len(cache) >= CACHE_SIZE:
+        cache.clear()  # bounded memory: a scan of many addresses just starts a fresh cache
+    value = cache[bytes(address)] = family.lookup(int.from_bytes(address, "big"))
+    return value

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
+import struct
 from collections import Counter
 from typing import Callable
 
@@ -56,9 +57,22 @@ from fzpoll.errors import LocalError
 from fzpoll.keys import PrivateKey, PublicKey
 from fzpoll.peer import HANDSHAKE_INITIATION_SENT, HANDSHAKE_NONE, Endpoint, Keypair, Peer
 
-from nacl.bindings import crypto_aead_chacha20poly1305_ietf_decrypt as _decrypt
-from nacl.bindings import crypto_aead_chacha20poly1305_ietf_encrypt as _encrypt
+from nacl._sodium import ffi as _ffi
+from nacl._sodium import lib as _lib
 
+# Transport AEAD: libsodium through pynacl's own cffi module, not nacl.bindings, whose wrapper checks
+# each argument in Python and allocates a fresh output per call -- more than the ChaCha20-Poly1305 of
+# a 1420-byte packet costs. Our keys and nonces always have the right sizes; each engine seals into
+# and opens from one scratch buffer of its own (grown if a bigger packet ever comes).
+_seal = _lib.crypto_aead_chacha20poly1305_ietf_encrypt
+_open = _lib.crypto_aead_chacha20poly1305_ietf_decrypt
+_NULL = _ffi.NULL
+_OVERHEAD = 16 + AEAD_TAG_SIZE  # transport header + tag
+# Transport header (5.4.6): type and reserved (4 bytes), receiver index (u32le), counter (u64le);
+# the AEAD nonce is 4 zero bytes and the counter.
+_pack_header = struct.Struct("<8sQ").pack_into  # our remote-index header, then the counter
+_unpack_header = struct.Struct("<IQ").unpack_from  # receiver index, counter (from offset 4)
+_pack_nonce = struct.Struct("<4xQ").pack
 _PADDING = bytes(16)
 _TIMERS = ("retransmit_at", "keepalive_at", "new_handshake_at", "zero_keys_at", "persistent_at")
 
@@ -102,6 +116,7 @@ class Engine:
         self._private: bytes | None = None
         self._public: bytes = b""
         self._cookies: handshake.CookieChecker | None = None
+        self._grow_scratch(65536 + _OVERHEAD)
         self._handlers = {
             MESSAGE_HANDSHAKE_INITIATION: self._on_initiation,
             MESSAGE_HANDSHAKE_RESPONSE: self._on_response,
@@ -220,8 +235,13 @@ class Engine:
             pad = min(-n & 15, self.mtu - n) if n < self.mtu else 0
             if pad > 0:
                 packet = packet + _PADDING[:pad]
-        ctr = counter.to_bytes(8, "little")
-        datagram = kp.header + ctr + _encrypt(packet, None, b"\x00\x00\x00\x00" + ctr, kp.send_key)
+        size = len(packet) + _OVERHEAD
+        if size > self._scratch_size:
+            self._grow_scratch(size)
+        view = self._scratch_view
+        _pack_header(view, 0, kp.header, counter)
+        _seal(self._scratch_body, _NULL, packet, len(packet), _NULL, 0, _NULL, _pack_nonce(counter), kp.send_key)
+        datagram = view[0:size]
         self.out.append((datagram, peer.endpoint))
         peer.tx_bytes += len(datagram)
         # timers: any authenticated packet traversal / sent, data sent (wireguard-go timers.go)
@@ -233,6 +253,12 @@ class Engine:
         # keep the key fresh
         if counter + 1 >= REKEY_AFTER_MESSAGES or (kp.is_initiator and now - kp.created_at >= REKEY_AFTER_TIME):
             self._send_initiation(peer, now, is_retry=False)
+
+    def _grow_scratch(self, size: int) -> None:
+        self._scratch = _ffi.new("unsigned char[]", size)
+        self._scratch_body = self._scratch + 16  # where the ciphertext of a datagram starts
+        self._scratch_view = _ffi.buffer(self._scratch)
+        self._scratch_size = size
 
     def _flush_staged(self, peer: Peer, now: float) -> None:
         kp = peer.current
@@ -281,20 +307,22 @@ class Engine:
     def _on_transport(self, data: bytes, addr: Endpoint, now: float) -> D | None:
         if len(data) < KEEPALIVE_SIZE:
             return D.BAD_LENGTH
-        kp = self._index.get(int.from_bytes(data[4:8], "little"))
+        index, counter = _unpack_header(data, 4)
+        kp = self._index.get(index)
         if kp is None or kp.__class__ is not Keypair:
             return D.UNKNOWN_INDEX
-        ctr = data[8:16]
-        counter = int.from_bytes(ctr, "little")
         if now - kp.created_at >= REJECT_AFTER_TIME:
             return D.KEY_EXPIRED
         replay = kp.replay
         if not replay.may_accept(counter):
             return D.REPLAYED
-        try:
-            plain = _decrypt(data[16:], None, b"\x00\x00\x00\x00" + ctr, kp.recv_key)
-        except CryptoError:
+        size = len(data) - _OVERHEAD
+        if size > self._scratch_size:
+            self._grow_scratch(size)
+        if _open(self._scratch, _NULL, _NULL, data[16:], size + AEAD_TAG_SIZE, _NULL, 0,
+                 b"\x00\x00\x00\x00" + data[8:16], kp.recv_key):
             return D.BAD_TAG
+        plain = self._scratch_view[0:size]
         peer = kp.peer
         if plain:
             reason = self._check_inner(peer, plain)

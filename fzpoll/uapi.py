@@ -48,6 +48,7 @@ import socket
 import stat
 from typing import Any, Callable, Iterable, Protocol
 
+from fzpoll.jsonlog import register_secret
 from fzpoll.engine import Engine
 from fzpoll.errors import LocalError
 from fzpoll.keys import PresharedKey, PrivateKey, PublicKey
@@ -315,8 +316,10 @@ class _SetOperation:
                 handler(self, value)
             return 0
         except UapiError as exc:
-            # Never the value: it may be a private key.
-            log.warning("uapi set failed", extra={"fields": {"key": key[:40], "errno": exc.errno}})
+            # Never the value, and the key only if it is one we know: a malformed line's "key"
+            # may be a private key sent without its "private_key=" prefix.
+            known = key if key == "public_key" or key in _DEVICE_KEYS or key in _PEER_KEYS else "(unknown)"
+            log.warning("uapi set failed", extra={"fields": {"key": known, "errno": exc.errno}})
             return exc.errno
         finally:
             self._end_section()
@@ -349,7 +352,10 @@ class _SetOperation:
     # -- device keys
 
     def _private_key(self, value: str) -> None:
-        raw = _clamp(_hex_key(value))
+        given = _hex_key(value)
+        raw = _clamp(given)
+        for secret in (given, raw):
+            register_secret(secret)  # defence in depth: never in a log line, whatever logs it
         self.engine.set_private_key(PrivateKey(raw) if any(raw) else None)
 
     def _listen_port(self, value: str) -> None:
@@ -392,6 +398,7 @@ class _SetOperation:
 
     def _preshared_key(self, value: str) -> None:
         raw = _hex_key(value)
+        register_secret(raw)
         if self.peer is not None:
             self.peer.preshared_key = PresharedKey(raw)
 

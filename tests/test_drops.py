@@ -19,7 +19,7 @@ def snapshot(engine: Engine):
     peers = []
     for peer in engine.peers.values():
         kps = tuple(
-            (kp.local_index, kp.send_counter, kp.replay.newest, kp.replay.bitmap) if kp else None
+            (kp.local_index, kp.send_counter, kp.replay.newest, tuple(kp.replay.blocks)) if kp else None
             for kp in (peer.previous, peer.current, peer.next)
         )
         peers.append((

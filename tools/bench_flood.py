@@ -64,6 +64,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from fzpoll.constants import REKEY_AFTER_TIME  # noqa: E402  (the initiator rekeys a session this old)
+
 PORT_A, PORT_B = 51820, 51821
 TUN_A, TUN_B = "100.64.0.1", "100.64.0.2"
 VLEN = 256  # datagrams per sendmmsg
@@ -357,7 +359,7 @@ def run_iperf(ns_a, ns_b, seconds: float) -> float | None:
     time.sleep(0.2)
     try:
         out = ns_a.run(["iperf3", "-c", TUN_B, "-t", str(max(1, round(seconds))), "-J",
-                        "--connect-timeout", "2000"], check=False, timeout=seconds + 20).stdout
+                        "--connect-timeout", "2000"], check=False, timeout=seconds + 8).stdout
         result = json.loads(out or "{}")
         bps = result.get("end", {}).get("sum_received", {}).get("bits_per_second")
         return None if bps is None else bps / 1e6
@@ -558,7 +560,10 @@ def run_cell(setup: Setup, flood: str, args, tmp: Path) -> dict:
     time.sleep(1.0)  # let B drain its socket before the next cell
     cell["alive"] = setup.b.proc.poll() is None
     handshake_after = setup.latest_handshake_b() if cell["alive"] else -1
-    cell["session_kept"] = handshake_after == handshake_before
+    # A new handshake is a lost session unless the old one was due for its rekey anyway.
+    scheduled = time.time() - handshake_before >= REKEY_AFTER_TIME - 2
+    cell["session_kept"] = handshake_after == handshake_before or (handshake_after > 0 and scheduled)
+    cell["rekeyed"] = handshake_after != handshake_before
     cell["handshake_age_s"] = round(time.time() - handshake_after) if handshake_after > 0 else None
     stats_after = _drops(fzpoll_stats(setup.b.socket_path))
     delta = {k: v - stats_before.get(k, 0) for k, v in stats_after.items() if v - stats_before.get(k, 0)}
@@ -592,7 +597,9 @@ def print_table(cells: list[dict]) -> None:
         if c["flood"] == "c":
             notes.append(f"cookie replies at the attacker: {c['cookie_replies']} (decrypted {c['cookie_valid']})")
         if c["flood"] != "none":
-            notes.append("session kept" if c["session_kept"] else "SESSION LOST (new handshake or daemon gone)")
+            notes.append(("session kept" + (" (rekeyed on schedule)" if c["rekeyed"] else "")
+                          if c["session_kept"] else "SESSION LOST (unscheduled handshake, or B died)")
+                         + f", {c['ping_received']}/{c['ping_sent']} pings answered")
         if "pool" in c:
             notes.append(f"pool {c['pool']}")
         if c.get("drops"):
