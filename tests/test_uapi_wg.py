@@ -9,6 +9,7 @@ and ``wg show dump``, ``wg showconf``, ``wg show`` and the raw ``get=1`` answers
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -232,11 +233,25 @@ def test_wg_against_fzpoll_alone() -> None:
         assert netns.parse_wg_dump(wg("show", ours.ifname, "dump")).listen_port == 41234
 
 
-def test_wg_gives_the_same_answers_as_wireguard_go() -> None:
+@contextlib.contextmanager
+def _ours(kind: str):
+    """The fzpoll side: a UapiServer in this process, or the real daemon in its own namespace."""
+    if kind == "uapi-server":
+        with ServedInterface() as served:
+            yield served, None
+        return
+    with netns.Namespace("d") as ns:
+        daemon = netns.Fzpoll(ns).start()
+        daemon.up()
+        yield daemon, ns
+
+
+@pytest.mark.parametrize("kind", ["uapi-server", "daemon"])
+def test_wg_gives_the_same_answers_as_wireguard_go(kind: str) -> None:
     reason = _need_wg() or netns.need_wireguard_go()
     if reason:
         pytest.skip(reason)
-    with netns.Namespace() as ns, ServedInterface() as ours, \
+    with netns.Namespace() as ns, _ours(kind) as (ours, ours_ns), \
             tempfile.TemporaryDirectory(prefix="fzu-") as tmp:
         theirs = netns.WireguardGo(ns).start()
         # Up, so that wireguard-go sends the keepalive of a new persistent-keepalive as we do.
@@ -299,6 +314,14 @@ def test_wg_gives_the_same_answers_as_wireguard_go() -> None:
             "print('bound', flush=True)\n"
             "time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
         assert holder.stdout.readline() == "bound\n"
+        if ours_ns is not None:  # the real daemon: the port is taken in its namespace too
+            holder2 = ours_ns.popen([sys.executable, "-c", (
+                "import socket, sys, time\n"
+                "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                f"s.bind(('0.0.0.0', {BUSY_PORT}))\n"
+                "print('bound', flush=True)\n"
+                "time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
+            assert holder2.stdout.readline() == "bound\n"
         results = []
         for ifname in (ours.ifname, theirs.ifname):
             r = subprocess.run(["wg", "set", ifname, "listen-port", str(BUSY_PORT)],
