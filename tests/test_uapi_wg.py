@@ -14,7 +14,6 @@ import errno
 import os
 import random
 import secrets
-import selectors
 import shutil
 import socket
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 
 import netns
+from test_uapi import SelectorLoop
 from fzpoll.engine import Engine
 from fzpoll.uapi import UapiError, UapiServer
 
@@ -62,56 +62,13 @@ class _Host:
         self.fwmark = mark
 
 
-class _Loop:
-    """The poller's four methods on selectors, run by a background thread with the real clock."""
-
-    def __init__(self) -> None:
-        self.sel = selectors.DefaultSelector()
-        self.readers: dict[int, object] = {}
-        self.writers: dict[int, object] = {}
-
-    def _update(self, fd: int) -> None:
-        mask = (selectors.EVENT_READ if fd in self.readers else 0) | (
-            selectors.EVENT_WRITE if fd in self.writers else 0)
-        try:
-            self.sel.unregister(fd)
-        except KeyError:
-            pass
-        if mask:
-            self.sel.register(fd, mask)
-
-    def add_reader(self, fd, callback) -> None:
-        self.readers[fd] = callback
-        self._update(fd)
-
-    def remove_reader(self, fd) -> None:
-        self.readers.pop(fd, None)
-        self._update(fd)
-
-    def add_writer(self, fd, callback) -> None:
-        self.writers[fd] = callback
-        self._update(fd)
-
-    def remove_writer(self, fd) -> None:
-        self.writers.pop(fd, None)
-        self._update(fd)
-
-    def run_once(self, timeout: float) -> None:
-        for key, mask in self.sel.select(timeout):
-            now = time.monotonic()
-            if mask & selectors.EVENT_READ and key.fd in self.readers:
-                self.readers[key.fd](now)
-            if mask & selectors.EVENT_WRITE and key.fd in self.writers:
-                self.writers[key.fd](now)
-
-
 class ServedInterface:
     """A UapiServer on /var/run/wireguard/fzuXXXXXX.sock, served from a background thread."""
 
     def __init__(self) -> None:
         self.ifname = f"fzu{secrets.token_hex(3)}"
         self.host = _Host()
-        self.loop = _Loop()
+        self.loop = SelectorLoop()
         self.server = UapiServer(self.ifname, self.host, self.loop)
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -121,6 +78,7 @@ class ServedInterface:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
+                self.loop.now = time.monotonic()
                 self.loop.run_once(0.02)
                 self.server.expire_idle(time.monotonic())
         except BaseException as exc:  # reported by close()
