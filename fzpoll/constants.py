@@ -57,6 +57,7 @@ HANDSHAKE_RATE_PER_SOURCE = 20.0  # handshakes/s per source IP while under load 
 HANDSHAKE_BURST_PER_SOURCE = 5
 UNDER_LOAD_WINDOW = 0.125  # handshake messages are counted in windows this long ...
 UNDER_LOAD_HANDSHAKES_PER_WINDOW = 16  # ... and more than this many in one turns on cookies
+MAX_HANDSHAKES_PER_PASS = 8  # under load, handshake messages a pass may process; the rest are shed
 MAX_RATE_LIMITER_SOURCES = 4096  # per-source token buckets kept at once
 DEFAULT_MTU = 1420
 DEFAULT_LISTEN_PORT = 51820

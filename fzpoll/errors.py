@@ -21,6 +21,7 @@ class DropReason(enum.StrEnum):
     BAD_MAC1 = "bad_mac1"
     BAD_MAC2 = "bad_mac2"  # under load, without a valid cookie: a cookie reply is sent instead
     RATE_LIMITED = "rate_limited"
+    HANDSHAKE_SHED = "handshake_shed"  # under load, beyond the handshakes one pass may cost
     BAD_HANDSHAKE = "bad_handshake"  # AEAD failure, unknown static key, low-order point
     UNKNOWN_PEER = "unknown_peer"
     REPLAYED_HANDSHAKE = "replayed_handshake"  # TAI64N not newer than the last one

@@ -54,35 +54,50 @@ REDACTED = "<redacted>"
 _lock = threading.Lock()
 _secret_raw: set[bytes] = set()
 _secret_pattern: re.Pattern[str] | None = None
+_dirty = False  # secrets were added since the pattern was built
 
 
 def register_secret(raw: bytes) -> None:
-    """Mask this 32-byte key (base64 and hex forms) in every log line from now on."""
-    global _secret_pattern
+    """Mask this 32-byte key (base64 and hex forms) in every log line from now on.
+
+    Cheap to call for every key of a large configuration: a known key costs a set lookup, and the
+    pattern is rebuilt once, when the next line is logged, not once per key.
+    """
+    global _dirty
     raw = bytes(raw)
-    if not raw or not any(raw):
+    if not raw or not any(raw) or raw in _secret_raw:
         return  # an all-zero key (no preshared key) is not a secret, and masking it is noise
     with _lock:
         _secret_raw.add(raw)
-        forms = []
-        for secret in sorted(_secret_raw):
-            b64 = base64.b64encode(secret).decode().rstrip("=")
-            forms.append(re.escape(b64) + "=*")
-            forms.append("(?i:" + secret.hex() + ")")
-        _secret_pattern = re.compile("|".join(forms))
+        _dirty = True
+
+
+def _pattern() -> re.Pattern[str] | None:
+    global _secret_pattern, _dirty
+    if _dirty:
+        with _lock:
+            forms = []
+            for secret in sorted(_secret_raw):
+                b64 = base64.b64encode(secret).decode().rstrip("=")
+                forms.append(re.escape(b64) + "=*")
+                forms.append("(?i:" + secret.hex() + ")")
+            _secret_pattern = re.compile("|".join(forms)) if forms else None
+            _dirty = False
+    return _secret_pattern
 
 
 def _forget_secrets() -> None:
     """Drop every registered secret (for tests)."""
-    global _secret_pattern
+    global _secret_pattern, _dirty
     with _lock:
         _secret_raw.clear()
         _secret_pattern = None
+        _dirty = False
 
 
 def redact_text(text: str) -> str:
     """``text`` with every registered secret replaced by ``<redacted>``."""
-    pattern = _secret_pattern
+    pattern = _pattern()
     if pattern is None:
         return text
     return pattern.sub(REDACTED, text)

@@ -46,6 +46,7 @@ import time
 from collections import Counter, deque
 from typing import Callable
 
+from fzpoll.constants import MAX_HANDSHAKES_PER_PASS
 from fzpoll.engine import Engine
 from fzpoll.errors import DropReason as D
 from fzpoll.errors import QUIET_DROPS, TunnelError
@@ -337,6 +338,8 @@ class Poller:
         # 3. process: UDP, TUN, auxiliary sources, timers
         engine = self.engine
         receive = engine.receive
+        if udp_batch and engine.is_under_load(now):
+            udp_batch = self._shed_handshakes(udp_batch, drops)
         for data, addr in udp_batch:
             try:
                 reason = receive(data, addr, now)
@@ -390,6 +393,27 @@ class Poller:
         self._write_outputs(drops)
         self._update_masks()
         self._report(drops, failures, now)
+
+    def _shed_handshakes(self, batch: list, drops: Counter[str]) -> list:
+        """Under load, a pass processes at most MAX_HANDSHAKES_PER_PASS handshake messages (each
+        costs MACs and a cookie reply, ~12 us); the rest are dropped for the price of a look at
+        their first byte, so a handshake flood cannot starve the data path (wireguard-go bounds
+        its handshake queue the same way)."""
+        budget = MAX_HANDSHAKES_PER_PASS
+        kept = []
+        shed = 0
+        for item in batch:
+            kind = item[0][0] if item[0] else 0
+            if kind == 1 or kind == 2:
+                if budget <= 0:
+                    shed += 1
+                    continue
+                budget -= 1
+            kept.append(item)
+        if shed:
+            drops[D.HANDSHAKE_SHED] += shed
+            self.engine.drops[D.HANDSHAKE_SHED] += shed
+        return kept
 
     def _run_timers(self, now: float, failures: list[Exception]) -> None:
         deadline = self.engine.next_deadline()

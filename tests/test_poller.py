@@ -190,3 +190,22 @@ def test_idle_poller_sleeps_until_the_engine_deadline(rig):
     rig.handshake()
     deadline = rig.poller.next_deadline()
     assert deadline is not None and deadline > rig.pair.now  # the keepalive timer, not a busy loop
+
+
+def test_under_load_a_pass_sheds_handshakes_beyond_its_budget_but_keeps_data(rig):
+    from fzpoll.constants import MAX_HANDSHAKES_PER_PASS
+
+    rig.handshake()
+    p = rig.pair
+    p.b._under_load_until = 1e9
+    p.peer_b.last_sent_handshake_at = float("-inf")
+    p.a._send_initiation(p.peer_b, p.now, is_retry=False)
+    initiation = p.take(p.a)[0]
+    p.a.send(ip4(TUN_A, TUN_B, b"data"), p.now)
+    data = p.take(p.a)[0]
+    flood = [initiation] * 30
+    rig.a_to_b(flood[:15] + [data] + flood[15:])
+    rig.poller.batch_size = 64
+    rig.poller.run_once(max_timeout=1)
+    assert rig.tun_packets() == [ip4(TUN_A, TUN_B, b"data")]
+    assert p.b.drops[D.HANDSHAKE_SHED] == 30 - MAX_HANDSHAKES_PER_PASS

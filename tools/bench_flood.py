@@ -26,16 +26,23 @@ During each flood, through the tunnel from A: ``ping -i 0.01`` (RTT p50/p99 and 
 the cell, then ``iperf3 -c`` (TCP A->B) for the other half. Daemon B's CPU (utime+stime from
 /proc/PID/stat over the cell, in % of one core) and peak RSS (VmHWM from /proc/PID/status, reset
 at the start of each cell by writing 5 to /proc/PID/clear_refs). Also B's kernel UDP counters
-(/proc/net/snmp in B's namespace: datagrams delivered to the socket, receive-buffer drops) and,
-for flood c, the cookie replies the attacker received and whether they decrypt (XChaCha20-Poly1305
-under HASH("cookie--" || B's public key), with the triggering MAC1 as additional data), and
-whether A's session survived (no new handshake on B, ping replies).
+(/proc/net/snmp in B's namespace: datagrams delivered to the socket, receive-buffer drops), the
+host's input-backlog drops (/proc/net/softnet_stat), B's top drop reasons (fzpoll's own
+``get=fzpoll`` UAPI request, when the daemon answers it) and, for flood c, the cookie replies the
+attacker received and whether they decrypt (XChaCha20-Poly1305 under HASH("cookie--" || B's public
+key), with the triggering MAC1 as additional data), and whether A's session survived (no new
+handshake on B other than the scheduled rekey, and how many pings were answered).
+
+The machine may be shared: before each cell the script waits (up to 20 s) for the host to be at
+most 40% busy, and the "other CPU %" column is the CPU that processes outside these namespaces
+used during the cell (in % of one core): a cell with a large value was disturbed.
 
 ``--soak S`` instead runs floods c and a for S seconds each and samples B's VmRSS every second
 (with a 5/s ping through the tunnel), reporting min/max: memory must stay flat under a long flood.
 
     sudo python3 tools/bench_flood.py [--seconds 10] [--quick] [--attackers 1] [--attack-pps 0]
                                       [--schedules fair,priority] [--floods a,b,c,d] [--json FILE]
+                                      [--keep-logs DIR]   (daemon log level: $FLOOD_LOG_LEVEL)
     sudo python3 tools/bench_flood.py --soak 60
 
 Only the namespaces created here receive traffic; every flood stops after its cell (SIGTERM, and
@@ -115,10 +122,11 @@ def read_pool(path: str) -> list[bytes]:
 
 
 def _batches(messages: list[bytes]):
-    """sendmmsg arrays of VLEN messages each covering the pool (repeated to fill); the buffers
-    are kept referenced with them."""
+    """sendmmsg arrays of VLEN messages each, covering the whole pool (wrapped around to fill the
+    last one); the buffers are kept referenced with them."""
     while len(messages) < VLEN:
         messages = messages * 2
+    messages = messages + messages[:-len(messages) % VLEN]
     batches = []
     for start in range(0, len(messages) - VLEN + 1, VLEN):
         chunk = messages[start:start + VLEN]
