@@ -34,14 +34,15 @@ Per scenario: queries/s (answers in the measured window / its length), p50/p99/m
 lost (timeouts), late answers, wrong answers, error rcodes, and the CPU seconds (utime+stime from
 /proc/PID/stat) of the fzpoll daemon, of dnsmasq and of the generator itself over the scenario;
 the daemon's CPU per answered query; "other CPU": the machine's busy time (/proc/stat) less those
-three, i.e. the kernel's softirq work for the packets plus any other job on the machine (a large
-figure means the run shared its CPUs and its rates are low); the stub's own counters (UAPI
+three, i.e. the kernel's softirq work for the packets plus any other job on the machine (a
+figure well above a quiet run's means the run shared its CPUs); the stub's own counters (UAPI
 ``get=fzpoll``) over the scenario. Ratios: recursive, local-fixed and local-new over dnsmasq
 queries/s, per generator.
 
 With dnsperf (Debian package ``dnsperf``) the same four scenarios are also run with it (``-q``
-window, one socket): a C load generator, so its rate is not limited by the generator's Python.
-It does not check answers (only their rcodes). ``--dnsperf auto`` (the default) uses it when
+window, one socket, one thread pair): a C load generator, as a cross-check of the Python one
+(on 2 CPUs it is not faster: its sender and receiver threads compete with dnsmasq for them).
+It does not check answers (only their rcodes) and reports the mean latency, not percentiles. ``--dnsperf auto`` (the default) uses it when
 installed and, outside ``--quick``, installs it with apt-get when the package is available;
 ``--quick`` leaves it out unless ``--dnsperf on``.
 
