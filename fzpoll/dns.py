@@ -94,6 +94,10 @@ RECURSION_TIMEOUT = 5.0
 MAX_IN_FLIGHT = 1000
 # Proxy addresses are handed out by index 1 .. 2**21 - 2 in both pools (both are 2**21 wide).
 MAX_PROXY_NAMES = min(PROXY_V4.num_addresses, PROXY_V6.num_addresses) - 2
+# Names with proxy addresses kept at once. Beyond it the least recently queried name gives its
+# addresses to the new one (its answers had a TTL of 1 s): memory stays bounded whatever a local
+# process asks, and so does the garbage collector's work.
+DEFAULT_PROXY_NAMES = 16384
 MAX_NAME_TEXT = 253  # RFC 1035 2.3.4: 255 octets on the wire, 253 as dotted text
 
 CANARY = (b"use-application-dns", b"net")  # Firefox's DoH canary domain
@@ -244,13 +248,15 @@ class StubResolver:
         resources: list[Resource],
         *,
         rng: random.Random | None = None,
-        max_proxy_names: int = MAX_PROXY_NAMES,
+        max_proxy_names: int = DEFAULT_PROXY_NAMES,
     ) -> None:
         self.to_tun: list[bytes] = []
         self.udp_queries: list[UpstreamQuery] = []
         self.tcp_queries: list[UpstreamQuery] = []
         # Proxy addresses handed out since the IO shell last looked: it routes them to the peer.
         self.new_proxies: list[tuple[IPAddress, Resource]] = []
+        # ... and proxy addresses taken back from evicted names: the IO shell unroutes them first.
+        self.expired_proxies: list[IPAddress] = []
         self.drops: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
         self._rng = rng if rng is not None else random.SystemRandom()
@@ -258,7 +264,7 @@ class StubResolver:
         self._resources = _ResourceTable(resources)
         # Insertion order is deadline order; OrderedDict keeps the front O(1) under deletions.
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
-        self._proxies: dict[tuple[Labels, Resource], tuple[IPv4Address, IPv6Address]] = {}
+        self._proxies: OrderedDict[tuple[Labels, Resource], tuple[IPv4Address, IPv6Address]] = OrderedDict()
         self._by_proxy: dict[bytes, tuple[Labels, Resource]] = {}
         self.sentinels: list[IPAddress] = []
         self._upstream_for: dict[bytes, Server] = {}  # packed sentinel -> upstream
@@ -470,16 +476,26 @@ class StubResolver:
         self, labels: Labels, resource: Resource
     ) -> tuple[IPv4Address, IPv6Address] | None:
         key = (labels, resource)
-        addresses = self._proxies.get(key)
-        if addresses is None:
-            index = len(self._proxies) + 1
-            if index > self._max_proxy_names:
+        proxies = self._proxies
+        addresses = proxies.get(key)
+        if addresses is not None:
+            proxies.move_to_end(key)  # recently used: evicted last
+            return addresses
+        if len(proxies) >= self._max_proxy_names:
+            if not proxies:
                 return None
-            addresses = (PROXY_V4[index], PROXY_V6[index])
-            self._proxies[key] = addresses
-            self.new_proxies.extend((address, resource) for address in addresses)
+            old_key, addresses = proxies.popitem(last=False)  # the least recently used name
             for address in addresses:
-                self._by_proxy[address.packed] = key
+                del self._by_proxy[address.packed]
+            self.expired_proxies.extend(addresses)
+            self.stats["dns_proxy_evicted"] += 1
+        else:
+            index = len(proxies) + 1
+            addresses = (PROXY_V4[index], PROXY_V6[index])
+        proxies[key] = addresses
+        self.new_proxies.extend((address, resource) for address in addresses)
+        for address in addresses:
+            self._by_proxy[address.packed] = key
         return addresses
 
     def _ptr_reply(

@@ -69,6 +69,10 @@ class DnsForwarder:
             queries, stub.tcp_queries = stub.tcp_queries, []
             for query in queries:
                 self._start_tcp(query, now)
+        if stub.expired_proxies:
+            expired, stub.expired_proxies = stub.expired_proxies, []
+            for address in expired:
+                self.engine.allowed_ips.remove(ipaddress.ip_network(address))
         if stub.new_proxies:
             proxies, stub.new_proxies = stub.new_proxies, []
             for address, resource in proxies:

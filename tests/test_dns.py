@@ -280,13 +280,18 @@ def test_ipv6_client_gets_ipv6_answer_from_sentinel():
     assert addresses(reply)[0] in PROXY_V6
 
 
-def test_proxy_pool_exhaustion_is_servfail():
+def test_proxy_names_are_bounded_least_recently_used_gives_way():
     r = make(max_proxy_names=2)
-    ask(r, "a.example.com")
-    ask(r, "b.example.com")
-    assert ask(r, "c.example.com").header.rcode == RCODE.SERVFAIL
-    assert ask(r, "a.example.com").header.rcode == RCODE.NOERROR
-    assert r.stats["dns_servfail_proxy_pool_exhausted"] == 1
+    a = addresses(ask(r, "a.example.com"))
+    b = addresses(ask(r, "b.example.com"))
+    assert addresses(ask(r, "a.example.com")) == a  # a is now the most recently used
+    c = addresses(ask(r, "c.example.com"))
+    assert c == b  # b gave its addresses to c
+    assert r.stats["dns_proxy_evicted"] == 1
+    assert len(r.expired_proxies) == 2 and r.expired_proxies[0] == b[0]  # v4 and v6 to unroute
+    assert r.name_for_address(c[0]) == "c.example.com"
+    assert addresses(ask(r, "a.example.com")) == a
+    assert len(r._proxies) == 2
 
 
 def test_other_opcodes_and_multiple_questions():
