@@ -233,7 +233,8 @@ class Daemon:
                                                         "port": self.device.listen_port}})
 
     def run(self) -> int:
-        """Serve until a signal or the interface's deletion; always cleans up. Returns 0."""
+        """Serve until a signal or the interface's deletion; always cleans up. Returns the exit
+        code: 0, or 1 if the loop itself failed (systemd's Restart=on-failure then restarts us)."""
         self.poller.running = True
         try:
             while self.poller.running:
@@ -241,6 +242,9 @@ class Daemon:
                 self._log_events()
         except TunGone:
             log.info("interface deleted, exiting", extra={"fields": {"interface": self.device.name}})
+        except Exception:  # a bug outside any packet's handling: say so, clean up, exit non-zero
+            log.critical("the loop failed", exc_info=True)
+            self.exit_code = 1
         finally:
             self.notifier.stopping()
             self.close()

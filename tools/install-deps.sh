@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what fzpoll's tests and demo need on a Debian machine: the real WireGuard peers
 # (wireguard-go, wg), iproute2 for namespaces, ping (v4 and v6), util-linux's setpriv (drops
-# CAP_NET_ADMIN in a test), and the Python package with its test extras.
+# CAP_NET_ADMIN in a test), systemd-analyze (the unit is verified), jq (the log recipes), and the
+# Python package with its test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEBS="wireguard-go wireguard-tools iproute2 iputils-ping iperf3 socat nftables dnsmasq-base dnsutils procps util-linux"
+DEBS="wireguard-go wireguard-tools iproute2 iputils-ping iperf3 socat nftables dnsmasq-base dnsutils procps util-linux systemd jq"
 python3 -m pip --version >/dev/null 2>&1 || DEBS="$DEBS python3-pip"
 missing=""
 for p in $DEBS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
