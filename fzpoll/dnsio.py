@@ -13,7 +13,6 @@ import errno
 import ipaddress
 import logging
 import socket
-from typing import Callable
 
 from fzpoll.dns import Resource, StubResolver, UpstreamQuery
 from fzpoll.engine import Engine

@@ -51,7 +51,6 @@ from fzpoll.constants import (
     ZERO_KEYS_AFTER_TIME,
 )
 from fzpoll.crypto import CryptoError, InvalidPoint
-from fzpoll.crypto import nonce as _nonce
 from fzpoll.errors import DropReason as D
 from fzpoll.errors import LocalError
 from fzpoll.keys import PrivateKey, PublicKey

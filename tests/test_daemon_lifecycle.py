@@ -38,6 +38,7 @@ from typing import Any, Callable
 import pytest
 
 import netns
+from fzpoll.show import QueryError, query
 from netns import Namespace, WireguardGo, veth_pair
 
 pytestmark = pytest.mark.netns
@@ -94,17 +95,11 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
 def uapi_get(name: str, timeout: float = 3.0) -> dict[str, str]:
     """``get=1`` on the interface's socket (from this process: the socket is a file, not in a
     namespace); the answer's keys, last value wins (only interface-level keys are read)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(socket_path(name)))
-        sock.sendall(b"get=1\n\n")
-        buf = b""
-        while not buf.endswith(b"\n\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    return dict(line.split("=", 1) for line in buf.decode().splitlines() if "=" in line)
+    try:
+        text, _ = query(str(socket_path(name)), b"get=1\n\n", timeout)
+    except QueryError as exc:  # the callers wait for the daemon by catching OSError
+        raise ConnectionError(str(exc)) from None
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
 def uapi_answers(name: str) -> bool:

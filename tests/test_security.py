@@ -13,7 +13,6 @@ import logging
 import os
 import random
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import netns
+from fzpoll.show import query
 from enginepair import ADDR_A, ADDR_B, TUN_A, TUN_B, Pair, ip4
 from fzpoll.constants import REPLAY_WINDOW_SIZE
 from fzpoll.engine import Engine
@@ -219,17 +219,7 @@ _UAPI_MISUSE = (
 
 
 def uapi(path: Path, request: str) -> str:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
-        s.connect(str(path))
-        s.sendall(request.encode())
-        out = b""
-        while not out.endswith(b"\n\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            out += chunk
-    return out.decode()
+    return query(str(path), request.encode(), 5)[0]
 
 
 @needs_netns

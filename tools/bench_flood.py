@@ -381,22 +381,12 @@ def run_iperf(ns_a, ns_b, seconds: float) -> float | None:
 
 def fzpoll_stats(socket_path: Path) -> dict:
     """fzpoll's own counters (``get=fzpoll``), if this daemon answers it; {} otherwise."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(3)
-            s.connect(str(socket_path))
-            s.sendall(b"get=fzpoll\n\n")
-            data = b""
-            while not data.endswith(b"\n\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-    except OSError:
-        return {}
-    m = re.search(rb"^fzpoll_stats=(.*)$", data, re.M)
-    return json.loads(m.group(1)) if m else {}
+    from fzpoll.show import QueryError, parse_stats, query
 
+    try:
+        return parse_stats(query(str(socket_path), b"get=fzpoll\n\n", 3)[0]) or {}
+    except QueryError:
+        return {}
 
 def _drops(stats: dict) -> dict[str, int]:
     for key in ("drops", "engine_drops"):
