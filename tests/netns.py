@@ -509,3 +509,37 @@ def wg_pair(ns_a: Namespace, ns_b: Namespace, pair: VethPair, port_a: int = 5182
         wg.up()
         wg.route(f"100.64.0.{theirs}/32", f"fd00:64::{theirs}/128")
     return a, b
+
+
+_RECEIVE = """
+import hashlib, socket, sys
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 7001)); s.listen(1); print("ready", flush=True)
+s.settimeout(40); c, _ = s.accept(); c.settimeout(40); h = hashlib.sha256(); n = 0
+while True:
+    b = c.recv(65536)
+    if not b: break
+    h.update(b); n += len(b)
+print(n, h.hexdigest(), flush=True)
+"""
+
+_SEND = """
+import hashlib, os, socket, sys
+data = os.urandom(int(sys.argv[2]))
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.create_connection((sys.argv[1], 7001), timeout=40); s.sendall(data); s.close()
+print(len(data), hashlib.sha256(data).hexdigest(), flush=True)
+"""
+
+
+def transfer(src: Namespace, dst: Namespace, address: str, size: int, timeout: float = 45) -> float:
+    """Send ``size`` random bytes over TCP from ``src`` to ``address`` in ``dst``; asserts both
+    ends' length and sha256 match. Returns the seconds it took."""
+    receiver = dst.popen([sys.executable, "-c", _RECEIVE, address], stdout=subprocess.PIPE, text=True)
+    assert receiver.stdout is not None and receiver.stdout.readline().strip() == "ready"
+    start = time.monotonic()
+    sent = src.run([sys.executable, "-c", _SEND, address, str(size)], timeout=timeout).stdout.split()
+    received, _ = receiver.communicate(timeout=timeout)
+    assert received.split() == sent, "the transfer arrived incomplete or corrupted"
+    return time.monotonic() - start

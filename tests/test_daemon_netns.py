@@ -7,34 +7,14 @@ ways, IPv4 and IPv6 inside the tunnel.
 
 from __future__ import annotations
 
-import hashlib
-import sys
 
 import pytest
 
 import netns
-from netns import Fzpoll, Namespace, WireguardGo, veth_pair, wg_pair
+from netns import Fzpoll, Namespace, WireguardGo, transfer, veth_pair, wg_pair
 
 pytestmark = pytest.mark.netns
 
-_RECEIVE = """
-import hashlib, socket, sys
-fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
-s = socket.socket(fam); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], 7001)); s.listen(1); print("ready", flush=True)
-s.settimeout(20); c, _ = s.accept(); c.settimeout(20); h = hashlib.sha256(); n = 0
-while True:
-    b = c.recv(65536)
-    if not b: break
-    h.update(b); n += len(b)
-print(n, h.hexdigest(), flush=True)
-"""
-
-_SEND = """
-import socket, sys
-data = bytes(range(256)) * 4096 * int(sys.argv[2])
-s = socket.create_connection((sys.argv[1], 7001), timeout=20); s.sendall(data); s.close()
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -42,18 +22,6 @@ def _need_root():
     reason = netns.need_root() or netns.need_wireguard_go()
     if reason:
         pytest.skip(reason)
-
-
-def transfer(src: Namespace, dst: Namespace, address: str, megabytes: int = 2) -> None:
-    receiver = dst.popen([sys.executable, "-c", _RECEIVE, address], stdout=__import__("subprocess").PIPE,
-                         text=True)
-    assert receiver.stdout.readline().strip() == "ready"
-    src.run([sys.executable, "-c", _SEND, address, str(megabytes)], timeout=30)
-    out, _ = receiver.communicate(timeout=30)
-    n, digest = out.split()
-    data = bytes(range(256)) * 4096 * megabytes
-    assert int(n) == len(data)
-    assert digest == hashlib.sha256(data).hexdigest()
 
 
 def ping(ns: Namespace, address: str, count: int = 3) -> None:
@@ -72,10 +40,10 @@ def test_tunnel_ping_and_tcp_both_ways(kinds):
             ping(ns_b, "100.64.0.1")
             ping(ns_a, "fd00:64::2")
             ping(ns_b, "fd00:64::1")
-            transfer(ns_a, ns_b, "100.64.0.2")
-            transfer(ns_b, ns_a, "100.64.0.1")
-            transfer(ns_a, ns_b, "fd00:64::2", megabytes=1)
-            transfer(ns_b, ns_a, "fd00:64::1", megabytes=1)
+            transfer(ns_a, ns_b, "100.64.0.2", 2 << 20)
+            transfer(ns_b, ns_a, "100.64.0.1", 2 << 20)
+            transfer(ns_a, ns_b, "fd00:64::2", 1 << 20)
+            transfer(ns_b, ns_a, "fd00:64::1", 1 << 20)
             dump = a.wg_show_dump()
             (peer,) = dump.peers
             assert peer.latest_handshake > 0 and peer.rx_bytes > 0 and peer.tx_bytes > 0

@@ -16,7 +16,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -24,7 +23,7 @@ import pytest
 
 import netns
 from fzpoll.constants import REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MAX
-from netns import Fzpoll, Namespace, veth_pair, wg_pair
+from netns import Fzpoll, Namespace, transfer, veth_pair, wg_pair
 
 pytestmark = pytest.mark.netns
 
@@ -39,35 +38,6 @@ def _need_root():
         pytest.skip(reason)
 
 
-_RECEIVE = """
-import hashlib, socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], 7001)); s.listen(1); print("ready", flush=True)
-s.settimeout(40); c, _ = s.accept(); c.settimeout(40); h = hashlib.sha256(); n = 0
-while True:
-    b = c.recv(65536)
-    if not b: break
-    h.update(b); n += len(b)
-print(n, h.hexdigest(), flush=True)
-"""
-
-_SEND = """
-import os, socket, sys
-data = os.urandom(int(sys.argv[2]))
-s = socket.create_connection((sys.argv[1], 7001), timeout=40); s.sendall(data); s.close()
-import hashlib; print(len(data), hashlib.sha256(data).hexdigest(), flush=True)
-"""
-
-
-def transfer(src: Namespace, dst: Namespace, address: str, size: int) -> float:
-    """Send ``size`` random bytes over TCP; both ends' sha256 must match. Returns seconds."""
-    receiver = dst.popen([sys.executable, "-c", _RECEIVE, address], stdout=subprocess.PIPE, text=True)
-    assert receiver.stdout.readline().strip() == "ready"
-    start = time.monotonic()
-    sent = src.run([sys.executable, "-c", _SEND, address, str(size)], timeout=45).stdout.split()
-    received, _ = receiver.communicate(timeout=45)
-    assert received.split() == sent, "the transfer arrived incomplete or corrupted"
-    return time.monotonic() - start
 
 
 def ping_until(ns: Namespace, address: str, within: float) -> float:
