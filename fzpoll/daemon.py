@@ -53,7 +53,7 @@ class Daemon:
     """Runs one :class:`Device` with its UAPI server inside the poller, until told to stop."""
 
     def __init__(self, options: Options, config: Config | None = None) -> None:
-        from fzpoll.uapi import UapiServer
+        from fzpoll.uapiserver import UapiServer
 
         self.options = options
         self.config = config

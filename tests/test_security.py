@@ -30,7 +30,8 @@ from fzpoll.engine import Engine
 from fzpoll.errors import DropReason as D
 from fzpoll.jsonlog import setup_logging
 from fzpoll.keys import PrivateKey
-from fzpoll.uapi import UapiServer, handle_set
+from fzpoll.uapi import handle_set
+from fzpoll.uapiserver import UapiServer
 from netns import Fzpoll, Namespace, veth_pair
 
 # =============================================================================================

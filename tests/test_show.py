@@ -37,7 +37,8 @@ from fzpoll.engine import Engine
 from fzpoll.keys import PresharedKey, PrivateKey
 from fzpoll.poller import Poller
 from fzpoll.show import InterfaceStatus, PeerStatus, format_text, parse_get, parse_stats, status_json
-from fzpoll.uapi import STATS_REQUEST, UapiConnection, UapiServer, handle_get, handle_get_stats, handle_set
+from fzpoll.uapi import STATS_REQUEST, UapiConnection, handle_get, handle_get_stats, handle_set
+from fzpoll.uapiserver import UapiServer
 
 REPO = Path(__file__).resolve().parent.parent
 WALL = 1_795_541_407.0

@@ -27,13 +27,13 @@ from fzpoll.keys import PresharedKey, PrivateKey, PublicKey
 from fzpoll.uapi import (
     UapiConnection,
     UapiError,
-    UapiServer,
     format_endpoint,
     handle_get,
     handle_set,
     parse_endpoint,
     parse_prefix,
 )
+from fzpoll.uapiserver import UapiServer
 
 WALL = 1_795_541_407.0
 # The peer of the recorded probe (uapi-probe.txt): AOD66E7iP1GtkGq//rVPjgFwGy28pO+XtlhCA9FK82E=

@@ -28,7 +28,8 @@ import pytest
 import netns
 from test_uapi import SelectorLoop
 from fzpoll.engine import Engine
-from fzpoll.uapi import UapiError, UapiServer
+from fzpoll.uapi import UapiError
+from fzpoll.uapiserver import UapiServer
 
 pytestmark = pytest.mark.netns
 
