@@ -70,6 +70,7 @@ class Daemon:
         self.dns: DnsForwarder | None = None
         self._last_status = float("-inf")
         self._watchdog_interval = self.notifier.watchdog_interval()
+        self._notify_enabled = self.notifier.enabled  # fixed: the environment is read once
         self._last_watchdog = float("-inf")
         try:
             self.uapi = UapiServer(self.device.name, self.device, self.poller, stats=self.stats_snapshot)
@@ -201,13 +202,16 @@ class Daemon:
         self.notifier.ready()
 
     def _next_housekeeping(self) -> float | None:
-        deadlines = [self.uapi.next_deadline()]
+        deadline = self.uapi.next_deadline()  # computed before every wait: no lists here
         if self._watchdog_interval:
-            deadlines.append(self._last_watchdog + self._watchdog_interval)
-        if self.notifier.enabled:
-            deadlines.append(self._last_status + STATUS_INTERVAL)
-        deadlines = [d for d in deadlines if d is not None]
-        return min(deadlines) if deadlines else None
+            d = self._last_watchdog + self._watchdog_interval
+            if deadline is None or d < deadline:
+                deadline = d
+        if self._notify_enabled:
+            d = self._last_status + STATUS_INTERVAL
+            if deadline is None or d < deadline:
+                deadline = d
+        return deadline
 
     def _housekeeping(self, now: float) -> None:
         self.uapi.expire_idle(now)
@@ -235,11 +239,14 @@ class Daemon:
     def run(self) -> int:
         """Serve until a signal or the interface's deletion; always cleans up. Returns the exit
         code: 0, or 1 if the loop itself failed (systemd's Restart=on-failure then restarts us)."""
-        self.poller.running = True
+        poller = self.poller
+        events = self.device.engine.events
+        poller.running = True
         try:
-            while self.poller.running:
-                self.poller.run_once()
-                self._log_events()
+            while poller.running:
+                poller.run_once()
+                if events:
+                    self._log_events()
         except TunGone:
             log.info("interface deleted, exiting", extra={"fields": {"interface": self.device.name}})
         except Exception:  # a bug outside any packet's handling: say so, clean up, exit non-zero

@@ -630,8 +630,27 @@ class Engine:
 
     def next_deadline(self) -> float | None:
         """The absolute time at which :meth:`handle_timer` must next run, or None if never."""
+        heap = self._timers
+        if not heap:
+            return None
+        at, seq, peer, name = heap[0]
+        live = peer.timer_entries.get(name)
+        if live is not None and live[1] == seq and not peer.removed:
+            current = getattr(peer, name)
+            if current is not None and current <= at:
+                return at  # the top entry is live and current: nothing to prune (the common case)
         self._prune_timers()
-        return self._timers[0][0] if self._timers else None
+        return heap[0][0] if heap else None
+
+    def deadline_hint(self) -> float | None:
+        """A lower bound of :meth:`next_deadline` in O(1), without pruning: the earliest heap entry,
+        which may be a timer since cancelled or moved later (every live timer has an entry at or
+        before its deadline). An IO loop may sleep until it: if it is stale, the wakeup's
+        :meth:`next_deadline` prunes the heap, so each stale entry costs at most one early
+        wakeup, and only one that the data path's own churn (each packet cancels and re-arms
+        the keepalive and new-handshake timers) left at the top just before the loop went idle."""
+        heap = self._timers
+        return heap[0][0] if heap else None
 
     def handle_timer(self, now: float) -> None:
         """Fire every timer due at ``now``."""

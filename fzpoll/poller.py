@@ -15,7 +15,16 @@ Each wakeup is one *pass*, in a fixed order:
 3. process the UDP batch (engine.receive), then the TUN batch (engine.send), then the auxiliary
    sources (DNS replies, recursive DNS queries, UAPI), then due timers;
 4. write what the engine produced; a write that meets EAGAIN waits in a bounded buffer, and the fd
-   gets EPOLLOUT only while something waits there.
+   gets EPOLLOUT only while something waits there. If what went to TUN may have been answered by
+   the kernel during the write (an ICMP echo request, TCP), TUN is read once more, within its
+   batch for the pass, and that is processed and written too: the answer is already queued, and
+   taking it now saves a whole epoll round trip on the latency path.
+
+A data fd read less than SPARSE_GAP ago is drained (up to the batch); one that was idle gets a
+single read, and level triggering brings back whatever is left: a lone packet (a ping) then costs
+no read ending in EAGAIN, while a burst is drained from its second pass on. The wait's timeout
+comes from the engine's O(1) lower bound of its next deadline, and timers are looked at only in a
+pass that reaches it.
 
 Backpressure: while the TUN output is blocked we stop *reading* UDP (which feeds it), and while a
 UDP output is blocked we stop reading TUN (which feeds it), by taking EPOLLIN off the feeding fds.
@@ -68,8 +77,17 @@ MAX_GSO_SEGMENTS = 64
 MAX_GSO_BYTES = 65000
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 MAX_PENDING_WRITES = 1024  # per output fd
+# Events taken per epoll_wait. Level-triggered: fds beyond it stay ready and come in the next pass
+# (epoll rotates its ready list), while a small array keeps each wait's buffer small.
+MAX_EVENTS = 64
 MAX_ERROR_LOGS_PER_SECOND = 5.0
+# A data fd that was last read longer ago than this is "sparse": its next wakeup reads one packet
+# and leaves the rest (if any) to the level-triggered epoll, instead of draining it with a read
+# that ends in EAGAIN. The EAGAIN read costs a syscall and an exception right on the latency path
+# of a lone packet (a ping), while a burst is drained from its second pass on.
+SPARSE_GAP = 0.001
 _READ_SIZE = 65535
+_UNKNOWN = object()  # run_pass: no deadline given
 Callback = Callable[[float], None]
 
 
@@ -92,6 +110,32 @@ def _enable_gro(sock: socket.socket) -> bool:
         return False
 
 
+# ICMP messages the kernel never answers: echo reply, destination unreachable, source quench,
+# time exceeded, parameter problem (v4); destination unreachable, packet too big, time exceeded,
+# parameter problem, echo reply (v6).
+_ICMP4_FINAL = frozenset({0, 3, 4, 11, 12})
+_ICMP6_FINAL = frozenset({1, 2, 3, 4, 129})
+
+
+def _may_be_answered(packets: list[bytes]) -> bool:
+    """Could writing ``packets`` to TUN make the kernel answer at once, during the write? Only
+    False when each is an ICMP message that is never answered (the echo reply a ping waits for):
+    the read that would find nothing costs a syscall and an exception."""
+    for p in packets:
+        n = len(p)
+        version = p[0] >> 4 if n else 0
+        if version == 4:
+            at = (p[0] & 15) << 2
+            if n < 20 or p[9] != 1 or n <= at or p[at] not in _ICMP4_FINAL:
+                return True
+        elif version == 6:
+            if n <= 40 or p[6] != 58 or p[40] not in _ICMP6_FINAL:
+                return True
+        else:
+            return True
+    return False
+
+
 def _gso_run(datagrams: list[tuple[bytes, tuple]], start: int, count: int) -> int:
     """End of the run from ``start`` that one GSO send can carry: same address, same size
     (the last may be shorter), at most MAX_GSO_SEGMENTS and MAX_GSO_BYTES."""
@@ -110,6 +154,15 @@ def _gso_run(datagrams: list[tuple[bytes, tuple]], start: int, count: int) -> in
         if n < size:
             break  # a shorter datagram can only close a run
     return end
+
+
+class _Drops(dict):
+    """Drop counts of one pass: a dict that counts from 0 (a Counter costs ~1 us to create)."""
+
+    __slots__ = ()
+
+    def __missing__(self, key: str) -> int:
+        return 0
 
 
 class TunGone(Exception):
@@ -198,6 +251,8 @@ class Poller:
         self.intercept_v4: frozenset[bytes] = frozenset()
         self.intercept_v6: frozenset[bytes] = frozenset()
         self._flushers: list[Callback] = []
+        self._last_read: dict[int, float] = {}  # data fd -> when a pass last read it
+        self._masks_clear = True  # no output waits: every data fd has EPOLLIN and no EPOLLOUT
         if tun_fd is not None:
             self._set_mask(tun_fd, EPOLLIN)
 
@@ -228,6 +283,7 @@ class Poller:
         """
         for fd in list(self._udp):
             self._unregister(fd)
+            self._last_read.pop(fd, None)
         self._udp = {s.fileno(): s for s in sockets}
         self._udp_by_family = {s.family: s for s in sockets}
         self._udp_out = {fd: _Output() for fd in self._udp}
@@ -280,8 +336,12 @@ class Poller:
     # ------------------------------------------------------------------ the loop
 
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (self.engine.next_deadline(), *(f() for f, _ in self._timer_sources)) if d is not None]
-        return min(deadlines) if deadlines else None
+        deadline = self.engine.next_deadline()
+        for next_deadline, _ in self._timer_sources:
+            d = next_deadline()
+            if d is not None and (deadline is None or d < deadline):
+                deadline = d
+        return deadline
 
     def run(self) -> None:
         """Run passes until :meth:`stop` (or a TunGone) ends the loop."""
@@ -293,61 +353,128 @@ class Poller:
         self.running = False
 
     def run_once(self, max_timeout: float | None = None) -> None:
-        """Wait for events or the next deadline, then run one pass."""
-        deadline = self.next_deadline()
-        timeout = -1.0 if deadline is None else max(0.0, deadline - self.clock())
+        """Wait for events or the next deadline, then run one pass.
+
+        The wait is for :meth:`next_deadline` with the engine's part replaced by its O(1) lower
+        bound (:meth:`Engine.deadline_hint`): when that comes, the pass's timers look at the exact
+        one. This runs between the last write of a pass and the next sleep, so it is kept short."""
+        deadline = self.engine.deadline_hint()
+        for next_deadline, _ in self._timer_sources:
+            d = next_deadline()
+            if d is not None and (deadline is None or d < deadline):
+                deadline = d
+        if deadline is None:
+            timeout = -1.0
+        else:
+            timeout = deadline - self.clock()
+            if timeout < 0.0:
+                timeout = 0.0
         if max_timeout is not None:
             timeout = max_timeout if timeout < 0 else min(timeout, max_timeout)
         try:
-            events = self._epoll.poll(timeout)
+            events = self._epoll.poll(timeout, MAX_EVENTS)
         except InterruptedError:
             events = []
-        self.run_pass(events, self.clock())
+        self.run_pass(events, self.clock(), deadline)
 
-    def run_pass(self, events: list[tuple[int, int]], now: float) -> None:
+    def run_pass(self, events: list[tuple[int, int]], now: float, deadline: float | None | object = _UNKNOWN) -> None:
+        """One pass over ``events``. ``deadline`` is the deadline (or a lower bound of it) the wait
+        was computed for, if the caller has it: timers are then only looked at when it is due (a
+        timer armed during a pass is never due in that pass, and if it were, the next wait would
+        not sleep)."""
         self.stats.passes += 1
-        drops: Counter[str] = Counter()
+        drops: Counter[str] = _Drops()  # type: ignore[assignment]
         failures: list[Exception] = []
         ready = dict(events)
         tun_fd = self._tun_fd
-        # 1. flush what waited
-        for fd, mask in events:
-            if mask & EPOLLOUT:
-                if fd == tun_fd:
-                    self._flush_tun(drops)
-                elif fd in self._udp:
-                    self._flush_udp(fd, drops)
+        # 1. flush what waited (EPOLLOUT is on a data fd only while a write waits there)
+        if not self._masks_clear:
+            for fd, mask in events:
+                if mask & EPOLLOUT:
+                    if fd == tun_fd:
+                        self._flush_tun(drops)
+                    elif fd in self._udp:
+                        self._flush_udp(fd, drops)
         # 2. read a batch from every ready data fd (or, strict priority, from the first)
         udp_batch: list[tuple[bytes, tuple]] = []
         tun_batch: list[bytes] = []
         priority = self.schedule == "priority"
         if not self._tun_out.pending:
-            for fd in self._udp:
+            for fd, sock in self._udp.items():
                 if ready.get(fd, 0) & EPOLLIN:
                     if self._gro[fd]:
-                        self._read_udp_gro(self._udp[fd], udp_batch, failures)
+                        self._read_udp_gro(fd, sock, udp_batch, failures, now)
                     else:
-                        self._read_udp(self._udp[fd], udp_batch, failures)
+                        self._read_udp(fd, sock, udp_batch, failures, now)
         if tun_fd is not None:
             tun_events = ready.get(tun_fd, 0)
             if tun_events & EPOLLERR and not tun_events & EPOLLIN:
                 raise TunGone()
-            udp_blocked = any(o.pending for o in self._udp_out.values())
-            if tun_events & EPOLLIN and not udp_blocked and not (priority and udp_batch):
-                self._read_tun(tun_fd, tun_batch, failures)
+            if tun_events & EPOLLIN and not (priority and udp_batch) \
+                    and (self._masks_clear or not self._udp_pending()):
+                self._read_tun(tun_fd, tun_batch, failures, now)
         # 3. process: UDP, TUN, auxiliary sources, timers
-        engine = self.engine
-        receive = engine.receive
-        if udp_batch and engine.is_under_load(now):
-            udp_batch = self._shed_handshakes(udp_batch, drops)
-        for data, addr in udp_batch:
+        if udp_batch:
+            engine = self.engine
+            receive = engine.receive
+            if engine.is_under_load(now):
+                udp_batch = self._shed_handshakes(udp_batch, drops)
+            for data, addr in udp_batch:
+                try:
+                    reason = receive(data, addr, now)
+                    if reason is not None:
+                        drops[reason] += 1
+                except Exception as exc:  # a bug on one packet must not cost the batch
+                    failures.append(exc)
+        if tun_batch:
+            self._send_batch(tun_batch, drops, failures, now)
+        busy = bool(udp_batch or tun_batch)
+        if not (priority and busy):
+            readers = self._readers
+            for fd, mask in events:
+                callback = readers.get(fd) if mask & (EPOLLIN | EPOLLERR) else None
+                if callback is None and mask & EPOLLOUT:
+                    callback = self._writers.get(fd)
+                if callback is not None:
+                    busy = True
+                    try:
+                        callback(now)
+                    except Exception as exc:
+                        failures.append(exc)
+        if not (priority and busy):
+            if deadline is _UNKNOWN or (deadline is not None and deadline <= now):  # type: ignore[operator]
+                self._run_timers(now, failures)
+        # 4. sources send what they produced (recursive DNS queries), then write everything
+        for flush in self._flushers:
             try:
-                reason = receive(data, addr, now)
-                if reason is not None:
-                    drops[reason] += 1
-            except Exception as exc:  # a bug on one packet must not cost the batch
+                flush(now)
+            except Exception as exc:
                 failures.append(exc)
-        send = engine.send
+        if self._write_outputs(drops) and not priority and tun_fd is not None:
+            # What we just wrote to TUN may have been answered by the kernel during the write
+            # (an ICMP echo reply, a TCP ACK or SYN-ACK, more data the ACKs let out): it is in the
+            # TUN queue already, so take it now rather than after another epoll round trip.
+            if len(tun_batch) < self.batch_size and \
+                    (self._masks_clear or not (self._tun_out.pending or self._udp_pending())):
+                again: list[bytes] = []  # within the TUN fd's batch for this pass
+                self._read_tun(tun_fd, again, failures, now, self.batch_size - len(tun_batch))
+                if again:
+                    self._send_batch(again, drops, failures, now)
+                    for flush in self._flushers:
+                        try:
+                            flush(now)
+                        except Exception as exc:
+                            failures.append(exc)
+                    self._write_outputs(drops)
+        if not self._masks_clear:
+            self._update_masks()
+        if drops or failures:
+            self._report(drops, failures, now)
+
+    def _send_batch(self, tun_batch: list[bytes], drops: Counter[str], failures: list[Exception],
+                    now: float) -> None:
+        """Packets read from TUN: to the interceptor (DNS sentinels) or the engine."""
+        send = self.engine.send
         intercept = self.intercept
         if intercept is None:
             for packet in tun_batch:
@@ -370,29 +497,12 @@ class Poller:
                         drops[reason] += 1
                 except Exception as exc:
                     failures.append(exc)
-        busy = bool(udp_batch or tun_batch)
-        if not (priority and busy):
-            for fd, mask in events:
-                callback = self._readers.get(fd) if mask & (EPOLLIN | EPOLLERR) else None
-                if callback is None and mask & EPOLLOUT:
-                    callback = self._writers.get(fd)
-                if callback is not None:
-                    busy = True
-                    try:
-                        callback(now)
-                    except Exception as exc:
-                        failures.append(exc)
-        if not (priority and busy):
-            self._run_timers(now, failures)
-        # 4. sources send what they produced (recursive DNS queries), then write everything
-        for flush in self._flushers:
-            try:
-                flush(now)
-            except Exception as exc:
-                failures.append(exc)
-        self._write_outputs(drops)
-        self._update_masks()
-        self._report(drops, failures, now)
+
+    def _udp_pending(self) -> bool:
+        for out in self._udp_out.values():
+            if out.pending:
+                return True
+        return False
 
     def _shed_handshakes(self, batch: list, drops: Counter[str]) -> list:
         """Under load, a pass processes at most MAX_HANDSHAKES_PER_PASS handshake messages (each
@@ -432,32 +542,43 @@ class Poller:
 
     # ------------------------------------------------------------------ reads
 
-    def _read_udp(self, sock: socket.socket, batch: list, failures: list[Exception]) -> None:
+    # Each read takes up to batch_size packets, or one if the fd was sparse (see SPARSE_GAP).
+
+    def _read_udp(self, fd: int, sock: socket.socket, batch: list, failures: list[Exception], now: float) -> None:
+        last_read = self._last_read
+        limit = self.batch_size if now - last_read.get(fd, now) < SPARSE_GAP else 1
+        last_read[fd] = now
         recvfrom = sock.recvfrom
         n = 0
         try:
-            while n < self.batch_size:
+            while n < limit:
                 batch.append(recvfrom(_READ_SIZE))
                 n += 1
         except BlockingIOError:
             pass
         except OSError as exc:  # e.g. ECONNREFUSED from an ICMP error: the socket stays usable
             failures.append(exc)
-        self.stats.udp_packets += n
-        if n > self.stats.max_udp_batch:
-            self.stats.max_udp_batch = n
+        stats = self.stats
+        stats.udp_packets += n
+        if n > stats.max_udp_batch:
+            stats.max_udp_batch = n
 
-    def _read_udp_gro(self, sock: socket.socket, batch: list, failures: list[Exception]) -> None:
+    def _read_udp_gro(self, fd: int, sock: socket.socket, batch: list, failures: list[Exception],
+                      now: float) -> None:
         """Like :meth:`_read_udp`, but one recvmsg may return a coalesced run of datagrams."""
+        last_read = self._last_read
+        limit = self.batch_size if now - last_read.get(fd, now) < SPARSE_GAP else 1
+        last_read[fd] = now
         recvmsg = sock.recvmsg
         n = 0
         try:
-            while n < self.batch_size:
+            while n < limit:
                 data, ancillary, _, addr = recvmsg(_READ_SIZE, _GRO_CMSG_SPACE)
                 size = 0
-                for level, kind, value in ancillary:
-                    if level == SOL_UDP and kind == UDP_GRO:
-                        size = int.from_bytes(value[:4], "little" if _LITTLE else "big")
+                if ancillary:  # only a coalesced run carries the segment size
+                    for level, kind, value in ancillary:
+                        if level == SOL_UDP and kind == UDP_GRO:
+                            size = int.from_bytes(value[:4], "little" if _LITTLE else "big")
                 if size and len(data) > size:
                     for offset in range(0, len(data), size):
                         batch.append((data[offset : offset + size], addr))
@@ -469,15 +590,22 @@ class Poller:
             pass
         except OSError as exc:
             failures.append(exc)
-        self.stats.udp_packets += n
-        if n > self.stats.max_udp_batch:
-            self.stats.max_udp_batch = n
+        stats = self.stats
+        stats.udp_packets += n
+        if n > stats.max_udp_batch:
+            stats.max_udp_batch = n
 
-    def _read_tun(self, fd: int, batch: list[bytes], failures: list[Exception]) -> None:
+    def _read_tun(self, fd: int, batch: list[bytes], failures: list[Exception], now: float,
+                  budget: int | None = None) -> None:
+        last_read = self._last_read
+        limit = self.batch_size if now - last_read.get(fd, now) < SPARSE_GAP else 1
+        if budget is not None and budget < limit:
+            limit = budget
+        last_read[fd] = now
         read = os.read
         n = 0
         try:
-            while n < self.batch_size:
+            while n < limit:
                 batch.append(read(fd, _READ_SIZE))
                 n += 1
         except BlockingIOError:
@@ -486,20 +614,26 @@ class Poller:
             if exc.errno in (errno.EBADFD, errno.EIO, errno.ENODEV):
                 raise TunGone() from None
             failures.append(exc)
-        self.stats.tun_packets += n
-        if n > self.stats.max_tun_batch:
-            self.stats.max_tun_batch = n
+        stats = self.stats
+        stats.tun_packets += n
+        if n > stats.max_tun_batch:
+            stats.max_tun_batch = n
 
     # ------------------------------------------------------------------ writes
 
-    def _write_outputs(self, drops: Counter[str]) -> None:
+    def _write_outputs(self, drops: Counter[str]) -> bool:
+        """Write what the engine produced; True if something was written to TUN that the kernel
+        may have answered during the write (see :func:`_may_be_answered`)."""
         engine = self.engine
+        wrote_tun = False
         if engine.to_tun:
             packets, engine.to_tun = engine.to_tun, []
             self._write_tun(packets, drops)
+            wrote_tun = _may_be_answered(packets)
         if engine.out:
             datagrams, engine.out = engine.out, []
             self._write_udp(datagrams, drops)
+        return wrote_tun
 
     def _write_tun(self, packets: list[bytes], drops: Counter[str]) -> None:
         out = self._tun_out
@@ -516,6 +650,7 @@ class Poller:
             try:
                 write(fd, packet)
             except BlockingIOError:
+                self._masks_clear = False  # a write waits now: _update_masks has work
                 for p in packets[i:]:
                     if not out.push(p):
                         drops[D.BUFFER_FULL] += 1
@@ -544,7 +679,7 @@ class Poller:
                 i += 1
                 continue
             end = i + 1
-            if self._gso[fd]:
+            if end < count and self._gso[fd]:
                 end = _gso_run(datagrams, i, count)
             try:
                 if end - i > 1:
@@ -554,6 +689,7 @@ class Poller:
                 else:
                     sock.sendto(data, addr)
             except BlockingIOError:
+                self._masks_clear = False  # a write waits now: _update_masks has work
                 for item in datagrams[i:end]:
                     if not out.push(item):
                         drops[D.BUFFER_FULL] += 1
@@ -591,6 +727,8 @@ class Poller:
 
     def _update_masks(self) -> None:
         """EPOLLOUT only where a write waits; EPOLLIN off on fds feeding a blocked output."""
+        if self._masks_clear:
+            return  # nothing waited and no write met EAGAIN since: the masks are already right
         tun_blocked = bool(self._tun_out.pending)
         udp_blocked = False
         for fd, out in self._udp_out.items():
@@ -599,6 +737,7 @@ class Poller:
             self._set_mask(fd, (0 if tun_blocked else EPOLLIN) | (EPOLLOUT if blocked else 0))
         if self._tun_fd is not None:
             self._set_mask(self._tun_fd, (0 if udp_blocked else EPOLLIN) | (EPOLLOUT if tun_blocked else 0))
+        self._masks_clear = not (tun_blocked or udp_blocked)
 
     def pending_writes(self) -> dict[str, int]:
         depths = {"tun": len(self._tun_out.pending)}
