@@ -7,6 +7,7 @@ import os
 import sys
 
 from fzpoll import __version__
+from fzpoll.constants import DEFAULT_BATCH_SIZE
 from fzpoll.errors import LocalError
 
 COMMANDS = ("up", "show", "demo", "genkey", "pubkey")
@@ -19,8 +20,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         "$LOG_LEVEL is given, as wireguard-go")
     parser.add_argument("--schedule", choices=["fair", "priority"], default="fair",
                         help="loop schedule: fair batches from every source (default) or the old strict priority")
-    parser.add_argument("--batch-size", type=int, default=64, metavar="N",
-                        help="packets read per ready fd per wakeup (default 64)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
+                        help=f"packets read per ready fd per wakeup (default {DEFAULT_BATCH_SIZE})")
 
 
 def _interface_parser() -> argparse.ArgumentParser:

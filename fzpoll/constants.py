@@ -60,4 +60,4 @@ UNDER_LOAD_HANDSHAKES_PER_WINDOW = 16  # ... and more than this many in one turn
 MAX_HANDSHAKES_PER_PASS = 8  # under load, handshake messages a pass may process; the rest are shed
 MAX_RATE_LIMITER_SOURCES = 4096  # per-source token buckets kept at once
 DEFAULT_MTU = 1420
-DEFAULT_LISTEN_PORT = 51820
+DEFAULT_BATCH_SIZE = 64  # packets read per ready fd per wakeup of the loop

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fzpoll import netlink
 from fzpoll.config import Config, load_config
+from fzpoll.constants import DEFAULT_BATCH_SIZE, DEFAULT_MTU
 from fzpoll.device import Device
 from fzpoll.dns import PROXY_V4, PROXY_V6, Resource
 from fzpoll.dnsio import DnsForwarder, make_stub, write_resolv_conf
@@ -39,7 +40,7 @@ class Options:
     ifname: str
     foreground: bool = True
     schedule: str = "fair"
-    batch_size: int = 64
+    batch_size: int = DEFAULT_BATCH_SIZE
     config_path: str | None = None
     resolv_conf: str | None = None  # where to write the DNS stub's sentinels as nameserver lines
     # Daemonized (not ``foreground``): keep logging to the caller's stderr once ready? As
@@ -57,14 +58,13 @@ class Daemon:
 
         self.options = options
         self.config = config
-        mtu = config.interface.mtu if config is not None and config.interface.mtu else 1420
+        mtu = config.interface.mtu if config is not None and config.interface.mtu else DEFAULT_MTU
         port = config.interface.listen_port if config is not None and config.interface.listen_port else 0
         self.device = Device(options.ifname, mtu=mtu, batch_size=options.batch_size,
                              schedule=options.schedule, listen_port=port)
         self.poller = self.device.poller
         self.notifier = Notifier()
         self.exit_code = 0
-        self._reload_requested = False
         self._routes: set[str] = set()
         self._addresses: set[str] = set()
         self.dns: DnsForwarder | None = None

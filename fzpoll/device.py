@@ -15,7 +15,8 @@ import time
 from fzpoll.constants import DEFAULT_MTU
 from fzpoll.engine import Engine
 from fzpoll.errors import LocalError
-from fzpoll.poller import DEFAULT_BATCH_SIZE, Poller
+from fzpoll.constants import DEFAULT_BATCH_SIZE
+from fzpoll.poller import Poller
 from fzpoll.tun import TunDevice
 
 log = logging.getLogger("fzpoll.device")

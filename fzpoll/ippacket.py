@@ -129,19 +129,30 @@ def ip_header(packet: bytes) -> tuple[bytes, bytes, int, memoryview] | None:
     return None
 
 
-def parse_udp(packet: bytes) -> UdpDatagram | None:
-    """The UDP datagram carried by raw IP ``packet``, or None if it is not one (another
-    protocol, a fragment, or a length field that does not fit). Checksums are not verified
-    (a packet from our own TUN device was built by the local kernel); see :func:`checksum_ok`."""
+def _udp_segment(packet: bytes) -> tuple[bytes, bytes, memoryview, int] | None:
+    """(packed source, packed destination, UDP segment, UDP length field) of a whole IP packet
+    carrying UDP whose length field fits; None otherwise."""
     header = ip_header(packet)
     if header is None:
         return None
     src, dst, protocol, segment = header
     if protocol != PROTO_UDP or len(segment) < UDP_HEADER_SIZE:
         return None
-    src_port, dst_port, udp_length, _ = _UDP_HEADER.unpack_from(segment)
+    udp_length = int.from_bytes(segment[4:6], "big")
     if udp_length < UDP_HEADER_SIZE or udp_length > len(segment):
         return None
+    return src, dst, segment, udp_length
+
+
+def parse_udp(packet: bytes) -> UdpDatagram | None:
+    """The UDP datagram carried by raw IP ``packet``, or None if it is not one (another
+    protocol, a fragment, or a length field that does not fit). Checksums are not verified
+    (a packet from our own TUN device was built by the local kernel); see :func:`checksum_ok`."""
+    found = _udp_segment(packet)
+    if found is None:
+        return None
+    src, dst, segment, udp_length = found
+    src_port, dst_port, _, _ = _UDP_HEADER.unpack_from(segment)
     make = IPv4Address if len(src) == 4 else IPv6Address
     return UdpDatagram(
         make(src), make(dst), src_port, dst_port, bytes(segment[UDP_HEADER_SIZE:udp_length])
@@ -183,16 +194,11 @@ def build_udp(
 def checksum_ok(packet: bytes) -> bool:
     """Whether a UDP packet's checksums verify: the IPv4 header checksum, and the UDP checksum
     (an IPv4 UDP checksum of 0 means "none" and passes; in IPv6 it is mandatory)."""
-    header = ip_header(packet)
-    if header is None:
+    found = _udp_segment(packet)
+    if found is None:
         return False
-    src, dst, protocol, segment = header
-    if protocol != PROTO_UDP or len(segment) < UDP_HEADER_SIZE:
-        return False
+    src, dst, segment, udp_length = found
     if len(src) == 4 and internet_checksum(memoryview(packet)[:(packet[0] & 0x0F) * 4]) != 0:
-        return False
-    udp_length = int.from_bytes(segment[4:6], "big")
-    if udp_length < UDP_HEADER_SIZE or udp_length > len(segment):
         return False
     stored = int.from_bytes(segment[6:8], "big")
     if stored == 0:

@@ -55,7 +55,7 @@ import time
 from collections import Counter, deque
 from typing import Callable
 
-from fzpoll.constants import MAX_HANDSHAKES_PER_PASS
+from fzpoll.constants import DEFAULT_BATCH_SIZE, MAX_HANDSHAKES_PER_PASS
 from fzpoll.engine import Engine
 from fzpoll.errors import DropReason as D
 from fzpoll.errors import QUIET_DROPS, TunnelError
@@ -66,7 +66,6 @@ EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 EPOLLERR = select.EPOLLERR | select.EPOLLHUP
 
-DEFAULT_BATCH_SIZE = 64
 
 # UDP segmentation offloads (linux/udp.h): one sendmsg carries up to 64 equal-sized datagrams
 # to one address (GSO), one recvmsg returns a run of them coalesced (GRO) with their size.
@@ -336,7 +335,10 @@ class Poller:
     # ------------------------------------------------------------------ the loop
 
     def next_deadline(self) -> float | None:
-        deadline = self.engine.next_deadline()
+        return self._earliest(self.engine.next_deadline())
+
+    def _earliest(self, deadline: float | None) -> float | None:
+        """The earliest of ``deadline`` (the engine's) and every timer source's deadline."""
         for next_deadline, _ in self._timer_sources:
             d = next_deadline()
             if d is not None and (deadline is None or d < deadline):
@@ -358,11 +360,7 @@ class Poller:
         The wait is for :meth:`next_deadline` with the engine's part replaced by its O(1) lower
         bound (:meth:`Engine.deadline_hint`): when that comes, the pass's timers look at the exact
         one. This runs between the last write of a pass and the next sleep, so it is kept short."""
-        deadline = self.engine.deadline_hint()
-        for next_deadline, _ in self._timer_sources:
-            d = next_deadline()
-            if d is not None and (deadline is None or d < deadline):
-                deadline = d
+        deadline = self._earliest(self.engine.deadline_hint())
         if deadline is None:
             timeout = -1.0
         else:
@@ -445,11 +443,7 @@ class Poller:
             if deadline is _UNKNOWN or (deadline is not None and deadline <= now):  # type: ignore[operator]
                 self._run_timers(now, failures)
         # 4. sources send what they produced (recursive DNS queries), then write everything
-        for flush in self._flushers:
-            try:
-                flush(now)
-            except Exception as exc:
-                failures.append(exc)
+        self._run_flushers(now, failures)
         if self._write_outputs(drops) and not priority and tun_fd is not None:
             # What we just wrote to TUN may have been answered by the kernel during the write
             # (an ICMP echo reply, a TCP ACK or SYN-ACK, more data the ACKs let out): it is in the
@@ -460,16 +454,19 @@ class Poller:
                 self._read_tun(tun_fd, again, failures, now, self.batch_size - len(tun_batch))
                 if again:
                     self._send_batch(again, drops, failures, now)
-                    for flush in self._flushers:
-                        try:
-                            flush(now)
-                        except Exception as exc:
-                            failures.append(exc)
+                    self._run_flushers(now, failures)
                     self._write_outputs(drops)
         if not self._masks_clear:
             self._update_masks()
         if drops or failures:
             self._report(drops, failures, now)
+
+    def _run_flushers(self, now: float, failures: list[Exception]) -> None:
+        for flush in self._flushers:
+            try:
+                flush(now)
+            except Exception as exc:
+                failures.append(exc)
 
     def _send_batch(self, tun_batch: list[bytes], drops: Counter[str], failures: list[Exception],
                     now: float) -> None:
