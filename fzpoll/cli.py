@@ -7,7 +7,7 @@ import os
 import sys
 
 from fzpoll import __version__
-from fzpoll.constants import DEFAULT_BATCH_SIZE
+from fzpoll.wireguard.constants import DEFAULT_BATCH_SIZE
 from fzpoll.errors import LocalError
 
 COMMANDS = ("up", "show", "demo", "genkey", "pubkey")
@@ -130,14 +130,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_genkey(args: argparse.Namespace) -> int:
-    from fzpoll.keys import PrivateKey
+    from fzpoll.wireguard.keys import PrivateKey
 
     print(PrivateKey.generate(os.urandom).base64())
     return 0
 
 
 def _cmd_pubkey(args: argparse.Namespace) -> int:
-    from fzpoll.keys import PrivateKey
+    from fzpoll.wireguard.keys import PrivateKey
 
     print(PrivateKey.from_text(sys.stdin.read()).public_key.base64())
     return 0

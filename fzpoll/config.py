@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Union
 
 from fzpoll.errors import LocalError
-from fzpoll.keys import PresharedKey, PrivateKey, PublicKey
+from fzpoll.wireguard.keys import PresharedKey, PrivateKey, PublicKey
 
 __all__ = [
     "Config",

@@ -19,15 +19,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fzpoll import netlink
+from fzpoll.io import netlink
 from fzpoll.config import Config, load_config
-from fzpoll.constants import DEFAULT_BATCH_SIZE, DEFAULT_MTU
+from fzpoll.wireguard.constants import DEFAULT_BATCH_SIZE, DEFAULT_MTU
 from fzpoll.device import Device
-from fzpoll.dns import PROXY_V4, PROXY_V6, Resource
-from fzpoll.dnsio import DnsForwarder, make_stub, write_resolv_conf
+from fzpoll.dns.stub import PROXY_V4, PROXY_V6, Resource
+from fzpoll.dns.forwarder import DnsForwarder, make_stub, write_resolv_conf
 from fzpoll.errors import LocalError
 from fzpoll.jsonlog import register_secret
-from fzpoll.poller import TunGone
+from fzpoll.io.loop import TunGone
 from fzpoll.sdnotify import Notifier
 
 log = logging.getLogger("fzpoll.daemon")
@@ -54,7 +54,7 @@ class Daemon:
     """Runs one :class:`Device` with its UAPI server inside the poller, until told to stop."""
 
     def __init__(self, options: Options, config: Config | None = None) -> None:
-        from fzpoll.uapiserver import UapiServer
+        from fzpoll.uapi.server import UapiServer
 
         self.options = options
         self.config = config
@@ -87,7 +87,7 @@ class Daemon:
 
     def apply_config(self, config: Config, *, initial: bool) -> None:
         """Apply ``config`` like ``wg setconf`` at start, like ``wg syncconf`` on reload."""
-        from fzpoll.uapi import handle_set
+        from fzpoll.uapi.protocol import handle_set
 
         for secret in config.secrets():
             register_secret(secret)

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from fzpoll.keys import PrivateKey
+from fzpoll.wireguard.keys import PrivateKey
 
 NS = ("fzdemo-a", "fzdemo-b")
 IFACES = ("fzdemoa", "fzdemob")

@@ -12,12 +12,12 @@ import os
 import socket
 import time
 
-from fzpoll.constants import DEFAULT_MTU
-from fzpoll.engine import Engine
+from fzpoll.wireguard.constants import DEFAULT_MTU
+from fzpoll.wireguard.engine import Engine
 from fzpoll.errors import LocalError
-from fzpoll.constants import DEFAULT_BATCH_SIZE
-from fzpoll.poller import Poller
-from fzpoll.tun import TunDevice
+from fzpoll.wireguard.constants import DEFAULT_BATCH_SIZE
+from fzpoll.io.loop import Poller
+from fzpoll.io.tun import TunDevice
 
 log = logging.getLogger("fzpoll.device")
 
@@ -121,7 +121,7 @@ class Device:
         try:
             self._bind(port)
         except OSError as exc:
-            from fzpoll.uapi import UapiError
+            from fzpoll.uapi.protocol import UapiError
 
             raise UapiError(exc.errno or errno.EIO) from None
 

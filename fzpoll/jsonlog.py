@@ -14,7 +14,7 @@ An exception attached to a record (``logger.exception(...)`` or ``exc_info=``) b
 ``error`` field, ``{"type": ..., "message": ...}``; the full traceback is added as a
 ``traceback`` string only when logging at debug level.
 
-Secrets, defense in depth (key objects already hide themselves, see :mod:`fzpoll.keys`):
+Secrets, defense in depth (key objects already hide themselves, see :mod:`fzpoll.wireguard.keys`):
 
 - a value that is a key object is written as its repr, which never shows a secret;
 - every registered secret (:func:`register_secret`, for private and preshared keys) is masked
@@ -37,7 +37,7 @@ import threading
 from typing import Any, TextIO
 
 from fzpoll.errors import LocalError
-from fzpoll.keys import _Key
+from fzpoll.wireguard.keys import _Key
 
 __all__ = ["JsonFormatter", "log_event", "redact_text", "register_secret", "setup_logging"]
 

@@ -5,7 +5,7 @@ the daemon, each on its own connection:
 
 - ``get=1`` (the standard UAPI, what ``wg show`` sends): keys, port, peers, endpoints, handshakes,
   transfer counters and allowed IPs;
-- ``get=fzpoll`` (fzpoll's own, see :mod:`fzpoll.uapi`): one line ``fzpoll_stats=<JSON>`` with
+- ``get=fzpoll`` (fzpoll's own, see :mod:`fzpoll.uapi.protocol`): one line ``fzpoll_stats=<JSON>`` with
   what ``wg`` cannot show - drops by reason, loop statistics, pending writes, daemon settings.
 
 A daemon that does not know ``get=fzpoll`` (wireguard-go closes the connection; an fzpoll daemon
@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from fzpoll.keys import PrivateKey, PublicKey
-from fzpoll.uapi import SOCKET_DIR, STATS_KEY, STATS_REQUEST
+from fzpoll.wireguard.keys import PrivateKey, PublicKey
+from fzpoll.uapi.protocol import SOCKET_DIR, STATS_KEY, STATS_REQUEST
 
 __all__ = [
     "InterfaceStatus", "PeerStatus", "QueryError", "format_text", "parse_get", "parse_stats",

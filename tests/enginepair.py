@@ -5,8 +5,8 @@ from __future__ import annotations
 import ipaddress
 import random
 
-from fzpoll.engine import Engine
-from fzpoll.keys import PrivateKey
+from fzpoll.wireguard.engine import Engine
+from fzpoll.wireguard.keys import PrivateKey
 
 ADDR_A = ("192.0.2.1", 51820)
 ADDR_B = ("192.0.2.2", 51820)
@@ -58,7 +58,7 @@ class Pair:
         self.peer_b.endpoint = ADDR_B
         self.peer_a.endpoint = ADDR_A
         if psk is not None:
-            from fzpoll.keys import PresharedKey
+            from fzpoll.wireguard.keys import PresharedKey
 
             self.peer_a.preshared_key = self.peer_b.preshared_key = PresharedKey(psk)
         self.wire: list[tuple[str, bytes]] = []  # every datagram delivered: (direction, bytes)

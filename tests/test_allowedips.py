@@ -3,7 +3,7 @@
 import ipaddress
 import random
 
-from fzpoll.allowedips import AllowedIPs
+from fzpoll.wireguard.allowedips import AllowedIPs
 
 
 def test_longest_prefix_match_v4():

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fzpoll.config import Config, ConfigError, Endpoint, load_config, parse_config
-from fzpoll.keys import PresharedKey, PrivateKey
+from fzpoll.wireguard.keys import PresharedKey, PrivateKey
 
 PRIV = PrivateKey(bytes(range(1, 33)))
 PEER_A = PrivateKey(bytes(range(33, 65))).public_key

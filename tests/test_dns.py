@@ -20,7 +20,7 @@ from dnslib import QTYPE, RCODE, RR, TXT, A, DNSHeader, DNSQuestion, DNSRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fzpoll.dns import (
+from fzpoll.dns.stub import (
     ANSWER_TTL,
     MAX_IN_FLIGHT,
     PROXY_V4,

@@ -18,7 +18,7 @@ import pytest
 
 import netns
 from netns import Fzpoll, Namespace, veth_pair
-from fzpoll.keys import PrivateKey
+from fzpoll.wireguard.keys import PrivateKey
 
 pytestmark = pytest.mark.netns
 

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fzpoll.constants import HANDSHAKE_INITIATION_RATE, MAX_TIMER_HANDSHAKES
-from fzpoll.engine import Engine
+from fzpoll.wireguard.constants import HANDSHAKE_INITIATION_RATE, MAX_TIMER_HANDSHAKES
+from fzpoll.wireguard.engine import Engine
 from fzpoll.errors import DropReason as D
-from fzpoll.keys import PrivateKey
+from fzpoll.wireguard.keys import PrivateKey
 from enginepair import ADDR_A, ADDR_B, TUN_A, TUN_B, Pair, ip4, ip6
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fzpoll.constants import (
+from fzpoll.wireguard.constants import (
     KEEPALIVE_SIZE,
     KEEPALIVE_TIMEOUT,
     MAX_STAGED_PACKETS,
@@ -16,7 +16,7 @@ from fzpoll.constants import (
     ZERO_KEYS_AFTER_TIME,
 )
 from fzpoll.errors import DropReason as D
-from fzpoll.keys import PrivateKey
+from fzpoll.wireguard.keys import PrivateKey
 from enginepair import ADDR_A, ADDR_B, TUN_A, TUN_B, Pair, ip4, ip6
 
 
@@ -210,7 +210,7 @@ def test_psk_mismatch_fails_and_psk_match_works():
     good = Pair(psk=b"k" * 32)
     good.handshake()
     bad = Pair(psk=b"k" * 32)
-    from fzpoll.keys import PresharedKey
+    from fzpoll.wireguard.keys import PresharedKey
 
     bad.peer_a.preshared_key = PresharedKey(b"j" * 32)
     bad.a.send(ip4(TUN_A, TUN_B), bad.now)
@@ -234,7 +234,7 @@ def test_under_load_cookie_reply_then_mac2_accepted():
 def test_flood_turns_on_under_load_and_rate_limits_per_source():
     p = Pair()
     attacker = PrivateKey.generate(lambda n: b"\x07" * n)
-    from fzpoll.engine import Engine
+    from fzpoll.wireguard.engine import Engine
 
     evil = Engine(attacker, random_bytes=__import__("random").Random(5).randbytes, wall_time=p.clock.wall)
     target = evil.add_peer(p.key_b.public_key)

@@ -22,7 +22,7 @@ import time
 import pytest
 
 import netns
-from fzpoll.constants import REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MAX
+from fzpoll.wireguard.constants import REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MAX
 from netns import Fzpoll, Namespace, transfer, veth_pair, wg_pair
 
 pytestmark = pytest.mark.netns

@@ -31,16 +31,16 @@ from hypothesis import strategies as st
 
 from enginepair import ADDR_A, ADDR_B, TUN_A, TUN_B, Pair, ip4
 from fzpoll.config import ConfigError, parse_config
-from fzpoll.constants import (
+from fzpoll.wireguard.constants import (
     COOKIE_REPLY_SIZE,
     INITIATION_SIZE,
     KEEPALIVE_SIZE,
     RESPONSE_SIZE,
 )
-from fzpoll.crypto import mac
-from fzpoll.engine import Engine
-from fzpoll.keys import PrivateKey
-from fzpoll.uapi import UapiConnection, UapiError, handle_get, handle_set
+from fzpoll.wireguard.crypto import mac
+from fzpoll.wireguard.engine import Engine
+from fzpoll.wireguard.keys import PrivateKey
+from fzpoll.uapi.protocol import UapiConnection, UapiError, handle_get, handle_set
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                 derandomize=True)
@@ -512,7 +512,7 @@ def test_config_parser_arbitrary_text(text):
 # The DNS stub (only if this checkout has it)
 
 try:
-    from fzpoll import dns as _dns_module
+    from fzpoll.dns import stub as _dns_module
     HAVE_STUB = hasattr(_dns_module, "StubResolver")
 except ImportError:
     HAVE_STUB = False
@@ -524,7 +524,7 @@ if HAVE_STUB:
 
     from dnslib import QTYPE, DNSHeader, DNSQuestion, DNSRecord
 
-    from fzpoll.dns import Resource, StubResolver
+    from fzpoll.dns.stub import Resource, StubResolver
     from fzpoll.ippacket import build_udp, checksum_ok, parse_udp
 
     CLIENT = {4: ip_address("100.64.0.2"), 6: ip_address("fd00:2021:1111::2")}

@@ -45,7 +45,7 @@ from pathlib import Path
 import pytest
 
 import netns
-from fzpoll.constants import KEEPALIVE_SIZE, KEEPALIVE_TIMEOUT
+from fzpoll.wireguard.constants import KEEPALIVE_SIZE, KEEPALIVE_TIMEOUT
 from netns import Namespace, WireguardGo, veth_pair
 from test_daemon_lifecycle import FZPOLL, alive, daemon_env, ifname, log_records, wait_until, write_config
 

@@ -2,7 +2,7 @@
 
 Two namespaces joined by a veth pair. In one, wireguard-go with a real TUN device
 (100.64.0.1, fd00:64::1), configured with ``wg``. In the other, a plain UDP socket driven by an
-:class:`~fzpoll.engine.Engine` from this process: we play 100.64.0.2 / fd00:64::2 by writing ICMP
+:class:`~fzpoll.wireguard.engine.Engine` from this process: we play 100.64.0.2 / fd00:64::2 by writing ICMP
 echo packets ourselves and reading the decrypted ones out of ``engine.to_tun``. The kernel behind
 wireguard-go is the other end of every ping, so a wrong key, nonce, padding or checksum shows up
 as a missing reply.
@@ -30,8 +30,8 @@ from typing import Callable, Iterator
 import pytest
 
 import netns
-from fzpoll.engine import Engine
-from fzpoll.keys import PresharedKey, PrivateKey, PublicKey
+from fzpoll.wireguard.engine import Engine
+from fzpoll.wireguard.keys import PresharedKey, PrivateKey, PublicKey
 
 WG_PORT = 51820  # wireguard-go's listen port, in its namespace
 OUR_PORT = 51821  # the engine's UDP port, in the other namespace

@@ -7,7 +7,7 @@ import pytest
 
 from fzpoll import jsonlog
 from fzpoll.errors import LocalError
-from fzpoll.keys import PresharedKey, PrivateKey, PublicKey
+from fzpoll.wireguard.keys import PresharedKey, PrivateKey, PublicKey
 
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 SECRET = PrivateKey(bytes(range(1, 33)))

@@ -13,7 +13,7 @@ import shutil
 import pytest
 
 import netns
-from fzpoll import tun
+from fzpoll.io import tun
 from fzpoll.errors import LocalError
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,13 +71,13 @@ def test_wireguard_go_tunnel_v4_and_v6() -> None:
     assert wg_a.proc is not None and wg_a.proc.returncode is not None
 
 
-# Runs inside the namespace: opens the TUN, configures it with fzpoll.netlink, shows the result
+# Runs inside the namespace: opens the TUN, configures it with fzpoll.io.netlink, shows the result
 # with `ip -j`, then sends UDP into the routed prefixes and reads the packets back from the TUN.
 _TUN_SCRIPT = r"""
 import json, select, socket, struct, subprocess
-from fzpoll import netlink
+from fzpoll.io import netlink
 from fzpoll.errors import LocalError
-from fzpoll.tun import TunDevice
+from fzpoll.io.tun import TunDevice
 
 def ip_json(*args):
     return json.loads(subprocess.run(["ip", "-j", *args], check=True, capture_output=True,
@@ -229,7 +229,7 @@ def test_without_cap_net_admin_says_so(root: None) -> None:
     if shutil.which("setpriv") is None:
         pytest.skip("needs setpriv (util-linux)")
     code = (
-        "from fzpoll.tun import TunDevice\n"
+        "from fzpoll.io.tun import TunDevice\n"
         "from fzpoll.errors import LocalError\n"
         "try:\n    TunDevice('fzt0')\nexcept LocalError as e:\n    print(e)\n"
     )

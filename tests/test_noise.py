@@ -7,7 +7,8 @@ test does not depend on the shared folder.
 
 import pytest
 
-from fzpoll import crypto, noise
+from fzpoll.wireguard import crypto
+from fzpoll.wireguard import noise
 
 PROLOGUE = bytes.fromhex("4a6f686e2047616c74")
 PSK = bytes.fromhex("54686973206973206d7920417573747269616e20706572737065637469766521")

@@ -7,9 +7,9 @@ import socket
 
 import pytest
 
-from fzpoll import poller as poller_mod
+from fzpoll.io import loop as poller_mod
 from fzpoll.errors import DropReason as D
-from fzpoll.poller import Poller
+from fzpoll.io.loop import Poller
 from enginepair import TUN_A, TUN_B, Pair, ip4
 
 
@@ -93,10 +93,10 @@ def test_bad_packets_in_a_batch_cost_only_themselves(rig, caplog):
     tampered = good[1][:-1] + bytes([good[1][-1] ^ 1])
     batch = [junk, good[0], replay, b"\x01", tampered, good[1], good[2], b"\x09\x00\x00\x00junk"]
     rig.a_to_b(batch)
-    with caplog.at_level(logging.WARNING, logger="fzpoll.poller"):
+    with caplog.at_level(logging.WARNING, logger="fzpoll.io.loop"):
         rig.poller.run_once(max_timeout=1)
     assert rig.tun_packets() == [ip4(TUN_A, TUN_B, b"good%d" % i) for i in range(3)]
-    records = [r for r in caplog.records if r.name == "fzpoll.poller"]
+    records = [r for r in caplog.records if r.name == "fzpoll.io.loop"]
     assert len(records) == 1  # the aggregate error, logged once after the pass
     counts = records[0].fields["counts"]
     assert counts == {D.UNKNOWN_INDEX: 1, D.REPLAYED: 1, D.TOO_SHORT: 1, D.BAD_TAG: 1, D.BAD_TYPE: 1}
@@ -193,7 +193,7 @@ def test_idle_poller_sleeps_until_the_engine_deadline(rig):
 
 
 def test_under_load_a_pass_sheds_handshakes_beyond_its_budget_but_keeps_data(rig):
-    from fzpoll.constants import MAX_HANDSHAKES_PER_PASS
+    from fzpoll.wireguard.constants import MAX_HANDSHAKES_PER_PASS
 
     rig.handshake()
     p = rig.pair

@@ -25,13 +25,13 @@ import pytest
 import netns
 from fzpoll.show import query
 from enginepair import ADDR_A, ADDR_B, TUN_A, TUN_B, Pair, ip4
-from fzpoll.constants import REPLAY_WINDOW_SIZE
-from fzpoll.engine import Engine
+from fzpoll.wireguard.constants import REPLAY_WINDOW_SIZE
+from fzpoll.wireguard.engine import Engine
 from fzpoll.errors import DropReason as D
 from fzpoll.jsonlog import setup_logging
-from fzpoll.keys import PrivateKey
-from fzpoll.uapi import handle_set
-from fzpoll.uapiserver import UapiServer
+from fzpoll.wireguard.keys import PrivateKey
+from fzpoll.uapi.protocol import handle_set
+from fzpoll.uapi.server import UapiServer
 from netns import Fzpoll, Namespace, veth_pair
 
 # =============================================================================================
@@ -266,8 +266,8 @@ def test_a_malformed_uapi_line_does_not_log_key_material():
 
 _MANY_PSK_PEERS = """
 import os, random, sys, time
-from fzpoll.engine import Engine
-from fzpoll.uapi import handle_set
+from fzpoll.wireguard.engine import Engine
+from fzpoll.uapi.protocol import handle_set
 host = type("Host", (), {})()
 host.engine = Engine(None, random_bytes=random.Random(1).randbytes, wall_time=lambda: 0.0)
 host.listen_port = host.fwmark = 0

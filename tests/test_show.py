@@ -33,12 +33,12 @@ import pytest
 
 import netns
 from fzpoll import show as show_mod
-from fzpoll.engine import Engine
-from fzpoll.keys import PresharedKey, PrivateKey
-from fzpoll.poller import Poller
+from fzpoll.wireguard.engine import Engine
+from fzpoll.wireguard.keys import PresharedKey, PrivateKey
+from fzpoll.io.loop import Poller
 from fzpoll.show import InterfaceStatus, PeerStatus, format_text, parse_get, parse_stats, status_json
-from fzpoll.uapi import STATS_REQUEST, UapiConnection, handle_get, handle_get_stats, handle_set
-from fzpoll.uapiserver import UapiServer
+from fzpoll.uapi.protocol import STATS_REQUEST, UapiConnection, handle_get, handle_get_stats, handle_set
+from fzpoll.uapi.server import UapiServer
 
 REPO = Path(__file__).resolve().parent.parent
 WALL = 1_795_541_407.0
@@ -153,7 +153,7 @@ def test_failing_provider_is_eio_for_that_client_only(caplog: pytest.LogCaptureF
         raise RuntimeError("bug")
 
     c = UapiConnection(configured_host(), stats=broken)
-    with caplog.at_level("ERROR", logger="fzpoll.uapi"):
+    with caplog.at_level("ERROR", logger="fzpoll.uapi.protocol"):
         assert c.receive_data(STATS_REQUEST, 0.0) == f"errno=-{errno.EIO}\n\n".encode()
     assert c.closing
     assert "uapi request failed" in caplog.text

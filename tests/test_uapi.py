@@ -19,12 +19,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fzpoll import uapi
-from fzpoll.constants import INITIATION_SIZE
-from fzpoll.engine import Engine
+from fzpoll.uapi import protocol as uapi
+from fzpoll.wireguard.constants import INITIATION_SIZE
+from fzpoll.wireguard.engine import Engine
 from fzpoll.errors import LocalError
-from fzpoll.keys import PresharedKey, PrivateKey, PublicKey
-from fzpoll.uapi import (
+from fzpoll.wireguard.keys import PresharedKey, PrivateKey, PublicKey
+from fzpoll.uapi.protocol import (
     UapiConnection,
     UapiError,
     format_endpoint,
@@ -33,7 +33,7 @@ from fzpoll.uapi import (
     parse_endpoint,
     parse_prefix,
 )
-from fzpoll.uapiserver import UapiServer
+from fzpoll.uapi.server import UapiServer
 
 WALL = 1_795_541_407.0
 # The peer of the recorded probe (uapi-probe.txt): AOD66E7iP1GtkGq//rVPjgFwGy28pO+XtlhCA9FK82E=
@@ -581,11 +581,11 @@ def test_connection_host_bug_answers_eio_and_closes(host: FakeHost) -> None:
 
     host.set_listen_port = boom  # type: ignore[method-assign]
     c = conn_for(host)
-    logging.getLogger("fzpoll.uapi").disabled = True
+    logging.getLogger("fzpoll.uapi.protocol").disabled = True
     try:
         assert c.receive_data(b"set=1\nlisten_port=1\n\n", 0.0) == b"errno=-5\n\n"
     finally:
-        logging.getLogger("fzpoll.uapi").disabled = False
+        logging.getLogger("fzpoll.uapi.protocol").disabled = False
     assert c.closing
 
 
@@ -930,7 +930,7 @@ def test_server_removes_a_stale_socket(tmp_path, caplog) -> None:
     stale.bind(path)
     stale.close()  # the file stays, nobody listens: what a crashed daemon leaves
     loop = SelectorLoop()
-    with caplog.at_level(logging.WARNING, logger="fzpoll.uapi"):
+    with caplog.at_level(logging.WARNING, logger="fzpoll.uapi.protocol"):
         s = UapiServer("fzt1", FakeHost(), loop, socket_dir=str(d))
     try:
         assert any("stale" in r.getMessage() for r in caplog.records)
@@ -965,11 +965,11 @@ def test_server_callback_errors_close_only_that_client(server_env) -> None:
     loop.run_until(lambda: s.client_count == 2)
     (ca, cb) = s._clients.values()
     ca.conn.receive_data = None  # type: ignore[assignment]  # any bug in handling a
-    logging.getLogger("fzpoll.uapi").disabled = True
+    logging.getLogger("fzpoll.uapi.protocol").disabled = True
     try:
         a.send(b"get=1\n\n")
         loop.run_until(lambda: s.client_count == 1)
     finally:
-        logging.getLogger("fzpoll.uapi").disabled = False
+        logging.getLogger("fzpoll.uapi.protocol").disabled = False
     b.send(b"get=1\n\n")
     assert recv_until(loop, b) == b"errno=0\n\n"

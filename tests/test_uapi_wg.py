@@ -27,9 +27,9 @@ import pytest
 
 import netns
 from test_uapi import SelectorLoop
-from fzpoll.engine import Engine
-from fzpoll.uapi import UapiError
-from fzpoll.uapiserver import UapiServer
+from fzpoll.wireguard.engine import Engine
+from fzpoll.uapi.protocol import UapiError
+from fzpoll.uapi.server import UapiServer
 
 pytestmark = pytest.mark.netns
 

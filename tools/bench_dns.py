@@ -475,7 +475,7 @@ class Bench:
         self.next_name = 0
 
     def start(self) -> None:
-        from fzpoll.keys import PrivateKey
+        from fzpoll.wireguard.keys import PrivateKey
 
         pair = self.netns.veth_pair(self.client, self.peer_ns)
         self.upstream = pair.ip_b
@@ -536,7 +536,7 @@ class Bench:
     def stats(self) -> dict[str, Any] | None:
         """The daemon's ``get=fzpoll`` counters (None if it cannot be asked)."""
         from fzpoll.show import QueryError, parse_stats, query
-        from fzpoll.uapi import SOCKET_DIR, STATS_REQUEST
+        from fzpoll.uapi.protocol import SOCKET_DIR, STATS_REQUEST
 
         try:
             return parse_stats(query(os.path.join(SOCKET_DIR, f"{self.ifname}.sock"), STATS_REQUEST)[0])

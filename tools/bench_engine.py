@@ -46,9 +46,9 @@ from nacl.bindings import crypto_aead_chacha20poly1305_ietf_decrypt as aead_decr
 from nacl.bindings import crypto_aead_chacha20poly1305_ietf_encrypt as aead_encrypt  # noqa: E402
 from nacl._sodium import ffi, lib  # noqa: E402  (pynacl's cffi module: libsodium without the wrapper)
 
-from fzpoll.constants import REKEY_AFTER_TIME, REPLAY_WINDOW_SIZE  # noqa: E402
-from fzpoll.engine import Engine  # noqa: E402
-from fzpoll.keys import PrivateKey  # noqa: E402
+from fzpoll.wireguard.constants import REKEY_AFTER_TIME, REPLAY_WINDOW_SIZE  # noqa: E402
+from fzpoll.wireguard.engine import Engine  # noqa: E402
+from fzpoll.wireguard.keys import PrivateKey  # noqa: E402
 
 ADDR_A = ("192.0.2.1", 51820)
 ADDR_B = ("192.0.2.2", 51820)

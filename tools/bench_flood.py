@@ -71,7 +71,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from fzpoll.constants import REKEY_AFTER_TIME  # noqa: E402  (the initiator rekeys a session this old)
+from fzpoll.wireguard.constants import REKEY_AFTER_TIME  # noqa: E402  (the initiator rekeys a session this old)
 
 PORT_A, PORT_B = 51820, 51821
 TUN_A, TUN_B = "100.64.0.1", "100.64.0.2"
@@ -146,7 +146,7 @@ def flood_main(argv: list[str]) -> int:
     mac1_by_sender = {m[4:8]: m[116:132] for m in messages if len(m) == 148 and m[0] == 1}
     cookie_key = bytes.fromhex(cookie_key_hex) if cookie_key_hex != "-" else b""  # HASH("cookie--" || B)
     if cookie_key:
-        from fzpoll.crypto import xaead_decrypt
+        from fzpoll.wireguard.crypto import xaead_decrypt
     libc = ctypes.CDLL(None, use_errno=True)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
@@ -252,8 +252,8 @@ def pool_unknown_index(n: int, rng: random.Random) -> list[bytes]:
 def pool_initiations(n: int, responder_public: bytes) -> list[bytes]:
     """Initiations from an attacker key unknown to B, each with a valid MAC1 (B's public key is
     all it takes), built with fzpoll's own handshake code."""
-    from fzpoll import handshake
-    from fzpoll.keys import PrivateKey
+    from fzpoll.wireguard import handshake
+    from fzpoll.wireguard.keys import PrivateKey
 
     attacker = PrivateKey.generate(os.urandom)
     cookies = handshake.CookieGenerator(responder_public)
@@ -511,8 +511,8 @@ def make_pool(kind: str, setup: Setup, size: int, tmp: Path) -> list[bytes]:
 def cookie_key_for(setup: Setup) -> bytes:
     import base64
 
-    from fzpoll.constants import LABEL_COOKIE
-    from fzpoll.crypto import hash_
+    from fzpoll.wireguard.constants import LABEL_COOKIE
+    from fzpoll.wireguard.crypto import hash_
 
     return hash_(LABEL_COOKIE + base64.b64decode(setup.public_b))
 

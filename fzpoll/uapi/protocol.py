@@ -6,7 +6,7 @@
 - **Sans-IO**: :func:`handle_get` and :func:`handle_set` turn one request into an answer against
   a :class:`UapiHost` (the engine plus the host's UDP port and fwmark), and :class:`UapiConnection`
   frames the byte stream of one client into requests. They touch no socket and no clock.
-- **IO** lives in :mod:`fzpoll.uapiserver`: the listening socket and the client sockets,
+- **IO** lives in :mod:`fzpoll.uapi.server`: the listening socket and the client sockets,
   non-blocking, plugged into the poller.
 
 Behaviour follows wireguard-go v0.0.20220316 (``device/uapi.go``), checked against Debian's binary:
@@ -48,12 +48,12 @@ import socket
 from typing import Any, Callable, Iterable, Protocol
 
 from fzpoll.jsonlog import register_secret
-from fzpoll.engine import Engine
+from fzpoll.wireguard.engine import Engine
 from fzpoll.errors import LocalError
-from fzpoll.keys import PresharedKey, PrivateKey, PublicKey
-from fzpoll.peer import Endpoint, Peer
+from fzpoll.wireguard.keys import PresharedKey, PrivateKey, PublicKey
+from fzpoll.wireguard.peer import Endpoint, Peer
 
-log = logging.getLogger("fzpoll.uapi")
+log = logging.getLogger("fzpoll.uapi.protocol")
 
 __all__ = [
     "SOCKET_DIR", "STATS_KEY", "STATS_REQUEST", "StatsProvider", "UapiConnection", "UapiError",

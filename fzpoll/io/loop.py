@@ -55,12 +55,12 @@ import time
 from collections import Counter, deque
 from typing import Callable
 
-from fzpoll.constants import DEFAULT_BATCH_SIZE, MAX_HANDSHAKES_PER_PASS
-from fzpoll.engine import Engine
+from fzpoll.wireguard.constants import DEFAULT_BATCH_SIZE, MAX_HANDSHAKES_PER_PASS
+from fzpoll.wireguard.engine import Engine
 from fzpoll.errors import DropReason as D
 from fzpoll.errors import QUIET_DROPS, TunnelError
 
-log = logging.getLogger("fzpoll.poller")
+log = logging.getLogger("fzpoll.io.loop")
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT

@@ -1,6 +1,6 @@
 """The IO shell of the DNS stub: its upstream sockets, served by the same poller as the tunnel.
 
-The sans-IO :class:`~fzpoll.dns.StubResolver` decides everything; this module only moves bytes:
+The sans-IO :class:`~fzpoll.dns.stub.StubResolver` decides everything; this module only moves bytes:
 queries to sentinels are intercepted from the TUN batch, recursive queries go out on one
 non-blocking UDP socket per address family (answers are "DNS server replies", a source of the
 loop), truncated answers are retried over non-blocking TCP, and answers go back to TUN in the
@@ -14,13 +14,13 @@ import ipaddress
 import logging
 import socket
 
-from fzpoll.dns import Resource, StubResolver, UpstreamQuery
-from fzpoll.engine import Engine
+from fzpoll.dns.stub import Resource, StubResolver, UpstreamQuery
+from fzpoll.wireguard.engine import Engine
 from fzpoll.errors import LocalError
-from fzpoll.keys import PublicKey
-from fzpoll.poller import Poller
+from fzpoll.wireguard.keys import PublicKey
+from fzpoll.io.loop import Poller
 
-log = logging.getLogger("fzpoll.dns")
+log = logging.getLogger("fzpoll.dns.stub")
 
 MAX_REPLIES_PER_PASS = 64  # answers read from one upstream socket per wakeup (fairness)
 MAX_TCP_ANSWER = 65535

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hmac
 import struct
 
-from fzpoll import noise
-from fzpoll.constants import (
+from fzpoll.wireguard import noise
+from fzpoll.wireguard.constants import (
     COOKIE_REFRESH_TIME,
     COOKIE_REPLY_SIZE,
     LABEL_COOKIE,
@@ -20,7 +20,7 @@ from fzpoll.constants import (
     MESSAGE_HANDSHAKE_INITIATION,
     MESSAGE_HANDSHAKE_RESPONSE,
 )
-from fzpoll.crypto import hash_, mac, tai64n, xaead_decrypt, xaead_encrypt
+from fzpoll.wireguard.crypto import hash_, mac, tai64n, xaead_decrypt, xaead_encrypt
 
 _INITIATION_HEADER = struct.Struct("<I I")  # type (with 3 reserved zero bytes), sender index
 _RESPONSE_HEADER = struct.Struct("<I I I")  # type, sender index, receiver index

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from fzpoll.constants import MAX_STAGED_PACKETS, MESSAGE_TRANSPORT_DATA
-from fzpoll.handshake import CookieGenerator
-from fzpoll.keys import PresharedKey, PublicKey
-from fzpoll.replay import ReplayWindow
+from fzpoll.wireguard.constants import MAX_STAGED_PACKETS, MESSAGE_TRANSPORT_DATA
+from fzpoll.wireguard.handshake import CookieGenerator
+from fzpoll.wireguard.keys import PresharedKey, PublicKey
+from fzpoll.wireguard.replay import ReplayWindow
 
 Endpoint = tuple[Any, ...]  # a socket address as recvfrom returns it: (host, port) or (host, port, flow, scope)
 

@@ -21,9 +21,9 @@ import struct
 from collections import Counter
 from typing import Callable
 
-from fzpoll import handshake
-from fzpoll.allowedips import AllowedIPs
-from fzpoll.constants import (
+from fzpoll.wireguard import handshake
+from fzpoll.wireguard.allowedips import AllowedIPs
+from fzpoll.wireguard.constants import (
     AEAD_TAG_SIZE,
     COOKIE_REPLY_SIZE,
     DEFAULT_MTU,
@@ -51,11 +51,11 @@ from fzpoll.constants import (
     UNDER_LOAD_WINDOW,
     ZERO_KEYS_AFTER_TIME,
 )
-from fzpoll.crypto import CryptoError, InvalidPoint
+from fzpoll.wireguard.crypto import CryptoError, InvalidPoint
 from fzpoll.errors import DropReason as D
 from fzpoll.errors import LocalError
-from fzpoll.keys import PrivateKey, PublicKey
-from fzpoll.peer import HANDSHAKE_INITIATION_SENT, HANDSHAKE_NONE, Endpoint, Keypair, Peer
+from fzpoll.wireguard.keys import PrivateKey, PublicKey
+from fzpoll.wireguard.peer import HANDSHAKE_INITIATION_SENT, HANDSHAKE_NONE, Endpoint, Keypair, Peer
 
 from nacl._sodium import ffi as _ffi
 from nacl._sodium import lib as _lib

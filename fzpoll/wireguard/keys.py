@@ -12,7 +12,7 @@ import hmac
 
 from nacl.bindings import crypto_scalarmult_base
 
-from fzpoll.constants import KEY_SIZE
+from fzpoll.wireguard.constants import KEY_SIZE
 from fzpoll.errors import LocalError
 
 

@@ -1,6 +1,6 @@
 """The UAPI server: ``/var/run/wireguard/IFACE.sock``, served from inside the poller.
 
-The protocol itself (framing, ``get``, ``set``) is sans-IO in :mod:`fzpoll.uapi`; this module owns
+The protocol itself (framing, ``get``, ``set``) is sans-IO in :mod:`fzpoll.uapi.protocol`; this module owns
 the listening socket and the client sockets, non-blocking, plugged into the poller through
 ``add_reader`` / ``add_writer`` (callbacks receive ``now``).
 """
@@ -14,12 +14,12 @@ import socket
 import stat
 
 from fzpoll.errors import LocalError
-from fzpoll.uapi import (
+from fzpoll.uapi.protocol import (
     IDLE_TIMEOUT, LISTEN_BACKLOG, MAX_ACCEPTS_PER_WAKEUP, MAX_CLIENTS, RECV_SIZE, SOCKET_DIR,
     StatsProvider, UapiConnection, UapiHost, UapiLoop,
 )
 
-log = logging.getLogger("fzpoll.uapi")
+log = logging.getLogger("fzpoll.uapi.protocol")
 
 class _Client:
     __slots__ = ("sock", "fd", "conn", "out", "last_active", "reading", "writing")

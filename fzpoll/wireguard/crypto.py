@@ -19,7 +19,7 @@ from nacl.bindings import (
     crypto_scalarmult_base,
 )
 
-from fzpoll.constants import TAI64_BASE, TAI64N_NANOSECOND_MASK
+from fzpoll.wireguard.constants import TAI64_BASE, TAI64N_NANOSECOND_MASK
 
 _blake2s = hashlib.blake2s
 _hmac_new = hmac.new

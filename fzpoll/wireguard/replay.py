@@ -8,7 +8,7 @@ window is wireguard-go's: REPLAY_WINDOW_SIZE counters behind the newest.
 
 from __future__ import annotations
 
-from fzpoll.constants import REJECT_AFTER_MESSAGES, REPLAY_BLOCK_BITS, REPLAY_RING_BLOCKS, REPLAY_WINDOW_SIZE
+from fzpoll.wireguard.constants import REJECT_AFTER_MESSAGES, REPLAY_BLOCK_BITS, REPLAY_RING_BLOCKS, REPLAY_WINDOW_SIZE
 
 _SHIFT = REPLAY_BLOCK_BITS.bit_length() - 1  # counter >> _SHIFT is its block number
 _BIT = REPLAY_BLOCK_BITS - 1  # counter & _BIT is its bit in the block

@@ -12,8 +12,8 @@ it into WireGuard's messages (identifier as prologue, TAI64N as payload, MACs, i
 
 from __future__ import annotations
 
-from fzpoll.constants import CONSTRUCTION, IDENTIFIER
-from fzpoll.crypto import aead_decrypt, aead_encrypt, dh, dh_public, hash_, kdf1, kdf2, kdf3
+from fzpoll.wireguard.constants import CONSTRUCTION, IDENTIFIER
+from fzpoll.wireguard.crypto import aead_decrypt, aead_encrypt, dh, dh_public, hash_, kdf1, kdf2, kdf3
 
 _ZERO_KEY = bytes(32)
 
