@@ -519,7 +519,7 @@ class Poller:
             kept.append(item)
         if shed:
             drops[D.HANDSHAKE_SHED] += shed
-            self.engine.drops[D.HANDSHAKE_SHED] += shed
+            self.engine.count_drop(D.HANDSHAKE_SHED, shed)
         return kept
 
     def _run_timers(self, now: float, failures: list[Exception]) -> None:
@@ -623,12 +623,12 @@ class Poller:
         may have answered during the write (see :func:`_may_be_answered`)."""
         engine = self.engine
         wrote_tun = False
-        if engine.to_tun:
-            packets, engine.to_tun = engine.to_tun, []
+        packets = engine.packets_for_tun()
+        if packets:
             self._write_tun(packets, drops)
             wrote_tun = _may_be_answered(packets)
-        if engine.out:
-            datagrams, engine.out = engine.out, []
+        datagrams = engine.datagrams_to_send()
+        if datagrams:
             self._write_udp(datagrams, drops)
         return wrote_tun
 

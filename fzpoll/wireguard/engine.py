@@ -187,6 +187,29 @@ class Engine:
     def is_under_load(self, now: float) -> bool:
         return now < self._under_load_until
 
+    # ------------------------------------------------------------------ outputs (the IO shell's seam)
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Endpoint]]:
+        """Take the ``(datagram, endpoint)`` pairs produced since the last call."""
+        out = self.out
+        if out:
+            self.out = []
+        return out
+
+    def packets_for_tun(self) -> list[bytes]:
+        """Take the decrypted IP packets produced since the last call."""
+        packets = self.to_tun
+        if packets:
+            self.to_tun = []
+        return packets
+
+    def count_drop(self, reason: D, count: int = 1) -> None:
+        """Count drops the IO shell decided on the engine's behalf (e.g. handshakes shed under load)."""
+        self.drops[reason] += count
+
+    def drop_counts(self) -> dict[str, int]:
+        return dict(self.drops)
+
     # ------------------------------------------------------------------ data plane: outgoing
 
     def send(self, packet: bytes, now: float) -> D | None:
