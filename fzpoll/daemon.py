@@ -29,10 +29,18 @@ from fzpoll.errors import LocalError
 from fzpoll.jsonlog import register_secret
 from fzpoll.io.loop import TunGone
 from fzpoll.sdnotify import Notifier
+from fzpoll.wireguard.events import Event, HandshakeCompleted, HandshakeGaveUp, HandshakeInitiated, KeysZeroed
 
 log = logging.getLogger("fzpoll.daemon")
 
 STATUS_INTERVAL = 10.0  # how often STATUS= is refreshed for systemd while running
+# How each engine event is logged: the handshake outcomes at info, the routine ones at debug.
+_EVENT_LOG = {
+    HandshakeInitiated: (logging.DEBUG, "handshake initiated"),
+    HandshakeCompleted: (logging.INFO, "handshake complete"),
+    HandshakeGaveUp: (logging.INFO, "handshake gave up"),
+    KeysZeroed: (logging.DEBUG, "keys zeroed"),
+}
 
 
 @dataclass(frozen=True)
@@ -150,7 +158,8 @@ class Daemon:
             family, _, _, _, sockaddr = info[0]
             peer = self.device.engine.get_peer(peer_config.public_key)
             if peer is not None:
-                peer.endpoint = sockaddr if family == socket.AF_INET else (sockaddr[0], sockaddr[1], 0, 0)
+                self.device.engine.set_endpoint(
+                    peer, sockaddr if family == socket.AF_INET else (sockaddr[0], sockaddr[1], 0, 0))
 
     def _sync_network(self, config: Config) -> None:
         name = self.device.name
@@ -240,13 +249,14 @@ class Daemon:
         """Serve until a signal or the interface's deletion; always cleans up. Returns the exit
         code: 0, or 1 if the loop itself failed (systemd's Restart=on-failure then restarts us)."""
         poller = self.poller
-        events = self.device.engine.events
+        take_events = self.device.engine.take_events
         poller.running = True
         try:
             while poller.running:
                 poller.run_once()
+                events = take_events()
                 if events:
-                    self._log_events()
+                    self._log_events(events)
         except TunGone:
             log.info("interface deleted, exiting", extra={"fields": {"interface": self.device.name}})
         except Exception:  # a bug outside any packet's handling: say so, clean up, exit non-zero
@@ -258,14 +268,10 @@ class Daemon:
         log.info("stopped", extra={"fields": {"interface": self.device.name}})
         return self.exit_code
 
-    def _log_events(self) -> None:
-        events = self.device.engine.events
-        if not events:
-            return
-        for kind, peer in events:
-            level = logging.INFO if kind in ("handshake_complete", "handshake_gave_up") else logging.DEBUG
-            log.log(level, kind.replace("_", " "), extra={"fields": {"peer": peer.public_key.short()}})
-        events.clear()
+    def _log_events(self, events: list[Event]) -> None:
+        for event in events:
+            level, message = _EVENT_LOG[type(event)]
+            log.log(level, message, extra={"fields": {"peer": event.peer.short()}})
 
     def stats_snapshot(self) -> dict:
         """fzpoll's own counters for ``fzpoll show`` (UAPI ``get=fzpoll``): what wg cannot show."""
@@ -284,7 +290,7 @@ class Daemon:
             "drops": dict(engine.drops),
             "poller": poller.stats.as_dict(),
             "pending_writes": poller.pending_writes(),
-            "staged_packets": sum(len(p.staged) for p in engine.peers.values()),
+            "staged_packets": engine.staged_packet_count(),
         }
         if self.dns is not None:
             stub = self.dns.stub

@@ -6,7 +6,7 @@ import ipaddress
 import random
 
 from fzpoll.wireguard.engine import Engine
-from fzpoll.wireguard.keys import PrivateKey
+from fzpoll.wireguard.keys import PresharedKey, PrivateKey
 
 ADDR_A = ("192.0.2.1", 51820)
 ADDR_B = ("192.0.2.2", 51820)
@@ -51,17 +51,32 @@ class Pair:
         self.b = Engine(self.key_b, random_bytes=rng.randbytes, wall_time=self.clock.wall)
         self.peer_b = self.a.add_peer(self.key_b.public_key)  # a's view of b
         self.peer_a = self.b.add_peer(self.key_a.public_key)  # b's view of a
-        self.a.allowed_ips.insert("10.0.0.2/32", self.peer_b)
-        self.a.allowed_ips.insert("fd00::2/128", self.peer_b)
-        self.b.allowed_ips.insert("10.0.0.1/32", self.peer_a)
-        self.b.allowed_ips.insert("fd00::1/128", self.peer_a)
-        self.peer_b.endpoint = ADDR_B
-        self.peer_a.endpoint = ADDR_A
+        self.a.add_allowed_ip(self.peer_b, "10.0.0.2/32")
+        self.a.add_allowed_ip(self.peer_b, "fd00::2/128")
+        self.b.add_allowed_ip(self.peer_a, "10.0.0.1/32")
+        self.b.add_allowed_ip(self.peer_a, "fd00::1/128")
+        self.a.set_endpoint(self.peer_b, ADDR_B)
+        self.b.set_endpoint(self.peer_a, ADDR_A)
         if psk is not None:
-            from fzpoll.wireguard.keys import PresharedKey
-
-            self.peer_a.preshared_key = self.peer_b.preshared_key = PresharedKey(psk)
+            self.a.set_preshared_key(self.peer_b, PresharedKey(psk))
+            self.b.set_preshared_key(self.peer_a, PresharedKey(psk))
         self.wire: list[tuple[str, bytes]] = []  # every datagram delivered: (direction, bytes)
+        # What each engine handed over and the test has not consumed yet: the engine gives its
+        # outputs away once, a test often looks before it delivers.
+        self._out: dict[Engine, list[tuple[bytes, tuple]]] = {self.a: [], self.b: []}
+        self._tun: dict[Engine, list[bytes]] = {self.a: [], self.b: []}
+
+    def out(self, engine: Engine) -> list[tuple[bytes, tuple]]:
+        """The datagrams ``engine`` produced and nobody delivered yet (a live list: clear() it to drop them)."""
+        buf = self._out[engine]
+        buf.extend(engine.datagrams_to_send())
+        return buf
+
+    def tun(self, engine: Engine) -> list[bytes]:
+        """The packets ``engine`` decrypted for its TUN device and the test has not consumed yet."""
+        buf = self._tun[engine]
+        buf.extend(engine.packets_for_tun())
+        return buf
 
     @property
     def now(self) -> float:
@@ -88,14 +103,15 @@ class Pair:
         self.deliver()
 
     def take(self, engine: Engine) -> list[bytes]:
-        out = [d for d, _ in engine.out]
-        engine.out.clear()
+        buf = self.out(engine)
+        out = [d for d, _ in buf]
+        buf.clear()
         return out
 
     def deliver(self, drop_a_to_b: bool = False, drop_b_to_a: bool = False) -> int:
         """Deliver queued datagrams both ways until quiet; returns how many were delivered."""
         count = 0
-        while self.a.out or self.b.out:
+        while self.out(self.a) or self.out(self.b):
             for data in self.take(self.a):
                 self.wire.append(("a->b", data))
                 if not drop_a_to_b:
@@ -111,5 +127,5 @@ class Pair:
     def handshake(self) -> None:
         self.a.send(ip4(TUN_A, TUN_B, b"first"), self.clock.now)
         self.deliver()
-        assert self.b.to_tun, "handshake did not complete"
-        self.b.to_tun.clear()
+        assert self.tun(self.b), "handshake did not complete"
+        self.tun(self.b).clear()

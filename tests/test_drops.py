@@ -27,7 +27,8 @@ def snapshot(engine: Engine):
             peer.handshake_index, peer.rx_bytes, peer.tx_bytes, tuple(peer.staged),
             peer.retransmit_at, peer.keepalive_at, peer.new_handshake_at, peer.zero_keys_at,
         ))
-    return (sorted(engine._index), peers, len(engine.to_tun))
+    # Then what the engine handed out since the last snapshot: after a drop, nothing.
+    return (sorted(engine.live_indices()), peers), (engine.packets_for_tun(), engine.take_events())
 
 
 def established() -> Pair:
@@ -92,9 +93,9 @@ def case_unknown_peer(p):
     stranger = PrivateKey.generate(random.Random(9).randbytes)
     evil = Engine(stranger, random_bytes=random.Random(10).randbytes, wall_time=p.clock.wall)
     peer = evil.add_peer(p.key_b.public_key)
-    peer.endpoint = ADDR_B
+    evil.set_endpoint(peer, ADDR_B)
     evil._send_initiation(peer, p.now, is_retry=False)
-    return evil.out[0][0], D.UNKNOWN_PEER
+    return evil.datagrams_to_send()[0][0], D.UNKNOWN_PEER
 
 
 def case_replayed_initiation(p):
@@ -133,7 +134,7 @@ def case_bad_tag(p):
 def case_replayed_transport(p):
     data = transport_from_a(p, ip4(TUN_A, TUN_B))
     assert p.b.receive(data, ADDR_A, p.now) is None
-    p.b.to_tun.clear()
+    p.tun(p.b).clear()
     return data, D.REPLAYED
 
 
@@ -161,14 +162,14 @@ CASES = [v for k, v in sorted(globals().items()) if k.startswith("case_")]
 def test_invalid_datagram_is_dropped_counted_and_changes_nothing(case):
     p = established()
     data, reason = case(p)
-    p.b.to_tun.clear()
-    p.b.out.clear()
-    before = snapshot(p.b)
+    p.tun(p.b).clear()
+    p.out(p.b).clear()
+    before, _ = snapshot(p.b)
     drops_before = p.b.drops[reason]
     assert p.b.receive(data, ADDR_A, p.now) == reason
     assert p.b.drops[reason] == drops_before + 1
-    assert snapshot(p.b) == before
-    assert p.b.out == []
+    assert snapshot(p.b) == (before, ([], []))
+    assert p.out(p.b) == []
 
 
 def test_outgoing_drop_reasons():
@@ -178,7 +179,7 @@ def test_outgoing_drop_reasons():
     assert p.a.send(ip4(TUN_A, "10.77.0.1"), p.now) == D.NO_ROUTE
     assert p.a.send(ip6("fd00::1", "fd00::99"), p.now) == D.NO_ROUTE
     assert p.a.send(ip6("fe80::1", "ff02::2"), p.now) == D.MULTICAST  # a router solicitation
-    p.peer_b.endpoint = None
+    p.a.set_endpoint(p.peer_b, None)
     assert p.a.send(ip4(TUN_A, TUN_B), p.now) == D.NO_ENDPOINT
     assert p.a.drops == {D.BAD_INNER_PACKET: 2, D.NO_ROUTE: 2, D.MULTICAST: 1, D.NO_ENDPOINT: 1}
 
@@ -199,10 +200,10 @@ def test_rate_limited_per_source_under_load():
         p.clock.now += 0.021  # beyond the per-peer 20 ms rule
         init = fresh_initiation(p)
         p.b.receive(init, ADDR_A, p.now)  # first: cookie reply
-        if p.b.out:
+        if p.out(p.b):
             p.a.receive(p.take(p.b)[0], ADDR_B, p.now)
         results.append(p.b.receive(fresh_initiation(p), ADDR_A, p.now))
-        p.b.out.clear()
+        p.out(p.b).clear()
     assert D.RATE_LIMITED in results
     assert results[0] is None
 
@@ -221,9 +222,9 @@ def test_handshake_gave_up_counts_staged_packets():
 @given(st.binary(max_size=200), st.sampled_from([1, 2, 3, 4]))
 def test_arbitrary_datagrams_never_raise_nor_change_state(blob, kind):
     p = established()
-    before = snapshot(p.b)
+    before, _ = snapshot(p.b)
     data = bytes([kind, 0, 0, 0]) + blob
     reason = p.b.receive(data, ADDR_A, p.now)
     assert reason is not None
-    assert snapshot(p.b) == before
+    assert snapshot(p.b) == (before, ([], []))
     assert sum(p.b.drops.values()) == 1

@@ -28,14 +28,14 @@ def test_handshake_on_demand_then_data_both_ways_v4_and_v6():
     p = Pair()
     first = ip4(TUN_A, TUN_B, b"first")
     assert p.a.send(first, p.now) is None
-    assert kinds(d for d, _ in p.a.out) == [1]  # the packet is staged, an initiation goes out
+    assert kinds(d for d, _ in p.out(p.a)) == [1]  # the packet is staged, an initiation goes out
     p.deliver()
-    assert p.b.to_tun == [first]
-    p.b.to_tun.clear()
+    assert p.tun(p.b) == [first]
+    p.tun(p.b).clear()
     back = ip6("fd00::2", "fd00::1", b"reply")
     assert p.b.send(back, p.now) is None
     p.deliver()
-    assert p.a.to_tun == [back]
+    assert p.tun(p.a) == [back]
     assert p.peer_b.last_handshake_wall == p.clock.wall()
     assert p.peer_a.rx_bytes > 0 and p.peer_b.tx_bytes > 0
 
@@ -53,7 +53,7 @@ def test_responder_sends_only_after_key_confirmation():
     p.a.receive(response[0], ADDR_B, p.now)
     p.deliver()  # a's staged packet confirms the key; b then flushes "early"
     assert p.peer_a.current is not None and p.peer_a.next is None
-    assert p.a.to_tun == [ip4(TUN_B, TUN_A, b"early")]
+    assert p.tun(p.a) == [ip4(TUN_B, TUN_A, b"early")]
 
 
 def test_padding_to_multiple_of_16_and_keepalive_size():
@@ -63,7 +63,7 @@ def test_padding_to_multiple_of_16_and_keepalive_size():
     (datagram,) = p.take(p.a)
     assert len(datagram) == 16 + 32 + 16
     p.b.receive(datagram, ADDR_A, p.now)
-    assert p.b.to_tun == [ip4(TUN_A, TUN_B, b"x" * 5)]  # padding removed via the IP length
+    assert p.tun(p.b) == [ip4(TUN_A, TUN_B, b"x" * 5)]  # padding removed via the IP length
 
 
 def test_retransmit_every_rekey_timeout_then_give_up():
@@ -91,12 +91,12 @@ def test_keepalive_after_keepalive_timeout_when_nothing_to_send():
     p.handshake()  # b received data at t=0 and sent nothing back (only the response)
     assert p.b.next_deadline() == pytest.approx(KEEPALIVE_TIMEOUT)
     p.advance(KEEPALIVE_TIMEOUT - 0.001)
-    assert not p.b.out
+    assert not p.out(p.b)
     p.advance(0.001)
     (keepalive,) = p.take(p.b)
     assert len(keepalive) == KEEPALIVE_SIZE
     p.a.receive(keepalive, ADDR_B, p.now)
-    assert p.a.to_tun == [] and not p.a.drops
+    assert p.tun(p.a) == [] and not p.a.drops
 
 
 def test_new_handshake_when_data_sent_but_nothing_received():
@@ -109,7 +109,7 @@ def test_new_handshake_when_data_sent_but_nothing_received():
     p.a.send(ip4(TUN_A, TUN_B), p.now)
     p.take(p.a)  # b never hears it and never answers
     start = p.now
-    while not any(d[0] == 1 for d, _ in p.a.out):
+    while not any(d[0] == 1 for d, _ in p.out(p.a)):
         p.clock.now = p.a.next_deadline()
         p.a.handle_timer(p.now)
     waited = p.now - start
@@ -131,9 +131,9 @@ def test_rekey_after_time_by_initiator_and_no_packet_lost():
         p.a.send(pkt, p.now)
         p.b.send(ip4(TUN_B, TUN_A, b"ack%d" % n), p.now)
         p.deliver()
-        delivered.extend(p.b.to_tun)
-        p.b.to_tun.clear()
-        p.a.to_tun.clear()
+        delivered.extend(p.tun(p.b))
+        p.tun(p.b).clear()
+        p.tun(p.a).clear()
     assert p.peer_b.current is not first_kp  # rotated
     assert p.peer_b.previous is first_kp or p.peer_b.previous is not None
     assert [x[20:] for x in delivered] == [b"seq%d" % i for i in range(1, n + 1)]
@@ -149,14 +149,14 @@ def test_session_expires_after_reject_after_time():
     assert p.peer_b.current is old  # nothing was sent meanwhile: no rekey happened
     # a normal send after expiry stages the packet and starts a new handshake
     p.a.send(ip4(TUN_A, TUN_B, b"after"), p.now)
-    assert kinds(d for d, _ in p.a.out) == [1] and len(p.peer_b.staged) == 1
+    assert kinds(d for d, _ in p.out(p.a)) == [1] and len(p.peer_b.staged) == 1
     initiation = p.take(p.a)
     # a packet made with the expired keypair is refused by b
     p.a._encrypt(p.peer_b, old, ip4(TUN_A, TUN_B), p.now)
     assert p.b.receive(p.take(p.a)[0], ADDR_A, p.now) == D.KEY_EXPIRED
     p.b.receive(initiation[0], ADDR_A, p.now)
     p.deliver()
-    assert p.b.to_tun == [ip4(TUN_A, TUN_B, b"after")]
+    assert p.tun(p.b) == [ip4(TUN_A, TUN_B, b"after")]
 
 
 def test_keys_zeroed_after_three_times_reject_after_time():
@@ -166,7 +166,7 @@ def test_keys_zeroed_after_three_times_reject_after_time():
     assert p.peer_b.current is not None
     p.run_until(ZERO_KEYS_AFTER_TIME + 1)
     assert p.peer_b.keypairs() == [] and p.peer_a.keypairs() == []
-    assert p.a._index == {} and p.b._index == {}
+    assert p.a.live_indices() == frozenset() and p.b.live_indices() == frozenset()
     assert p.a.next_deadline() is None and p.b.next_deadline() is None  # idle: no more wakeups
 
 
@@ -189,8 +189,8 @@ def test_staged_queue_is_bounded():
     assert reasons.count(D.STAGED_QUEUE_FULL) == 3
     assert len(p.peer_b.staged) == MAX_STAGED_PACKETS
     p.deliver()
-    assert len(p.b.to_tun) == MAX_STAGED_PACKETS  # the newest survive, in order
-    assert p.b.to_tun[-1] == ip4(TUN_A, TUN_B, b"%d" % (MAX_STAGED_PACKETS + 2))
+    assert len(p.tun(p.b)) == MAX_STAGED_PACKETS  # the newest survive, in order
+    assert p.tun(p.b)[-1] == ip4(TUN_A, TUN_B, b"%d" % (MAX_STAGED_PACKETS + 2))
 
 
 def test_roaming_follows_latest_authenticated_packet():
@@ -212,10 +212,10 @@ def test_psk_mismatch_fails_and_psk_match_works():
     bad = Pair(psk=b"k" * 32)
     from fzpoll.wireguard.keys import PresharedKey
 
-    bad.peer_a.preshared_key = PresharedKey(b"j" * 32)
+    bad.b.set_preshared_key(bad.peer_a, PresharedKey(b"j" * 32))
     bad.a.send(ip4(TUN_A, TUN_B), bad.now)
     bad.deliver()
-    assert bad.a.drops[D.BAD_HANDSHAKE] == 1 and not bad.b.to_tun
+    assert bad.a.drops[D.BAD_HANDSHAKE] == 1 and not bad.tun(bad.b)
 
 
 def test_under_load_cookie_reply_then_mac2_accepted():
@@ -228,7 +228,7 @@ def test_under_load_cookie_reply_then_mac2_accepted():
     assert cookie_reply[0] == 3 and len(cookie_reply) == 64
     assert p.a.receive(cookie_reply, ADDR_B, p.now) is None
     p.run_until(REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX)  # the retry carries MAC2
-    assert p.b.to_tun == [ip4(TUN_A, TUN_B)]
+    assert p.tun(p.b) == [ip4(TUN_A, TUN_B)]
 
 
 def test_flood_turns_on_under_load_and_rate_limits_per_source():
@@ -238,11 +238,11 @@ def test_flood_turns_on_under_load_and_rate_limits_per_source():
 
     evil = Engine(attacker, random_bytes=__import__("random").Random(5).randbytes, wall_time=p.clock.wall)
     target = evil.add_peer(p.key_b.public_key)
-    target.endpoint = ADDR_B
+    evil.set_endpoint(target, ADDR_B)
     results = []
     for i in range(40):
         evil._send_initiation(target, p.now + 10 * i, is_retry=False)
-        (msg,) = p.take(evil)
+        ((msg, _),) = evil.datagrams_to_send()
         results.append(p.b.receive(msg, ("192.0.2.50", 1000 + i), p.now + 0.001 * i))
     assert results[0] == D.UNKNOWN_PEER  # valid MAC1, unknown static key
     assert p.b.is_under_load(p.now + 0.05)
@@ -272,4 +272,4 @@ def test_timer_heap_stays_small_under_traffic():
         p.b.next_deadline()
         p.deliver()
         p.advance(0.001)
-    assert len(p.a._timers) <= 10 and len(p.b._timers) <= 10
+    assert p.a.timer_entries() <= 10 and p.b.timer_entries() <= 10

@@ -3,7 +3,7 @@
 Two namespaces joined by a veth pair. In one, wireguard-go with a real TUN device
 (100.64.0.1, fd00:64::1), configured with ``wg``. In the other, a plain UDP socket driven by an
 :class:`~fzpoll.wireguard.engine.Engine` from this process: we play 100.64.0.2 / fd00:64::2 by writing ICMP
-echo packets ourselves and reading the decrypted ones out of ``engine.to_tun``. The kernel behind
+echo packets ourselves and reading the decrypted ones from ``engine.packets_for_tun()``. The kernel behind
 wireguard-go is the other end of every ping, so a wrong key, nonce, padding or checksum shows up
 as a missing reply.
 
@@ -180,9 +180,8 @@ class FzpollEnd:
         self.flush()
 
     def flush(self) -> None:
-        for datagram, addr in self.engine.out:
+        for datagram, addr in self.engine.datagrams_to_send():
             self.sock.sendto(datagram, addr)
-        self.engine.out.clear()
 
     def wait_for(self, match: Callable[[Echo], bool], timeout: float = WAIT) -> Echo:
         """Pump socket, engine and timers until a decrypted echo satisfying ``match`` arrives."""
@@ -215,8 +214,7 @@ class FzpollEnd:
                 return
             self.engine.receive(datagram, addr, time.monotonic())
             self.flush()
-            self.received.extend(self.engine.to_tun)
-            self.engine.to_tun.clear()
+            self.received.extend(self.engine.packets_for_tun())
 
 
 @dataclass
@@ -253,12 +251,12 @@ def interop_bed(*, initiator: str, psk: str | None) -> Iterator[Bed]:
 
         wg_public_key = netns.pubkey(wg_key)
         peer = ours.engine.add_peer(PublicKey.from_text(wg_public_key))
-        ours.engine.allowed_ips.insert(f"{WG_TUN4}/32", peer)
-        ours.engine.allowed_ips.insert(f"{WG_TUN6}/128", peer)
+        ours.engine.add_allowed_ip(peer, f"{WG_TUN4}/32")
+        ours.engine.add_allowed_ip(peer, f"{WG_TUN6}/128")
         if initiator == "fzpoll":
-            peer.endpoint = (pair.ip_a, WG_PORT)
+            ours.engine.set_endpoint(peer, (pair.ip_a, WG_PORT))
         if psk is not None:
-            peer.preshared_key = PresharedKey.from_text(psk)
+            ours.engine.set_preshared_key(peer, PresharedKey.from_text(psk))
         yield Bed(wg, ours, wg_ns, pair, wg_public_key)
 
 
@@ -300,8 +298,10 @@ def test_fzpoll_initiates_and_pings_wireguard_go(use_psk: bool) -> None:
         engine = bed.ours.engine
         request = icmp_echo(OUR_TUN4, WG_TUN4, 0xBEEF, 1, b"fzpoll ping v4")
         assert engine.send(request, time.monotonic()) is None
-        assert [d[0] for d, _ in engine.out] == [1]  # staged; a handshake initiation goes out
-        bed.ours.flush()
+        sent = engine.datagrams_to_send()
+        assert [d[0] for d, _ in sent] == [1]  # staged; a handshake initiation goes out
+        for datagram, addr in sent:
+            bed.ours.sock.sendto(datagram, addr)
 
         reply = bed.ours.wait_for(lambda e: e.reply and e.ident == 0xBEEF)
         assert reply == Echo(WG_TUN4, OUR_TUN4, True, 0xBEEF, 1, b"fzpoll ping v4")

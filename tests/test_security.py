@@ -56,11 +56,11 @@ def test_replayed_transport_packet_is_rejected():
     packets = [from_a(p, b"%d" % i) for i in range(5)]
     for data in reversed(packets):  # out of order is fine, once
         assert p.b.receive(data, ADDR_A, p.now) is None
-    assert len(p.b.to_tun) == 5
+    assert len(p.tun(p.b)) == 5
     rx = p.peer_a.rx_bytes
     for data in packets:
         assert p.b.receive(data, ADDR_A, p.now) == D.REPLAYED
-    assert len(p.b.to_tun) == 5 and p.peer_a.rx_bytes == rx
+    assert len(p.tun(p.b)) == 5 and p.peer_a.rx_bytes == rx
     assert p.b.drops[D.REPLAYED] == 5
 
 
@@ -87,14 +87,14 @@ def test_replayed_initiation_is_rejected_and_answered_with_nothing():
     current = p.peer_a.current
     p.clock.now += 30.0
     assert p.b.receive(first_initiation, ADDR_A, p.now) == D.REPLAYED_HANDSHAKE
-    assert p.b.out == [] and p.peer_a.current is current and p.peer_a.next is None
+    assert p.out(p.b) == [] and p.peer_a.current is current and p.peer_a.next is None
     # Still rejected after a newer handshake, and from another address.
     p.peer_b.last_sent_handshake_at = float("-inf")
     p.a._send_initiation(p.peer_b, p.now, is_retry=False)
     p.deliver()
     p.clock.now += 30.0
     assert p.b.receive(first_initiation, ("203.0.113.66", 4444), p.now) == D.REPLAYED_HANDSHAKE
-    assert p.peer_a.endpoint == ADDR_A and p.b.out == []
+    assert p.peer_a.endpoint == ADDR_A and p.out(p.b) == []
 
 
 def test_replayed_response_is_rejected():

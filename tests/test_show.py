@@ -33,6 +33,7 @@ import pytest
 
 import netns
 from fzpoll import show as show_mod
+from fzpoll.errors import DropReason
 from fzpoll.wireguard.engine import Engine
 from fzpoll.wireguard.keys import PresharedKey, PrivateKey
 from fzpoll.io.loop import Poller
@@ -302,7 +303,7 @@ def test_show_json_with_stats_from_a_real_poller(tmp_path: Path) -> None:
 
     with served("fzs0", str(tmp_path), host, stats) as server:
         holder["poller"] = server.loop  # type: ignore[assignment]
-        host.engine.drops["no_route"] += 2
+        host.engine.count_drop(DropReason.NO_ROUTE, 2)
         code, out, err = run_show("fzs0", as_json=True, socket_dir=str(tmp_path))
     assert (code, err) == (0, "")
     (iface,) = json.loads(out)["interfaces"]

@@ -97,12 +97,12 @@ def test_get_matches_the_recorded_wireguard_go_answer(host: FakeHost) -> None:
     host.engine.set_private_key(priv)
     host.listen_port = 51820
     peer = host.engine.add_peer(PublicKey.from_hex(PROBE_PEER))
-    peer.endpoint = ("10.231.0.2", 51820)
+    host.engine.set_endpoint(peer, ("10.231.0.2", 51820))
     peer.last_handshake_wall = 1795541407.252294162
     peer.tx_bytes, peer.rx_bytes = 564, 476
     peer.persistent_keepalive_interval = 25
-    host.engine.allowed_ips.insert("100.64.0.2/32", peer)
-    host.engine.allowed_ips.insert("10.99.0.0/16", peer)
+    host.engine.add_allowed_ip(peer, "100.64.0.2/32")
+    host.engine.add_allowed_ip(peer, "10.99.0.0/16")
     answer = handle_get(host)
     expected = (
         f"private_key={priv.hex()}\n"
@@ -135,11 +135,11 @@ def test_get_fwmark_psk_ipv6_endpoint_and_order(host: FakeHost) -> None:
     host.listen_port = 1
     a = host.engine.add_peer(PublicKey.from_hex(PEER2))
     b = host.engine.add_peer(PublicKey.from_hex(PROBE_PEER))
-    a.preshared_key = PresharedKey(bytes(range(32)))
-    a.endpoint = ("2001:db8::1:0:0:1", 51820, 0, 0)
-    b.endpoint = ("::ffff:1.2.3.4", 9, 0, 0)
-    host.engine.allowed_ips.insert("fd00::1/64", a)
-    host.engine.allowed_ips.insert("10.0.0.0/8", a)
+    host.engine.set_preshared_key(a, PresharedKey(bytes(range(32))))
+    host.engine.set_endpoint(a, ("2001:db8::1:0:0:1", 51820, 0, 0))
+    host.engine.set_endpoint(b, ("::ffff:1.2.3.4", 9, 0, 0))
+    host.engine.add_allowed_ip(a, "fd00::1/64")
+    host.engine.add_allowed_ip(a, "10.0.0.0/8")
     lines = handle_get(host).split("\n")
     assert lines[:3] == ["listen_port=1", "fwmark=51", f"public_key={PEER2}"]
     assert lines[3] == f"preshared_key={bytes(range(32)).hex()}"
@@ -179,7 +179,7 @@ def test_set_the_probe_body_then_get(host: FakeHost) -> None:
     assert host.listen_port == 51820 and host.fwmark == 0
     peer = host.engine.get_peer(PublicKey.from_hex(PROBE_PEER))
     assert peer is not None and peer.persistent_keepalive_interval == 25
-    assert [str(n) for n in host.engine.allowed_ips.prefixes(peer)] == ["10.99.0.0/16", "100.64.0.2/32"]
+    assert [str(n) for n in host.engine.allowed_ips_of(peer)] == ["10.99.0.0/16", "100.64.0.2/32"]
 
 
 def test_private_key_is_clamped_upper_case_ok_and_zero_clears(host: FakeHost) -> None:
@@ -236,7 +236,7 @@ def test_replace_peers(host: FakeHost) -> None:
     assert len(host.engine.peers) == 1
     assert run_set(host, f"replace_peers=true\npublic_key={PEER3}") == 0
     assert list(host.engine.peers) == [bytes.fromhex(PEER3)]
-    assert len(host.engine.allowed_ips) == 0
+    assert list(host.engine.allowed_ips()) == []
 
 
 def test_public_key_creates_once_and_rejects_bad_hex(host: FakeHost) -> None:
@@ -252,7 +252,7 @@ def test_own_public_key_is_ignored(host: FakeHost) -> None:
     priv = key(4)
     body = f"private_key={priv.hex()}\npublic_key={priv.public_key.hex()}\nallowed_ip=10.0.0.0/8\nendpoint=1.2.3.4:5"
     assert run_set(host, body) == 0
-    assert host.engine.peers == {} and len(host.engine.allowed_ips) == 0
+    assert host.engine.peers == {} and list(host.engine.allowed_ips()) == []
     # its lines are still validated
     assert run_set(host, f"public_key={priv.public_key.hex()}\nendpoint=nope") == errno.EINVAL
 
@@ -270,7 +270,7 @@ def test_remove(host: FakeHost) -> None:
     assert run_set(host, f"public_key={PEER2}\nremove=false") == errno.EINVAL
     assert len(host.engine.peers) == 1
     assert run_set(host, f"public_key={PEER2}\nremove=true\nallowed_ip=11.0.0.0/8\nendpoint=1.1.1.1:1") == 0
-    assert host.engine.peers == {} and len(host.engine.allowed_ips) == 0
+    assert host.engine.peers == {} and list(host.engine.allowed_ips()) == []
     # removing an unknown peer is fine (and creates nothing); later lines are still validated
     assert run_set(host, f"public_key={PEER3}\nremove=true") == 0
     assert run_set(host, f"public_key={PEER3}\nremove=true\nendpoint=garbage") == errno.EINVAL
@@ -283,7 +283,7 @@ def test_update_only(host: FakeHost) -> None:
     assert run_set(host, f"public_key={PEER2}") == 0
     assert run_set(host, f"public_key={PEER2}\nupdate_only=true\nallowed_ip=10.0.0.0/8") == 0
     peer = host.engine.get_peer(PublicKey.from_hex(PEER2))
-    assert [str(n) for n in host.engine.allowed_ips.prefixes(peer)] == ["10.0.0.0/8"]
+    assert [str(n) for n in host.engine.allowed_ips_of(peer)] == ["10.0.0.0/8"]
     # wireguard-go: update_only=false is EINVAL, but the peer created by public_key= stays
     assert run_set(host, f"public_key={PEER3}\nupdate_only=false") == errno.EINVAL
     assert bytes.fromhex(PEER3) in host.engine.peers
@@ -363,8 +363,9 @@ def test_persistent_keepalive_interval(host: FakeHost) -> None:
     assert run_set(host, f"public_key={PEER2}\npersistent_keepalive_interval=25\nendpoint=127.0.0.1:5555") == 0
     peer = host.engine.get_peer(PublicKey.from_hex(PEER2))
     assert peer.persistent_keepalive_interval == 25
-    assert [len(d) for d, _ in host.engine.out] == [INITIATION_SIZE]
-    assert host.engine.out[0][1] == ("127.0.0.1", 5555)
+    sent = host.engine.datagrams_to_send()
+    assert [len(d) for d, _ in sent] == [INITIATION_SIZE]
+    assert sent[0][1] == ("127.0.0.1", 5555)
     assert run_set(host, f"public_key={PEER2}\npersistent_keepalive_interval=65535") == 0
     assert peer.persistent_keepalive_interval == 65535
     assert run_set(host, f"public_key={PEER2}\npersistent_keepalive_interval=65536") == errno.EINVAL
@@ -380,7 +381,7 @@ def test_persistent_keepalive_interval_is_kept_when_a_later_line_fails(host: Fak
 def test_persistent_keepalive_of_a_removed_peer_is_dropped(host: FakeHost) -> None:
     host.engine.set_private_key(key(6))
     assert run_set(host, f"public_key={PEER2}\nendpoint=127.0.0.1:1\npersistent_keepalive_interval=5\nremove=true") == 0
-    assert host.engine.peers == {} and host.engine.out == []
+    assert host.engine.peers == {} and host.engine.datagrams_to_send() == []
 
 
 def test_replace_allowed_ips(host: FakeHost) -> None:
@@ -388,7 +389,7 @@ def test_replace_allowed_ips(host: FakeHost) -> None:
     assert run_set(host, f"public_key={PEER2}\nreplace_allowed_ips=yes") == errno.EINVAL
     assert run_set(host, f"public_key={PEER2}\nreplace_allowed_ips=true\nallowed_ip=11.0.0.0/8") == 0
     peer = host.engine.get_peer(PublicKey.from_hex(PEER2))
-    assert [str(n) for n in host.engine.allowed_ips.prefixes(peer)] == ["11.0.0.0/8"]
+    assert [str(n) for n in host.engine.allowed_ips_of(peer)] == ["11.0.0.0/8"]
 
 
 PREFIXES_OK = [
@@ -412,12 +413,12 @@ def test_allowed_ip_rejected(host: FakeHost, value: str) -> None:
     with pytest.raises(UapiError):
         parse_prefix(value)
     assert run_set(host, f"public_key={PEER2}\nallowed_ip={value}") == errno.EINVAL
-    assert len(host.engine.allowed_ips) == 0
+    assert list(host.engine.allowed_ips()) == []
 
 
 def test_allowed_ip_moves_between_peers(host: FakeHost) -> None:
     assert run_set(host, f"public_key={PEER2}\nallowed_ip=10.0.0.0/8\npublic_key={PEER3}\nallowed_ip=10.0.0.0/8") == 0
-    assert host.engine.allowed_ips.lookup("10.1.2.3").public_key.hex() == PEER3
+    assert host.engine.peer_for("10.1.2.3").public_key.hex() == PEER3
 
 
 def test_protocol_version(host: FakeHost) -> None:
@@ -446,7 +447,7 @@ def test_a_failure_stops_the_request_but_keeps_what_came_before(host: FakeHost) 
     body = f"listen_port=40005\nfwmark=9\npublic_key={PEER2}\nallowed_ip=10.0.0.0/8\nendpoint=x\nallowed_ip=11.0.0.0/8"
     assert run_set(host, body) == errno.EINVAL
     assert host.listen_port == 40005 and host.fwmark == 9
-    assert [str(n) for n, _ in host.engine.allowed_ips] == ["10.0.0.0/8"]
+    assert [str(n) for n, _ in host.engine.allowed_ips()] == ["10.0.0.0/8"]
 
 
 def test_a_blank_line_ends_the_body(host: FakeHost) -> None:

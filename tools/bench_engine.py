@@ -5,8 +5,8 @@ Two engines (``a`` and ``b``, each the other's only peer) are linked by hand, wi
 one handshake. Nothing touches a socket or a TUN device, so no root is needed and the figures are the
 protocol engine alone. Measured, each as the median of RUNS timed runs:
 
-- encrypt:    ``a.send(packet, now)`` of SIZE-byte IPv4 packets, draining ``a.out``;
-- decrypt:    ``b.receive(datagram, addr, now)`` of exactly those datagrams, draining ``b.to_tun``
+- encrypt:    ``a.send(packet, now)`` of SIZE-byte IPv4 packets, taking ``a.datagrams_to_send()``;
+- decrypt:    ``b.receive(datagram, addr, now)`` of exactly those datagrams, taking ``b.packets_for_tun()``
               (every decrypted packet is compared with what was sent, outside the timed loop);
 - round trip: send, take the datagram, receive, take the packet -- one packet at a time;
 - handshakes: full initiation + response + confirmation: the clock jumps past REKEY_AFTER_TIME and
@@ -47,7 +47,8 @@ from nacl.bindings import crypto_aead_chacha20poly1305_ietf_encrypt as aead_encr
 from nacl._sodium import ffi, lib  # noqa: E402  (pynacl's cffi module: libsodium without the wrapper)
 
 from fzpoll.wireguard.constants import REKEY_AFTER_TIME, REPLAY_WINDOW_SIZE  # noqa: E402
-from fzpoll.wireguard.engine import Engine  # noqa: E402
+from fzpoll.wireguard.engine import Engine
+from fzpoll.wireguard.events import HandshakeCompleted  # noqa: E402
 from fzpoll.wireguard.keys import PrivateKey  # noqa: E402
 
 ADDR_A = ("192.0.2.1", 51820)
@@ -77,32 +78,30 @@ class Link:
         self.b = Engine(key_b, random_bytes=rng.randbytes, wall_time=self.wall)
         peer_b = self.a.add_peer(key_b.public_key)
         peer_a = self.b.add_peer(key_a.public_key)
-        self.a.allowed_ips.insert("10.0.0.2/32", peer_b)
-        self.b.allowed_ips.insert("10.0.0.1/32", peer_a)
-        peer_b.endpoint = ADDR_B
-        peer_a.endpoint = ADDR_A
+        self.a.add_allowed_ip(peer_b, "10.0.0.2/32")
+        self.b.add_allowed_ip(peer_a, "10.0.0.1/32")
+        self.a.set_endpoint(peer_b, ADDR_B)
+        self.b.set_endpoint(peer_a, ADDR_A)
 
     def wall(self) -> float:
         return 1_700_000_000.0 + self.now
 
     def deliver(self) -> None:
         a, b = self.a, self.b
-        while a.out or b.out:
-            out = a.out[:]
-            a.out.clear()
-            for data, _ in out:
+        out_a, out_b = a.datagrams_to_send(), b.datagrams_to_send()
+        while out_a or out_b:
+            for data, _ in out_a:
                 b.receive(data, ADDR_A, self.now)
-            out = b.out[:]
-            b.out.clear()
-            for data, _ in out:
+            out_b += b.datagrams_to_send()
+            for data, _ in out_b:
                 a.receive(data, ADDR_B, self.now)
+            out_a, out_b = a.datagrams_to_send(), b.datagrams_to_send()
 
     def handshake(self) -> None:
         self.a.send(ip4(TUN_A, TUN_B, b"hello"), self.now)
         self.deliver()
-        if not self.b.to_tun:
+        if not self.b.packets_for_tun():
             raise SystemExit("bench_engine: the initial handshake did not complete")
-        self.b.to_tun.clear()
 
     def drops(self) -> dict[str, int]:
         return {f"{name}:{reason}": n for name, e in (("a", self.a), ("b", self.b)) for reason, n in e.drops.items()}
@@ -145,13 +144,11 @@ def bench_encrypt_decrypt(
         t0 = perf()
         for p in batch:
             send(p, now)
-        datagrams = [d for d, _ in a.out]
-        a.out.clear()
+        datagrams = [d for d, _ in a.datagrams_to_send()]
         t1 = perf()
         for d in datagrams:
             receive(d, ADDR_A, now)
-        got = b.to_tun[:]
-        b.to_tun.clear()
+        got = b.packets_for_tun()
         t2 = perf()
         t_enc += t1 - t0
         t_dec += t2 - t1
@@ -167,7 +164,7 @@ def bench_encrypt_decrypt(
 def bench_roundtrip(link: Link, pkts: list[bytes], seconds: float, checks: Checks) -> tuple[int, float]:
     """One packet at a time: encrypt, hand the datagram over, decrypt, take the packet."""
     a, b, now = link.a, link.b, link.now
-    send, receive, a_out, b_tun = a.send, b.receive, a.out, b.to_tun
+    send, receive, a_out, b_tun = a.send, b.receive, a.datagrams_to_send, b.packets_for_tun
     batch = [pkts[i % DISTINCT] for i in range(BATCH)]
     count = 0
     elapsed = 0.0
@@ -177,11 +174,11 @@ def bench_roundtrip(link: Link, pkts: list[bytes], seconds: float, checks: Check
         t0 = perf()
         for p in batch:
             send(p, now)
-            receive(a_out.pop()[0], ADDR_A, now)
-            got.append(b_tun.pop())
+            receive(a_out()[0][0], ADDR_A, now)
+            got.append(b_tun()[0])
         elapsed += perf() - t0
         count += len(batch)
-        if got == batch and not a_out and not b_tun:
+        if got == batch and not a_out() and not b_tun():
             checks.verified += len(got)
         else:
             checks.mismatched += len(batch)
@@ -197,16 +194,16 @@ def bench_handshakes(link: Link, seconds: float) -> tuple[int, float, int]:
     a, b = link.a, link.b
     while elapsed < seconds:
         link.now += REKEY_AFTER_TIME + 1.0
-        a.events.clear()
-        b.events.clear()
+        a.take_events()
+        b.take_events()
         t0 = perf()
         a.send(small, link.now)
         link.deliver()
         elapsed += perf() - t0
-        b.to_tun.clear()
+        b.packets_for_tun()
         count += 1
-        done_a = sum(1 for kind, _ in a.events if kind == "handshake_complete")
-        done_b = sum(1 for kind, _ in b.events if kind == "handshake_complete")
+        done_a = sum(1 for event in a.take_events() if isinstance(event, HandshakeCompleted))
+        done_b = sum(1 for event in b.take_events() if isinstance(event, HandshakeCompleted))
         completed += done_a == 1 and done_b == 1
     return count, elapsed, completed
 

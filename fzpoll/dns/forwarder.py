@@ -71,7 +71,7 @@ class DnsForwarder:
         if stub.expired_proxies:
             expired, stub.expired_proxies = stub.expired_proxies, []
             for address in expired:
-                self.engine.allowed_ips.remove(ipaddress.ip_network(address))
+                self.engine.remove_allowed_ip(ipaddress.ip_network(address))
         if stub.new_proxies:
             proxies, stub.new_proxies = stub.new_proxies, []
             for address, resource in proxies:
@@ -186,7 +186,7 @@ class DnsForwarder:
         if peer is None:
             log.warning("resource peer not configured", extra={"fields": {"resource": resource.pattern}})
             return
-        self.engine.allowed_ips.insert(ipaddress.ip_network(address), peer)
+        self.engine.add_allowed_ip(peer, ipaddress.ip_network(address))
 
     def close(self) -> None:
         for tcp in list(self._tcp.values()):

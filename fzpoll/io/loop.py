@@ -250,6 +250,7 @@ class Poller:
         self.intercept_v4: frozenset[bytes] = frozenset()
         self.intercept_v6: frozenset[bytes] = frozenset()
         self._flushers: list[Callback] = []
+        self._tun_queue: list[bytes] = []  # from sources other than the engine (queue_tun)
         self._last_read: dict[int, float] = {}  # data fd -> when a pass last read it
         self._masks_clear = True  # no output waits: every data fd has EPOLLIN and no EPOLLOUT
         if tun_fd is not None:
@@ -326,7 +327,7 @@ class Poller:
 
     def queue_tun(self, packets: list[bytes]) -> None:
         """Packets for the TUN device from a source other than the engine, written this pass."""
-        self.engine.to_tun.extend(packets)
+        self._tun_queue.extend(packets)
 
     def add_timer_source(self, next_deadline: Callable[[], float | None], handle: Callback) -> None:
         """Another sans-IO object with deadlines (UAPI idle clients, DNS, watchdog)."""
@@ -624,6 +625,9 @@ class Poller:
         engine = self.engine
         wrote_tun = False
         packets = engine.packets_for_tun()
+        if self._tun_queue:
+            packets += self._tun_queue
+            self._tun_queue = []
         if packets:
             self._write_tun(packets, drops)
             wrote_tun = _may_be_answered(packets)

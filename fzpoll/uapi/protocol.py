@@ -234,7 +234,7 @@ def _handshake_time(wall: float) -> tuple[int, int]:
 def _prefixes_by_peer(engine: Engine) -> dict[Peer, list[str]]:
     """Each peer's allowed IPs in the table's insertion order (wireguard-go's order)."""
     out: dict[Peer, list[str]] = {}
-    for net, peer in engine.allowed_ips:
+    for net, peer in engine.allowed_ips():
         out.setdefault(peer, []).append(_format_prefix(net))
     return out
 
@@ -399,12 +399,12 @@ class _SetOperation:
         raw = _hex_key(value)
         register_secret(raw)
         if self.peer is not None:
-            self.peer.preshared_key = PresharedKey(raw)
+            self.engine.set_preshared_key(self.peer, PresharedKey(raw))
 
     def _endpoint(self, value: str) -> None:
         endpoint = parse_endpoint(value)
         if self.peer is not None:
-            self.peer.endpoint = endpoint
+            self.engine.set_endpoint(self.peer, endpoint)
 
     def _persistent_keepalive_interval(self, value: str) -> None:
         interval = _uint(value, 16)
@@ -414,12 +414,12 @@ class _SetOperation:
     def _replace_allowed_ips(self, value: str) -> None:
         _true(value)
         if self.peer is not None:
-            self.engine.allowed_ips.remove_value(self.peer)
+            self.engine.clear_allowed_ips(self.peer)
 
     def _allowed_ip(self, value: str) -> None:
         net = parse_prefix(value)
         if self.peer is not None:
-            self.engine.allowed_ips.insert(net, self.peer)
+            self.engine.add_allowed_ip(self.peer, net)
 
     def _protocol_version(self, value: str) -> None:
         if value != "1":

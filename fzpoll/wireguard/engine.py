@@ -14,15 +14,15 @@ which implements whitepaper section 6.
 
 from __future__ import annotations
 
-import heapq
 import ipaddress
 import random
 import struct
 from collections import Counter
-from typing import Callable
+from types import MappingProxyType
+from typing import Callable, Iterator, Mapping
 
 from fzpoll.wireguard import handshake
-from fzpoll.wireguard.allowedips import AllowedIPs
+from fzpoll.wireguard.allowedips import AllowedIPs, Network
 from fzpoll.wireguard.constants import (
     AEAD_TAG_SIZE,
     COOKIE_REPLY_SIZE,
@@ -54,8 +54,10 @@ from fzpoll.wireguard.constants import (
 from fzpoll.wireguard.crypto import CryptoError, InvalidPoint
 from fzpoll.errors import DropReason as D
 from fzpoll.errors import LocalError
-from fzpoll.wireguard.keys import PrivateKey, PublicKey
-from fzpoll.wireguard.peer import HANDSHAKE_INITIATION_SENT, HANDSHAKE_NONE, Endpoint, Keypair, Peer
+from fzpoll.wireguard.keys import PresharedKey, PrivateKey, PublicKey
+from fzpoll.wireguard.events import Event, HandshakeCompleted, HandshakeGaveUp, HandshakeInitiated, KeysZeroed
+from fzpoll.wireguard.peer import Endpoint, HandshakeState, Keypair, Peer
+from fzpoll.wireguard.timers import PeerTimer, TimerHeap
 
 from nacl._sodium import ffi as _ffi
 from nacl._sodium import lib as _lib
@@ -74,7 +76,11 @@ _pack_header = struct.Struct("<8sQ").pack_into  # our remote-index header, then 
 _unpack_header = struct.Struct("<IQ").unpack_from  # receiver index, counter (from offset 4)
 _pack_nonce = struct.Struct("<4xQ").pack
 _PADDING = bytes(16)
-_TIMERS = ("retransmit_at", "keepalive_at", "new_handshake_at", "zero_keys_at", "persistent_at")
+_RETRANSMIT = PeerTimer.RETRANSMIT_HANDSHAKE
+_KEEPALIVE = PeerTimer.SEND_KEEPALIVE
+_NEW_HANDSHAKE = PeerTimer.NEW_HANDSHAKE
+_ZERO_KEYS = PeerTimer.ZERO_KEY_MATERIAL
+_PERSISTENT = PeerTimer.PERSISTENT_KEEPALIVE
 
 
 def _source_bytes(addr: Endpoint) -> bytes:
@@ -101,15 +107,18 @@ class Engine:
         self._jitter_rng = random.Random(random_bytes(16))
         self.wall_time = wall_time
         self.mtu = mtu
-        self.peers: dict[bytes, Peer] = {}
-        self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
-        self.out: list[tuple[bytes, Endpoint]] = []
-        self.to_tun: list[bytes] = []
-        self.events: list[tuple[str, Peer]] = []  # rare notable events for the IO shell to log
-        self.drops: Counter[str] = Counter()
-        self._index: dict[int, Keypair | Peer] = {}
-        self._timers: list[tuple[float, int, Peer, str]] = []
-        self._timer_seq = 0
+        self._peers: dict[bytes, Peer] = {}
+        self.peers: Mapping[bytes, Peer] = MappingProxyType(self._peers)  # read-only view, by raw key
+        self._allowed_ips: AllowedIPs[Peer] = AllowedIPs()
+        self._out: list[tuple[bytes, Endpoint]] = []
+        self._to_tun: list[bytes] = []
+        self._events: list[Event] = []
+        self._drops: Counter[str] = Counter()
+        self.drops: Mapping[str, int] = MappingProxyType(self._drops)  # read-only view, 0 if never
+        # Receiver indices (5.4.2): ours in sessions, and ours in handshakes we initiated.
+        self._keypairs: dict[int, Keypair] = {}
+        self._handshakes: dict[int, Peer] = {}
+        self._timers = TimerHeap()
         self._load_window_start = float("-inf")
         self._load_window_count = 0
         self._under_load_until = float("-inf")
@@ -122,6 +131,13 @@ class Engine:
             MESSAGE_HANDSHAKE_INITIATION: self._on_initiation,
             MESSAGE_HANDSHAKE_RESPONSE: self._on_response,
             MESSAGE_HANDSHAKE_COOKIE: self._on_cookie_reply,
+        }
+        self._on_timer = {
+            _RETRANSMIT: self._expired_retransmit,
+            _KEEPALIVE: self._expired_keepalive,
+            _NEW_HANDSHAKE: self._expired_new_handshake,
+            _ZERO_KEYS: self._expired_zero_keys,
+            _PERSISTENT: self._expired_persistent_keepalive,
         }
         self.set_private_key(private_key)
 
@@ -139,7 +155,7 @@ class Engine:
         """Set (or clear) our static key; every session and handshake in progress is dropped."""
         if key is not None and self._private == key.raw:
             return
-        for peer in self.peers.values():
+        for peer in self._peers.values():
             self._clear_sessions(peer)
         if key is None or key.is_zero():
             self._private, self._public, self._cookies = None, b"", None
@@ -148,31 +164,31 @@ class Engine:
         self._public = key.public_key.raw
         self._cookies = handshake.CookieChecker(self._public, self.random_bytes)
         # A peer with our own public key makes no sense (wireguard-go removes it too).
-        if self._public in self.peers:
+        if self._public in self._peers:
             self.remove_peer(PublicKey(self._public))
 
     def get_peer(self, public_key: PublicKey) -> Peer | None:
-        return self.peers.get(public_key.raw)
+        return self._peers.get(public_key.raw)
 
     def add_peer(self, public_key: PublicKey) -> Peer:
         """The peer with this key, created if new."""
-        peer = self.peers.get(public_key.raw)
+        peer = self._peers.get(public_key.raw)
         if peer is None:
             if public_key.raw == self._public:
                 raise LocalError("a peer cannot have the interface's own public key")
-            peer = self.peers[public_key.raw] = Peer(public_key)
+            peer = self._peers[public_key.raw] = Peer(public_key)
         return peer
 
     def remove_peer(self, public_key: PublicKey) -> None:
-        peer = self.peers.pop(public_key.raw, None)
+        peer = self._peers.pop(public_key.raw, None)
         if peer is None:
             return
         self._clear_sessions(peer)
-        self.allowed_ips.remove_value(peer)
+        self._allowed_ips.remove_value(peer)
         peer.removed = True
 
     def remove_all_peers(self) -> None:
-        for peer in list(self.peers.values()):
+        for peer in list(self._peers.values()):
             self.remove_peer(peer.public_key)
 
     def set_persistent_keepalive(self, peer: Peer, interval: int, now: float) -> None:
@@ -184,6 +200,39 @@ class Engine:
         elif was_off and self._private is not None and peer.endpoint is not None:
             self._send_keepalive(peer, now)
 
+    def set_preshared_key(self, peer: Peer, key: PresharedKey) -> None:
+        """Mixed into the peer's next handshakes (whitepaper 5.4.2, the psk of IKpsk2)."""
+        peer.preshared_key = key
+
+    def set_endpoint(self, peer: Peer, endpoint: Endpoint | None) -> None:
+        """Where to send to ``peer`` until an authenticated packet from elsewhere moves it."""
+        peer.endpoint = endpoint
+
+    # ------------------------------------------------------------------ cryptokey routing
+
+    def add_allowed_ip(self, peer: Peer, network: Network | str) -> None:
+        """Route ``network`` to ``peer`` (taking it from any other peer), and accept it as a
+        source from ``peer``."""
+        self._allowed_ips.insert(network, peer)
+
+    def remove_allowed_ip(self, network: Network | str) -> None:
+        self._allowed_ips.remove(network)
+
+    def clear_allowed_ips(self, peer: Peer) -> None:
+        self._allowed_ips.remove_value(peer)
+
+    def allowed_ips(self) -> Iterator[tuple[Network, Peer]]:
+        """Every ``(network, peer)`` of the routing table."""
+        return iter(self._allowed_ips)
+
+    def allowed_ips_of(self, peer: Peer) -> list[Network]:
+        """The prefixes routed to ``peer``, in a stable order (v4 first, then by address)."""
+        return self._allowed_ips.prefixes(peer)
+
+    def peer_for(self, address: bytes | str) -> Peer | None:
+        """The peer whose allowed IPs hold ``address`` (packed or text; longest prefix), or None."""
+        return self._allowed_ips.lookup(address)
+
     def is_under_load(self, now: float) -> bool:
         return now < self._under_load_until
 
@@ -191,24 +240,43 @@ class Engine:
 
     def datagrams_to_send(self) -> list[tuple[bytes, Endpoint]]:
         """Take the ``(datagram, endpoint)`` pairs produced since the last call."""
-        out = self.out
-        if out:
-            self.out = []
+        out = self._out
+        if not out:
+            return []  # never the engine's own list: the caller may keep and grow what it gets
+        self._out = []
         return out
 
     def packets_for_tun(self) -> list[bytes]:
         """Take the decrypted IP packets produced since the last call."""
-        packets = self.to_tun
-        if packets:
-            self.to_tun = []
+        packets = self._to_tun
+        if not packets:
+            return []  # never the engine's own list: the caller may keep and grow what it gets
+        self._to_tun = []
         return packets
+
+    def take_events(self) -> list[Event]:
+        """Take the events (:mod:`fzpoll.wireguard.events`) produced since the last call."""
+        events = self._events
+        if not events:
+            return []  # never the engine's own list: the caller may keep and grow what it gets
+        self._events = []
+        return events
 
     def count_drop(self, reason: D, count: int = 1) -> None:
         """Count drops the IO shell decided on the engine's behalf (e.g. handshakes shed under load)."""
-        self.drops[reason] += count
+        self._drops[reason] += count
 
-    def drop_counts(self) -> dict[str, int]:
-        return dict(self.drops)
+    def staged_packet_count(self) -> int:
+        """Packets waiting for a session, over every peer."""
+        return sum(len(peer.staged) for peer in self._peers.values())
+
+    def live_indices(self) -> frozenset[int]:
+        """Our receiver indices in use (sessions and handshakes in flight)."""
+        return frozenset(self._keypairs) | frozenset(self._handshakes)
+
+    def timer_entries(self) -> int:
+        """Entries on the timer heap (bounded by a few per peer: see :mod:`.timers`)."""
+        return len(self._timers)
 
     # ------------------------------------------------------------------ data plane: outgoing
 
@@ -216,24 +284,24 @@ class Engine:
         """Encrypt an IP packet from the TUN device for the peer that its destination routes to."""
         n = len(packet)
         if n >= 20 and packet[0] >> 4 == 4:
-            peer = self.allowed_ips.lookup_v4(packet[16:20])
+            peer = self._allowed_ips.lookup_v4(packet[16:20])
         elif n >= 40 and packet[0] >> 4 == 6:
-            peer = self.allowed_ips.lookup_v6(packet[24:40])
+            peer = self._allowed_ips.lookup_v6(packet[24:40])
         else:
-            self.drops[D.BAD_INNER_PACKET] += 1
+            self._drops[D.BAD_INNER_PACKET] += 1
             return D.BAD_INNER_PACKET
         if peer is None:
             # multicast (IPv6 router solicitations, MLD): the kernel's own, no peer asked for it
             multicast = packet[24] == 0xFF if packet[0] >> 4 == 6 else packet[16] >> 4 == 14
             reason = D.MULTICAST if multicast else D.NO_ROUTE
-            self.drops[reason] += 1
+            self._drops[reason] += 1
             return reason
         return self.send_to_peer(peer, packet, now)
 
     def send_to_peer(self, peer: Peer, packet: bytes, now: float) -> D | None:
         """Encrypt ``packet`` for ``peer`` now if a session is usable, else stage it and handshake."""
         if peer.endpoint is None:
-            self.drops[D.NO_ENDPOINT] += 1
+            self._drops[D.NO_ENDPOINT] += 1
             return D.NO_ENDPOINT
         kp = peer.current
         if (
@@ -245,7 +313,7 @@ class Engine:
             full = not peer.stage(packet)
             self._flush_staged(peer, now)
             if full:
-                self.drops[D.STAGED_QUEUE_FULL] += 1
+                self._drops[D.STAGED_QUEUE_FULL] += 1
                 return D.STAGED_QUEUE_FULL
             return None
         self._encrypt(peer, kp, packet, now)
@@ -266,14 +334,14 @@ class Engine:
         _pack_header(view, 0, kp.header, counter)
         _seal(self._scratch_body, _NULL, packet, len(packet), _NULL, 0, _NULL, _pack_nonce(counter), kp.send_key)
         datagram = view[0:size]
-        self.out.append((datagram, peer.endpoint))
+        self._out.append((datagram, peer.endpoint))
         peer.tx_bytes += len(datagram)
         # timers: any authenticated packet traversal / sent, data sent (wireguard-go timers.go)
         if peer.persistent_keepalive_interval:
-            self._arm(peer, "persistent_at", now + peer.persistent_keepalive_interval)
+            self._timers.arm(peer, _PERSISTENT, now + peer.persistent_keepalive_interval)
         peer.keepalive_at = None
         if n and peer.new_handshake_at is None:
-            self._arm(peer, "new_handshake_at", now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter())
+            self._timers.arm(peer, _NEW_HANDSHAKE, now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter())
         # keep the key fresh
         if counter + 1 >= REKEY_AFTER_MESSAGES or (kp.is_initiator and now - kp.created_at >= REKEY_AFTER_TIME):
             self._send_initiation(peer, now, is_retry=False)
@@ -310,11 +378,11 @@ class Engine:
     def receive(self, data: bytes, addr: Endpoint, now: float) -> D | None:
         """Process one UDP datagram from ``addr``; decrypted packets go to :attr:`to_tun`."""
         if len(data) < 4:
-            self.drops[D.TOO_SHORT] += 1
+            self._drops[D.TOO_SHORT] += 1
             return D.TOO_SHORT
         kind = data[0]
         if data[1] or data[2] or data[3]:
-            self.drops[D.BAD_TYPE] += 1
+            self._drops[D.BAD_TYPE] += 1
             return D.BAD_TYPE
         if kind == MESSAGE_TRANSPORT_DATA:
             reason = self._on_transport(data, addr, now)
@@ -325,15 +393,15 @@ class Engine:
             else:
                 reason = handler(data, addr, now)
         if reason is not None:
-            self.drops[reason] += 1
+            self._drops[reason] += 1
         return reason
 
     def _on_transport(self, data: bytes, addr: Endpoint, now: float) -> D | None:
         if len(data) < KEEPALIVE_SIZE:
             return D.BAD_LENGTH
         index, counter = _unpack_header(data, 4)
-        kp = self._index.get(index)
-        if kp is None or kp.__class__ is not Keypair:
+        kp = self._keypairs.get(index)
+        if kp is None:
             return D.UNKNOWN_INDEX
         if now - kp.created_at >= REJECT_AFTER_TIME:
             return D.KEY_EXPIRED
@@ -368,17 +436,17 @@ class Engine:
             peer.sent_last_minute_handshake = True
             self._send_initiation(peer, now, is_retry=False)
         if peer.persistent_keepalive_interval:
-            self._arm(peer, "persistent_at", now + peer.persistent_keepalive_interval)
+            self._timers.arm(peer, _PERSISTENT, now + peer.persistent_keepalive_interval)
         peer.new_handshake_at = None
         if not plain:
             return None  # a keepalive
         if peer.keepalive_at is None:
-            self._arm(peer, "keepalive_at", now + KEEPALIVE_TIMEOUT)
+            self._timers.arm(peer, _KEEPALIVE, now + KEEPALIVE_TIMEOUT)
         else:
             peer.need_another_keepalive = True
         n = len(plain)
         length = ((plain[2] << 8) | plain[3]) if plain[0] >> 4 == 4 else ((plain[4] << 8) | plain[5]) + 40
-        self.to_tun.append(plain if length == n else plain[:length])  # without the padding
+        self._to_tun.append(plain if length == n else plain[:length])  # without the padding
         return None
 
     def _check_inner(self, peer: Peer, plain: bytes) -> D | None:
@@ -387,10 +455,10 @@ class Engine:
         version = plain[0] >> 4
         if version == 4 and n >= 20:
             length = (plain[2] << 8) | plain[3]
-            source_peer = self.allowed_ips.lookup_v4(plain[12:16])
+            source_peer = self._allowed_ips.lookup_v4(plain[12:16])
         elif version == 6 and n >= 40:
             length = ((plain[4] << 8) | plain[5]) + 40
-            source_peer = self.allowed_ips.lookup_v6(plain[8:24])
+            source_peer = self._allowed_ips.lookup_v6(plain[8:24])
         else:
             return D.BAD_INNER_PACKET
         if length > n or length < 20:
@@ -427,7 +495,7 @@ class Engine:
             return None
         source = _source_bytes(addr)
         if not cookies.check_mac2(data, source, now):
-            self.out.append((cookies.make_reply(data, source, now), addr))
+            self._out.append((cookies.make_reply(data, source, now), addr))
             return D.BAD_MAC2
         return None if self._allow_source(source[:-2], now) else D.RATE_LIMITED
 
@@ -456,7 +524,7 @@ class Engine:
             init = handshake.parse_initiation(self._private, self._public, data)  # type: ignore[arg-type]
         except (CryptoError, InvalidPoint):
             return D.BAD_HANDSHAKE
-        peer = self.peers.get(init.remote_static)
+        peer = self._peers.get(init.remote_static)
         if peer is None:
             return D.UNKNOWN_PEER
         if init.timestamp <= peer.last_timestamp:
@@ -465,10 +533,9 @@ class Engine:
             return D.HANDSHAKE_FLOOD
         try:
             ephemeral = self.random_bytes(32)
-            local_index = self._new_index(peer)
+            local_index = self._new_index()
             body, state = handshake.build_response(init, ephemeral, peer.preshared_key.raw, local_index)
         except InvalidPoint:  # a low-order ephemeral from the initiator
-            self._index.pop(local_index, None)
             return D.BAD_HANDSHAKE
         # Accepted: from here on the state changes.
         peer.last_timestamp = init.timestamp
@@ -476,16 +543,16 @@ class Engine:
         self._clear_handshake(peer)
         recv_key, send_key = state.split()
         kp = Keypair(peer, send_key, recv_key, local_index, init.sender_index, now, is_initiator=False)
-        self._index[local_index] = kp
+        self._keypairs[local_index] = kp
         self._forget_keypair(peer.next)
         self._forget_keypair(peer.previous)
         peer.previous = None
         peer.next = kp
         peer.endpoint = addr
-        self.out.append((peer.cookies.add_macs(body, now), addr))
+        self._out.append((peer.cookies.add_macs(body, now), addr))
         peer.tx_bytes += RESPONSE_SIZE
         peer.rx_bytes += len(data)
-        self._arm(peer, "zero_keys_at", now + ZERO_KEYS_AFTER_TIME)
+        self._timers.arm(peer, _ZERO_KEYS, now + ZERO_KEYS_AFTER_TIME)
         self._authenticated_traversal(peer, now)
         peer.keepalive_at = None
         return None
@@ -497,8 +564,8 @@ class Engine:
         if reason is not None:
             return reason
         sender, receiver = handshake.response_indices(data)
-        peer = self._index.get(receiver)
-        if peer is None or peer.__class__ is not Peer or peer.handshake_state != HANDSHAKE_INITIATION_SENT:
+        peer = self._handshakes.get(receiver)
+        if peer is None or peer.handshake_state is not HandshakeState.INITIATION_SENT:
             return D.UNEXPECTED_RESPONSE
         try:
             state = handshake.parse_response(
@@ -508,13 +575,10 @@ class Engine:
         except (CryptoError, InvalidPoint):
             return D.BAD_HANDSHAKE
         send_key, recv_key = state.split()
-        local_index = peer.handshake_index
-        peer.handshake_state = HANDSHAKE_NONE
-        peer.handshake_state_noise = None
-        peer.handshake_ephemeral = b""
-        peer.handshake_index = None
-        kp = Keypair(peer, send_key, recv_key, local_index, sender, now, is_initiator=True)  # type: ignore[arg-type]
-        self._index[local_index] = kp  # type: ignore[index]
+        local_index: int = peer.handshake_index  # type: ignore[assignment]
+        self._clear_handshake(peer)
+        kp = Keypair(peer, send_key, recv_key, local_index, sender, now, is_initiator=True)
+        self._keypairs[local_index] = kp
         if peer.next is not None:
             self._forget_keypair(peer.previous)
             self._forget_keypair(peer.current)
@@ -526,7 +590,7 @@ class Engine:
         peer.current = kp
         peer.endpoint = addr
         peer.rx_bytes += len(data)
-        self._arm(peer, "zero_keys_at", now + ZERO_KEYS_AFTER_TIME)
+        self._timers.arm(peer, _ZERO_KEYS, now + ZERO_KEYS_AFTER_TIME)
         self._handshake_complete(peer)
         self._authenticated_traversal(peer, now)
         peer.new_handshake_at = None
@@ -536,11 +600,12 @@ class Engine:
     def _on_cookie_reply(self, data: bytes, addr: Endpoint, now: float) -> D | None:
         if len(data) != COOKIE_REPLY_SIZE:
             return D.BAD_LENGTH
-        entry = self._index.get(int.from_bytes(data[4:8], "little"))
-        if entry is None:
+        index = int.from_bytes(data[4:8], "little")
+        kp = self._keypairs.get(index)
+        peer = kp.peer if kp is not None else self._handshakes.get(index)
+        if peer is None:
             return D.UNKNOWN_INDEX
-        peer = entry.peer if entry.__class__ is Keypair else entry
-        if not peer.cookies.consume_reply(data, now):  # type: ignore[union-attr]
+        if not peer.cookies.consume_reply(data, now):
             return D.BAD_COOKIE
         return None
 
@@ -554,50 +619,51 @@ class Engine:
         peer.last_sent_handshake_at = now
         self._clear_handshake(peer)
         ephemeral = self.random_bytes(32)
-        index = self._new_index(peer)
+        index = self._new_index()
+        self._handshakes[index] = peer
         body, state = handshake.build_initiation(
             self._private, peer.raw_public, ephemeral, index, self.wall_time()
         )
-        peer.handshake_state = HANDSHAKE_INITIATION_SENT
+        peer.handshake_state = HandshakeState.INITIATION_SENT
         peer.handshake_index = index
         peer.handshake_state_noise = state
         peer.handshake_ephemeral = ephemeral
-        self.out.append((peer.cookies.add_macs(body, now), peer.endpoint))
+        self._out.append((peer.cookies.add_macs(body, now), peer.endpoint))
         peer.tx_bytes += INITIATION_SIZE
-        self.events.append(("handshake_initiated", peer))
+        self._events.append(HandshakeInitiated(peer.public_key))
         self._authenticated_traversal(peer, now)
         peer.keepalive_at = None
-        self._arm(peer, "retransmit_at", now + REKEY_TIMEOUT + self._jitter())
+        self._timers.arm(peer, _RETRANSMIT, now + REKEY_TIMEOUT + self._jitter())
 
     def _handshake_complete(self, peer: Peer) -> None:
         peer.retransmit_at = None
         peer.handshake_attempts = 0
         peer.sent_last_minute_handshake = False
         peer.last_handshake_wall = self.wall_time()
-        self.events.append(("handshake_complete", peer))
+        self._events.append(HandshakeCompleted(peer.public_key))
 
     def _authenticated_traversal(self, peer: Peer, now: float) -> None:
         if peer.persistent_keepalive_interval:
-            self._arm(peer, "persistent_at", now + peer.persistent_keepalive_interval)
+            self._timers.arm(peer, _PERSISTENT, now + peer.persistent_keepalive_interval)
 
     # ------------------------------------------------------------------ indices and cleanup
 
-    def _new_index(self, entry: Keypair | Peer) -> int:
+    def _new_index(self) -> int:
+        """A random receiver index that no session or handshake of ours uses."""
         while True:
             index = int.from_bytes(self.random_bytes(4), "little")
-            if index not in self._index:
-                self._index[index] = entry
+            if index not in self._keypairs and index not in self._handshakes:
                 return index
 
     def _forget_keypair(self, kp: Keypair | None) -> None:
-        if kp is not None and self._index.get(kp.local_index) is kp:
-            del self._index[kp.local_index]
+        if kp is not None and self._keypairs.get(kp.local_index) is kp:
+            del self._keypairs[kp.local_index]
 
     def _clear_handshake(self, peer: Peer) -> None:
-        if peer.handshake_index is not None and self._index.get(peer.handshake_index) is peer:
-            del self._index[peer.handshake_index]
+        if peer.handshake_index is not None and self._handshakes.get(peer.handshake_index) is peer:
+            del self._handshakes[peer.handshake_index]
         peer.handshake_index = None
-        peer.handshake_state = HANDSHAKE_NONE
+        peer.handshake_state = HandshakeState.NONE
         peer.handshake_state_noise = None
         peer.handshake_ephemeral = b""
 
@@ -608,8 +674,8 @@ class Engine:
             self._forget_keypair(kp)
         peer.previous = peer.current = peer.next = None
         peer.staged.clear()
-        for name in _TIMERS:
-            setattr(peer, name, None)
+        for timer in PeerTimer:
+            setattr(peer, timer, None)
 
     # ------------------------------------------------------------------ timers
 
@@ -618,52 +684,9 @@ class Engine:
         drawn for data packets too, where a getrandom() syscall each would be a waste."""
         return self._jitter_rng.random() * REKEY_TIMEOUT_JITTER_MAX
 
-    def _arm(self, peer: Peer, name: str, at: float) -> None:
-        """Set a peer timer. Each timer has at most one live heap entry (``timer_entries``): a
-        new one is pushed only when the deadline moves earlier than it; a later deadline is found
-        when the live entry pops and is re-pushed once, so per-packet re-arming costs an
-        attribute store, not a heap push, and the heap never holds more than a few entries per
-        peer."""
-        setattr(peer, name, at)
-        live = peer.timer_entries.get(name)
-        if live is None or at < live[0]:
-            self._timer_seq += 1
-            peer.timer_entries[name] = (at, self._timer_seq)
-            heapq.heappush(self._timers, (at, self._timer_seq, peer, name))
-
-    def _prune_timers(self) -> None:
-        """Drop stale heap entries and cancelled timers; re-push ones whose deadline moved later."""
-        heap = self._timers
-        while heap:
-            at, seq, peer, name = heap[0]
-            live = peer.timer_entries.get(name)
-            if peer.removed or live is None or live[1] != seq:
-                heapq.heappop(heap)  # superseded by an earlier entry
-                continue
-            current = getattr(peer, name)
-            if current is None:
-                heapq.heappop(heap)  # cancelled
-                del peer.timer_entries[name]
-            elif current > at:
-                self._timer_seq += 1
-                peer.timer_entries[name] = (current, self._timer_seq)
-                heapq.heapreplace(heap, (current, self._timer_seq, peer, name))
-            else:
-                return
-
     def next_deadline(self) -> float | None:
         """The absolute time at which :meth:`handle_timer` must next run, or None if never."""
-        heap = self._timers
-        if not heap:
-            return None
-        at, seq, peer, name = heap[0]
-        live = peer.timer_entries.get(name)
-        if live is not None and live[1] == seq and not peer.removed:
-            current = getattr(peer, name)
-            if current is not None and current <= at:
-                return at  # the top entry is live and current: nothing to prune (the common case)
-        self._prune_timers()
-        return heap[0][0] if heap else None
+        return self._timers.next_deadline()
 
     def deadline_hint(self) -> float | None:
         """A lower bound of :meth:`next_deadline` in O(1), without pruning: the earliest heap entry,
@@ -672,48 +695,42 @@ class Engine:
         :meth:`next_deadline` prunes the heap, so each stale entry costs at most one early
         wakeup, and only one that the data path's own churn (each packet cancels and re-arms
         the keepalive and new-handshake timers) left at the top just before the loop went idle."""
-        heap = self._timers
-        return heap[0][0] if heap else None
+        return self._timers.lower_bound()
 
     def handle_timer(self, now: float) -> None:
         """Fire every timer due at ``now``."""
-        heap = self._timers
-        while True:
-            self._prune_timers()
-            if not heap or heap[0][0] > now:
-                return
-            _, _, peer, name = heapq.heappop(heap)
-            del peer.timer_entries[name]
-            setattr(peer, name, None)
-            getattr(self, "_expired_" + name)(peer, now)
+        pop_due, on_timer = self._timers.pop_due, self._on_timer
+        while (due := pop_due(now)) is not None:
+            peer, timer = due
+            on_timer[timer](peer, now)
 
-    def _expired_retransmit_at(self, peer: Peer, now: float) -> None:
+    def _expired_retransmit(self, peer: Peer, now: float) -> None:
         if peer.handshake_attempts >= MAX_TIMER_HANDSHAKES:
             dropped = len(peer.staged)
             peer.staged.clear()
             if dropped:
-                self.drops[D.HANDSHAKE_GAVE_UP] += dropped
+                self._drops[D.HANDSHAKE_GAVE_UP] += dropped
             self._clear_handshake(peer)
-            self.events.append(("handshake_gave_up", peer))
+            self._events.append(HandshakeGaveUp(peer.public_key))
             if peer.zero_keys_at is None:
-                self._arm(peer, "zero_keys_at", now + ZERO_KEYS_AFTER_TIME)
+                self._timers.arm(peer, _ZERO_KEYS, now + ZERO_KEYS_AFTER_TIME)
             return
         peer.handshake_attempts += 1
         self._send_initiation(peer, now, is_retry=True)
 
-    def _expired_keepalive_at(self, peer: Peer, now: float) -> None:
+    def _expired_keepalive(self, peer: Peer, now: float) -> None:
         self._send_keepalive(peer, now)
         if peer.need_another_keepalive:
             peer.need_another_keepalive = False
-            self._arm(peer, "keepalive_at", now + KEEPALIVE_TIMEOUT)
+            self._timers.arm(peer, _KEEPALIVE, now + KEEPALIVE_TIMEOUT)
 
-    def _expired_new_handshake_at(self, peer: Peer, now: float) -> None:
+    def _expired_new_handshake(self, peer: Peer, now: float) -> None:
         self._send_initiation(peer, now, is_retry=False)
 
-    def _expired_zero_keys_at(self, peer: Peer, now: float) -> None:
+    def _expired_zero_keys(self, peer: Peer, now: float) -> None:
         self._clear_sessions(peer)
-        self.events.append(("keys_zeroed", peer))
+        self._events.append(KeysZeroed(peer.public_key))
 
-    def _expired_persistent_at(self, peer: Peer, now: float) -> None:
+    def _expired_persistent_keepalive(self, peer: Peer, now: float) -> None:
         if peer.persistent_keepalive_interval:
             self._send_keepalive(peer, now)

@@ -6,6 +6,7 @@ data. Keys are never shown by repr.
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from typing import Any
 
@@ -16,9 +17,14 @@ from fzpoll.wireguard.replay import ReplayWindow
 
 Endpoint = tuple[Any, ...]  # a socket address as recvfrom returns it: (host, port) or (host, port, flow, scope)
 
-# Handshake states (the responder keeps none: its keypair waits in ``Peer.next``).
-HANDSHAKE_NONE = 0
-HANDSHAKE_INITIATION_SENT = 1
+
+
+class HandshakeState(enum.Enum):
+    """Where our side of a handshake stands. The responder keeps no state: its keypair waits in
+    ``Peer.next`` until the initiator's first transport packet confirms it."""
+
+    NONE = enum.auto()
+    INITIATION_SENT = enum.auto()
 
 
 class Keypair:
@@ -75,7 +81,7 @@ class Peer:
         self.persistent_keepalive_interval = 0
         self.cookies = CookieGenerator(public_key.raw)
         self.removed = False
-        self.handshake_state = HANDSHAKE_NONE
+        self.handshake_state = HandshakeState.NONE
         self.handshake_index: int | None = None
         self.handshake_state_noise = None
         self.handshake_ephemeral = b""
@@ -94,7 +100,7 @@ class Peer:
         self.zero_keys_at: float | None = None
         self.persistent_at: float | None = None
         self.need_another_keepalive = False
-        self.timer_entries: dict[str, tuple[float, int]] = {}  # timer -> its one live heap entry
+        self.timer_entries: dict[str, tuple[float, int]] = {}  # timer -> its one live heap entry (timers.py)
         self.last_handshake_wall = 0.0  # Unix time of the last completed handshake, 0 if none
         self.rx_bytes = 0
         self.tx_bytes = 0
