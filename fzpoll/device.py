@@ -15,6 +15,7 @@ import time
 from fzpoll.wireguard.constants import DEFAULT_MTU
 from fzpoll.wireguard.engine import Engine
 from fzpoll.errors import LocalError
+from fzpoll.jsonlog import register_secret
 from fzpoll.wireguard.constants import DEFAULT_BATCH_SIZE
 from fzpoll.io.loop import Poller
 from fzpoll.io.tun import TunDevice
@@ -114,6 +115,10 @@ class Device:
         log.info("listening", extra={"fields": {"port": self.listen_port, "families": len(sockets)}})
 
     # ------------------------------------------------------------------ UapiHost
+
+    def register_secret(self, raw: bytes) -> None:
+        """A key a UAPI request carried: masked in every log line from now on."""
+        register_secret(raw)
 
     def set_listen_port(self, port: int) -> None:
         if port == self.listen_port:

@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from typing import Iterable
+from typing import Mapping
+
+
+class DropKind(enum.Enum):
+    """Where a drop happened: the four places a packet can be refused."""
+
+    INBOUND = "inbound"  # a datagram from the network (the WireGuard engine's receive path)
+    OUTBOUND = "outbound"  # an IP packet from the TUN device (the engine's send path)
+    IO = "io"  # the loop could not write or keep a packet
+    DNS = "dns"  # the DNS stub (queries from the tunnel, answers from upstream)
 
 
 class DropReason(enum.StrEnum):
-    """Why a datagram or packet was dropped; the value is the name used in counters and logs."""
+    """Why a datagram or packet was dropped: a closed set; the value is the name used in counters
+    and logs, :attr:`kind` says which path dropped it."""
 
+    # inbound
     TOO_SHORT = "too_short"
     BAD_TYPE = "bad_type"
     BAD_LENGTH = "bad_length"
@@ -34,16 +45,45 @@ class DropReason(enum.StrEnum):
     KEY_EXPIRED = "key_expired"
     NOT_ALLOWED_SOURCE = "not_allowed_source"  # inner source address not in the peer's allowed IPs
     BAD_INNER_PACKET = "bad_inner_packet"
+    NO_PRIVATE_KEY = "no_private_key"
+    # outbound
     NO_ROUTE = "no_route"  # outgoing packet with no peer for its destination
     MULTICAST = "multicast"  # outgoing multicast with no peer (the kernel's own IPv6 chatter)
     NO_ENDPOINT = "no_endpoint"
-    NO_PRIVATE_KEY = "no_private_key"
     STAGED_QUEUE_FULL = "staged_queue_full"
     HANDSHAKE_GAVE_UP = "handshake_gave_up"  # staged packets dropped after REKEY_ATTEMPT_TIME
+    # io
     BUFFER_FULL = "buffer_full"  # a bounded write buffer was full
     WRITE_FAILED = "write_failed"
+    # dns
     DNS_MALFORMED = "dns_malformed"
+    DNS_REPLY_TOO_SHORT = "dns_reply_too_short"
+    DNS_REPLY_UNKNOWN_ID = "dns_reply_unknown_id"
+    DNS_REPLY_WRONG_TRANSPORT = "dns_reply_wrong_transport"
+    DNS_REPLY_WRONG_SOURCE = "dns_reply_wrong_source"
+    DNS_REPLY_QUESTION_MISMATCH = "dns_reply_question_mismatch"
+    DNS_UNENCODABLE_REPLY = "dns_unencodable_reply"
 
+    @property
+    def kind(self) -> DropKind:
+        return _KINDS[self]
+
+
+def _kinds() -> dict[DropReason, DropKind]:
+    """Each reason's kind, from where it stands in the class body (checked complete by the tests)."""
+    kinds = {}
+    boundaries = [(DropReason.TOO_SHORT, DropKind.INBOUND), (DropReason.NO_ROUTE, DropKind.OUTBOUND),
+                  (DropReason.BUFFER_FULL, DropKind.IO), (DropReason.DNS_MALFORMED, DropKind.DNS)]
+    kind = DropKind.INBOUND
+    for reason in DropReason:
+        for first, section in boundaries:
+            if reason is first:
+                kind = section
+        kinds[reason] = kind
+    return kinds
+
+
+_KINDS = _kinds()
 
 # Drops that are normal operation, counted but not worth a warning in the logs.
 QUIET_DROPS = frozenset({DropReason.MULTICAST})
@@ -53,43 +93,32 @@ class LocalError(Exception):
     """The caller used fzpoll wrongly (bad key, bad config value): not a network condition."""
 
 
-class PacketDropped(Exception):
-    """``count`` packets were dropped for ``reason`` in one pass (an entry of a TunnelError)."""
-
-    def __init__(self, reason: str, count: int = 1) -> None:
-        super().__init__(f"{count} dropped: {reason}")
-        self.reason = reason
-        self.count = count
-
-
-class TunnelError(ExceptionGroup):
+class TunnelError(Exception):
     """Everything that failed in one pass of the loop, reported together after the pass.
 
-    Deliberately built only from a batch (:meth:`from_batch`), never from a single error, so no
-    code path can use it to bail out of a batch early.
+    Drops are counted by reason (no object per drop: a flood costs a dict increment per packet);
+    ``exceptions`` holds the unexpected failures (a bug on one packet, an OSError of one read).
+    Deliberately built only from a whole batch (:meth:`from_batch`), never from a single error, so
+    no code path can use it to bail out of a batch early.
     """
 
-    def __new__(cls, message: str, exceptions: Iterable[Exception]):  # type: ignore[override]
-        return super().__new__(cls, message, list(exceptions))
+    def __init__(self, drops: Mapping[str, int], exceptions: list[Exception]) -> None:
+        self.drops = dict(drops)
+        self.exceptions = exceptions
+        self.total = sum(self.drops.values()) + len(exceptions)
+        self.message = f"{self.total} packet(s) failed in one pass"
+        super().__init__(self.message)
 
     @classmethod
-    def from_batch(
-        cls, drops: Counter[str], failures: list[Exception]
-    ) -> "TunnelError | None":
-        """Build the pass's error from its drop counts and unexpected failures, or None if clean."""
+    def from_batch(cls, drops: Mapping[str, int], failures: list[Exception]) -> "TunnelError | None":
+        """The pass's error from its drop counts and unexpected failures, or None if clean."""
         if not drops and not failures:
             return None
-        entries: list[Exception] = [PacketDropped(str(r), n) for r, n in sorted(drops.items())]
-        entries.extend(failures)
-        total = sum(drops.values()) + len(failures)
-        return cls(f"{total} packet(s) failed in one pass", entries)
+        return cls(drops, failures)
 
     def counts(self) -> dict[str, int]:
         """Counts by kind: drop reasons and exception class names."""
-        out: Counter[str] = Counter()
+        out: Counter[str] = Counter({str(reason): n for reason, n in self.drops.items() if n})
         for exc in self.exceptions:
-            if isinstance(exc, PacketDropped):
-                out[exc.reason] += exc.count
-            else:
-                out[type(exc).__name__] += 1
+            out[type(exc).__name__] += 1
         return dict(out)

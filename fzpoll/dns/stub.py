@@ -347,23 +347,23 @@ class StubResolver:
         length prefix. ``source``, the sender's socket address if known, must be the upstream
         the query went to (else the answer is dropped as spoofed)."""
         if len(data) < 2:
-            self.drops["dns_reply_too_short"] += 1
+            self.drops[D.DNS_REPLY_TOO_SHORT] += 1
             return
         query_id = int.from_bytes(data[:2], "big")
         pending = self._pending.get(query_id)
         if pending is None:
-            self.drops["dns_reply_unknown_id"] += 1
+            self.drops[D.DNS_REPLY_UNKNOWN_ID] += 1
             return
         if pending.via_tcp != via_tcp:
-            self.drops["dns_reply_wrong_transport"] += 1
+            self.drops[D.DNS_REPLY_WRONG_TRANSPORT] += 1
             return
         if source is not None and not _same_address(source, pending.server):
-            self.drops["dns_reply_wrong_source"] += 1
+            self.drops[D.DNS_REPLY_WRONG_SOURCE] += 1
             return
         reply = self._parse(data)
         verdict = self._check_reply(reply, pending)
         if verdict == "mismatch":
-            self.drops["dns_reply_question_mismatch"] += 1  # keep waiting for the real one
+            self.drops[D.DNS_REPLY_QUESTION_MISMATCH] += 1  # keep waiting for the real one
             return
         if verdict == "garbage":
             del self._pending[query_id]
@@ -575,7 +575,7 @@ class StubResolver:
         try:
             return record.pack()
         except (DNSError, DNSLabelError, DNSBufferError):  # a bug of ours; dropped, not raised
-            self.drops["dns_unencodable_reply"] += 1
+            self.drops[D.DNS_UNENCODABLE_REPLY] += 1
             return None
 
     def _send(self, sentinel: IPAddress, client: IPAddress, port: int, payload: bytes) -> bool:

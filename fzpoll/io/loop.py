@@ -768,7 +768,7 @@ class Poller:
         if self._suppressed:
             fields["suppressed_since_last"] = dict(self._suppressed)
             self._suppressed.clear()
-        unexpected = [e for e in error.exceptions if not hasattr(e, "reason")]
+        unexpected = error.exceptions
         if unexpected:
             fields["first_unexpected"] = f"{type(unexpected[0]).__name__}: {unexpected[0]}"
         quiet = all(kind in QUIET_DROPS for kind in counts)

@@ -42,12 +42,9 @@ import ipaddress
 import json
 import logging
 import math
-import os
 import re
-import socket
 from typing import Any, Callable, Iterable, Protocol
 
-from fzpoll.jsonlog import register_secret
 from fzpoll.wireguard.engine import Engine
 from fzpoll.errors import LocalError
 from fzpoll.wireguard.keys import PresharedKey, PrivateKey, PublicKey
@@ -88,7 +85,7 @@ class UapiError(Exception):
 
     def __init__(self, code: int, message: str = "") -> None:
         self.errno = abs(int(code))
-        super().__init__(message or os.strerror(self.errno))
+        super().__init__(message or errno.errorcode.get(self.errno, f"errno {self.errno}"))
 
 
 class UapiHost(Protocol):
@@ -103,6 +100,9 @@ class UapiHost(Protocol):
 
     def set_fwmark(self, mark: int) -> None:
         """Mark our UDP packets with ``mark`` (0 = none)."""
+
+    # Optional: ``register_secret(raw: bytes)``, told every private and preshared key a request
+    # carries (the daemon's log redaction). The protocol itself never formats a key.
 
 
 class UapiLoop(Protocol):
@@ -179,7 +179,20 @@ def parse_endpoint(value: str) -> Endpoint:
         raise UapiError(errno.EINVAL)  # brackets only and always around IPv6
     if addr.version == 4:
         return (str(addr), port)
-    return (socket.inet_ntop(socket.AF_INET6, addr.packed), port, 0, 0)
+    return (_ntop6(addr), port, 0, 0)
+
+
+def _ntop6(addr: ipaddress.IPv6Address) -> str:
+    """The text ``inet_ntop(AF_INET6)`` (glibc) writes: RFC 5952, with the last 32 bits dotted
+    for IPv4-mapped (``::ffff:a.b.c.d``) and IPv4-compatible (``::a.b.c.d``) addresses. It is
+    what recvfrom reports, so an endpoint set here compares equal to the source of a datagram."""
+    packed = addr.packed
+    if packed[:10] == bytes(10):
+        word5, word6 = packed[10:12], packed[12:14]
+        if word5 == b"\xff\xff" or (word5 == b"\0\0" and word6 != b"\0\0"):
+            prefix = "::ffff:" if word5 == b"\xff\xff" else "::"
+            return prefix + ".".join(str(b) for b in packed[12:])
+    return ipaddress.IPv6Address(packed).compressed  # without a zone, as inet_ntop
 
 
 def parse_prefix(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -276,6 +289,10 @@ def handle_get(host: UapiHost) -> str:
 # set=1
 
 
+def _ignore(secret: bytes) -> None:
+    pass
+
+
 class _SetOperation:
     """One ``set=1`` request: device keys first, then one section per ``public_key`` line.
 
@@ -293,6 +310,7 @@ class _SetOperation:
         self.peer: Peer | None = None
         self.created = False
         self.keepalive: int | None = None  # interval to apply when the section ends
+        self.register_secret: Callable[[bytes], None] = getattr(host, "register_secret", _ignore)
 
     def run(self, lines: Iterable[str]) -> int:
         key = ""
@@ -354,7 +372,7 @@ class _SetOperation:
         given = _hex_key(value)
         raw = _clamp(given)
         for secret in (given, raw):
-            register_secret(secret)  # defence in depth: never in a log line, whatever logs it
+            self.register_secret(secret)  # defence in depth: never in a log line, whatever logs it
         self.engine.set_private_key(PrivateKey(raw) if any(raw) else None)
 
     def _listen_port(self, value: str) -> None:
@@ -397,7 +415,7 @@ class _SetOperation:
 
     def _preshared_key(self, value: str) -> None:
         raw = _hex_key(value)
-        register_secret(raw)
+        self.register_secret(raw)
         if self.peer is not None:
             self.engine.set_preshared_key(self.peer, PresharedKey(raw))
 
