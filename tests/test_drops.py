@@ -194,7 +194,7 @@ def test_no_private_key_drops_handshakes():
 
 def test_rate_limited_per_source_under_load():
     p = Pair()
-    p.b._under_load_until = 1e9
+    p.b.assume_under_load(1e9)
     results = []
     for i in range(12):
         p.clock.now += 0.021  # beyond the per-peer 20 ms rule

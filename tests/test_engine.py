@@ -220,7 +220,7 @@ def test_psk_mismatch_fails_and_psk_match_works():
 
 def test_under_load_cookie_reply_then_mac2_accepted():
     p = Pair()
-    p.b._under_load_until = 1e9  # as if a flood had just been seen
+    p.b.assume_under_load(1e9)  # as if a flood had just been seen
     p.a.send(ip4(TUN_A, TUN_B), p.now)
     (init,) = p.take(p.a)
     assert p.b.receive(init, ADDR_A, p.now) == D.BAD_MAC2

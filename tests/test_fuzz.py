@@ -65,11 +65,11 @@ class Fixture:
         p.b._send_initiation(p.peer_a, p.now, is_retry=False)  # B initiates: B sees a response
         p.deliver()
         p.clock.now += 1.0
-        p.a._under_load_until = 1e18  # A answers B's next initiation with a cookie reply
+        p.a.assume_under_load(1e18)  # A answers B's next initiation with a cookie reply
         p.peer_a.last_sent_handshake_at = float("-inf")
         p.b._send_initiation(p.peer_a, p.now, is_retry=False)
         p.deliver()
-        p.a._under_load_until = float("-inf")
+        p.a.assume_under_load(float("-inf"))
         assert p.peer_a.handshake_index is not None  # still in flight: a live handshake index
         self.seen = [data for direction, data in p.wire if direction == "a->b"]
         kinds = sorted({d[0] for d in self.seen})
@@ -193,7 +193,7 @@ def assert_dropped_cleanly(fx: Fixture, data: bytes, original: bytes | None = No
 def test_structured_datagrams_are_dropped_counted_and_change_nothing(msg, under_load):
     fx = Fixture()
     if under_load:
-        fx.p.b._under_load_until = 1e18
+        fx.p.b.assume_under_load(1e18)
     assert_dropped_cleanly(fx, build_structured(fx, *msg), under_load=under_load)
 
 

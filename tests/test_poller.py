@@ -197,7 +197,7 @@ def test_under_load_a_pass_sheds_handshakes_beyond_its_budget_but_keeps_data(rig
 
     rig.handshake()
     p = rig.pair
-    p.b._under_load_until = 1e9
+    p.b.assume_under_load(1e9)
     p.peer_b.last_sent_handshake_at = float("-inf")
     p.a._send_initiation(p.peer_b, p.now, is_retry=False)
     initiation = p.take(p.a)[0]

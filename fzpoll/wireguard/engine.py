@@ -14,7 +14,6 @@ which implements whitepaper section 6.
 
 from __future__ import annotations
 
-import ipaddress
 import random
 import struct
 from collections import Counter
@@ -27,13 +26,10 @@ from fzpoll.wireguard.constants import (
     AEAD_TAG_SIZE,
     COOKIE_REPLY_SIZE,
     DEFAULT_MTU,
-    HANDSHAKE_BURST_PER_SOURCE,
     HANDSHAKE_INITIATION_RATE,
-    HANDSHAKE_RATE_PER_SOURCE,
     INITIATION_SIZE,
     KEEPALIVE_SIZE,
     KEEPALIVE_TIMEOUT,
-    MAX_RATE_LIMITER_SOURCES,
     MAX_TIMER_HANDSHAKES,
     MESSAGE_HANDSHAKE_COOKIE,
     MESSAGE_HANDSHAKE_INITIATION,
@@ -46,9 +42,6 @@ from fzpoll.wireguard.constants import (
     REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MAX,
     RESPONSE_SIZE,
-    UNDER_LOAD_AFTER_TIME,
-    UNDER_LOAD_HANDSHAKES_PER_WINDOW,
-    UNDER_LOAD_WINDOW,
     ZERO_KEYS_AFTER_TIME,
 )
 from fzpoll.wireguard.crypto import CryptoError, InvalidPoint
@@ -57,7 +50,9 @@ from fzpoll.errors import LocalError
 from fzpoll.wireguard.keys import PresharedKey, PrivateKey, PublicKey
 from fzpoll.wireguard.events import Event, HandshakeCompleted, HandshakeGaveUp, HandshakeInitiated, KeysZeroed
 from fzpoll.wireguard.peer import Endpoint, HandshakeState, Keypair, Peer
+from fzpoll.wireguard.session import Sessions
 from fzpoll.wireguard.timers import PeerTimer, TimerHeap
+from fzpoll.wireguard.underload import LoadGuard
 
 from nacl._sodium import ffi as _ffi
 from nacl._sodium import lib as _lib
@@ -81,15 +76,6 @@ _KEEPALIVE = PeerTimer.SEND_KEEPALIVE
 _NEW_HANDSHAKE = PeerTimer.NEW_HANDSHAKE
 _ZERO_KEYS = PeerTimer.ZERO_KEY_MATERIAL
 _PERSISTENT = PeerTimer.PERSISTENT_KEEPALIVE
-
-
-def _source_bytes(addr: Endpoint) -> bytes:
-    """Packed IP and port of a socket address: what a cookie is bound to."""
-    try:
-        ip = ipaddress.ip_address(addr[0]).packed
-    except ValueError:
-        ip = str(addr[0]).encode()
-    return ip + int(addr[1]).to_bytes(2, "big")
 
 
 class Engine:
@@ -116,13 +102,10 @@ class Engine:
         self._drops: Counter[str] = Counter()
         self.drops: Mapping[str, int] = MappingProxyType(self._drops)  # read-only view, 0 if never
         # Receiver indices (5.4.2): ours in sessions, and ours in handshakes we initiated.
-        self._keypairs: dict[int, Keypair] = {}
-        self._handshakes: dict[int, Peer] = {}
+        self._sessions = Sessions(random_bytes)
+        self._keypairs = self._sessions.keypairs  # the transport path's one dict probe
         self._timers = TimerHeap()
-        self._load_window_start = float("-inf")
-        self._load_window_count = 0
-        self._under_load_until = float("-inf")
-        self._buckets: dict[bytes, list[float]] = {}
+        self._load = LoadGuard()
         self._private: bytes | None = None
         self._public: bytes = b""
         self._cookies: handshake.CookieChecker | None = None
@@ -234,7 +217,13 @@ class Engine:
         return self._allowed_ips.lookup(address)
 
     def is_under_load(self, now: float) -> bool:
-        return now < self._under_load_until
+        """Handshakes need a cookie now (a flood was seen within UNDER_LOAD_AFTER_TIME)."""
+        return self._load.is_under_load(now)
+
+    def assume_under_load(self, until: float) -> None:
+        """Require cookies until ``until`` as if a flood had been seen (tests, and an operator
+        who expects one)."""
+        self._load.under_load_until = until
 
     # ------------------------------------------------------------------ outputs (the IO shell's seam)
 
@@ -272,7 +261,7 @@ class Engine:
 
     def live_indices(self) -> frozenset[int]:
         """Our receiver indices in use (sessions and handshakes in flight)."""
-        return frozenset(self._keypairs) | frozenset(self._handshakes)
+        return self._sessions.live_indices()
 
     def timer_entries(self) -> int:
         """Entries on the timer heap (bounded by a few per peer: see :mod:`.timers`)."""
@@ -423,7 +412,9 @@ class Engine:
         if not replay.accept(counter):
             return D.REPLAYED
         if kp is peer.next:
-            self._confirm_next(peer, now)
+            self._sessions.confirm_next(peer)
+            self._handshake_complete(peer)
+            self._flush_staged(peer, now)
         if peer.endpoint != addr:
             peer.endpoint = addr  # roaming: follow the latest authenticated packet
         peer.rx_bytes += len(data)
@@ -467,52 +458,13 @@ class Engine:
             return D.NOT_ALLOWED_SOURCE
         return None
 
-    def _confirm_next(self, peer: Peer, now: float) -> None:
-        """The initiator used our ``next`` keypair: it is confirmed and becomes current."""
-        self._forget_keypair(peer.previous)
-        peer.previous = peer.current
-        peer.current = peer.next
-        peer.next = None
-        self._handshake_complete(peer)
-        self._flush_staged(peer, now)
-
     # ------------------------------------------------------------------ handshakes
 
     def _check_load(self, data: bytes, addr: Endpoint, now: float) -> D | None:
-        """MAC1 always; under load MAC2 (else a cookie reply) and a per-source rate limit."""
         cookies = self._cookies
         if cookies is None:
             return D.NO_PRIVATE_KEY
-        if not cookies.check_mac1(data):
-            return D.BAD_MAC1
-        if now - self._load_window_start >= UNDER_LOAD_WINDOW:
-            self._load_window_start = now
-            self._load_window_count = 0
-        self._load_window_count += 1
-        if self._load_window_count > UNDER_LOAD_HANDSHAKES_PER_WINDOW:
-            self._under_load_until = now + UNDER_LOAD_AFTER_TIME
-        if now >= self._under_load_until:
-            return None
-        source = _source_bytes(addr)
-        if not cookies.check_mac2(data, source, now):
-            self._out.append((cookies.make_reply(data, source, now), addr))
-            return D.BAD_MAC2
-        return None if self._allow_source(source[:-2], now) else D.RATE_LIMITED
-
-    def _allow_source(self, ip: bytes, now: float) -> bool:
-        """Token bucket per source IP: HANDSHAKE_RATE_PER_SOURCE per second, small burst."""
-        bucket = self._buckets.get(ip)
-        if bucket is None:
-            if len(self._buckets) >= MAX_RATE_LIMITER_SOURCES:
-                self._buckets.clear()  # bounded memory; a flood resets to a fresh table
-            bucket = self._buckets[ip] = [float(HANDSHAKE_BURST_PER_SOURCE), now]
-        tokens = min(HANDSHAKE_BURST_PER_SOURCE, bucket[0] + (now - bucket[1]) * HANDSHAKE_RATE_PER_SOURCE)
-        bucket[1] = now
-        if tokens < 1.0:
-            bucket[0] = tokens
-            return False
-        bucket[0] = tokens - 1.0
-        return True
+        return self._load.check(cookies, data, addr, now, self._out)
 
     def _on_initiation(self, data: bytes, addr: Endpoint, now: float) -> D | None:
         if len(data) != INITIATION_SIZE:
@@ -533,21 +485,16 @@ class Engine:
             return D.HANDSHAKE_FLOOD
         try:
             ephemeral = self.random_bytes(32)
-            local_index = self._new_index()
+            local_index = self._sessions.new_index()
             body, state = handshake.build_response(init, ephemeral, peer.preshared_key.raw, local_index)
         except InvalidPoint:  # a low-order ephemeral from the initiator
             return D.BAD_HANDSHAKE
         # Accepted: from here on the state changes.
         peer.last_timestamp = init.timestamp
         peer.last_initiation_at = now
-        self._clear_handshake(peer)
         recv_key, send_key = state.split()
         kp = Keypair(peer, send_key, recv_key, local_index, init.sender_index, now, is_initiator=False)
-        self._keypairs[local_index] = kp
-        self._forget_keypair(peer.next)
-        self._forget_keypair(peer.previous)
-        peer.previous = None
-        peer.next = kp
+        self._sessions.install_responder(peer, kp)
         peer.endpoint = addr
         self._out.append((peer.cookies.add_macs(body, now), addr))
         peer.tx_bytes += RESPONSE_SIZE
@@ -564,7 +511,7 @@ class Engine:
         if reason is not None:
             return reason
         sender, receiver = handshake.response_indices(data)
-        peer = self._handshakes.get(receiver)
+        peer = self._sessions.handshakes.get(receiver)
         if peer is None or peer.handshake_state is not HandshakeState.INITIATION_SENT:
             return D.UNEXPECTED_RESPONSE
         try:
@@ -576,18 +523,8 @@ class Engine:
             return D.BAD_HANDSHAKE
         send_key, recv_key = state.split()
         local_index: int = peer.handshake_index  # type: ignore[assignment]
-        self._clear_handshake(peer)
         kp = Keypair(peer, send_key, recv_key, local_index, sender, now, is_initiator=True)
-        self._keypairs[local_index] = kp
-        if peer.next is not None:
-            self._forget_keypair(peer.previous)
-            self._forget_keypair(peer.current)
-            peer.previous = peer.next
-            peer.next = None
-        else:
-            self._forget_keypair(peer.previous)
-            peer.previous = peer.current
-        peer.current = kp
+        self._sessions.install_initiator(peer, kp)
         peer.endpoint = addr
         peer.rx_bytes += len(data)
         self._timers.arm(peer, _ZERO_KEYS, now + ZERO_KEYS_AFTER_TIME)
@@ -600,9 +537,7 @@ class Engine:
     def _on_cookie_reply(self, data: bytes, addr: Endpoint, now: float) -> D | None:
         if len(data) != COOKIE_REPLY_SIZE:
             return D.BAD_LENGTH
-        index = int.from_bytes(data[4:8], "little")
-        kp = self._keypairs.get(index)
-        peer = kp.peer if kp is not None else self._handshakes.get(index)
+        peer = self._sessions.peer_of(int.from_bytes(data[4:8], "little"))
         if peer is None:
             return D.UNKNOWN_INDEX
         if not peer.cookies.consume_reply(data, now):
@@ -617,17 +552,12 @@ class Engine:
         if self._private is None or peer.endpoint is None:
             return
         peer.last_sent_handshake_at = now
-        self._clear_handshake(peer)
         ephemeral = self.random_bytes(32)
-        index = self._new_index()
-        self._handshakes[index] = peer
+        index = self._sessions.new_index()
         body, state = handshake.build_initiation(
             self._private, peer.raw_public, ephemeral, index, self.wall_time()
         )
-        peer.handshake_state = HandshakeState.INITIATION_SENT
-        peer.handshake_index = index
-        peer.handshake_state_noise = state
-        peer.handshake_ephemeral = ephemeral
+        self._sessions.begin_initiation(peer, index, state, ephemeral)
         self._out.append((peer.cookies.add_macs(body, now), peer.endpoint))
         peer.tx_bytes += INITIATION_SIZE
         self._events.append(HandshakeInitiated(peer.public_key))
@@ -646,33 +576,11 @@ class Engine:
         if peer.persistent_keepalive_interval:
             self._timers.arm(peer, _PERSISTENT, now + peer.persistent_keepalive_interval)
 
-    # ------------------------------------------------------------------ indices and cleanup
-
-    def _new_index(self) -> int:
-        """A random receiver index that no session or handshake of ours uses."""
-        while True:
-            index = int.from_bytes(self.random_bytes(4), "little")
-            if index not in self._keypairs and index not in self._handshakes:
-                return index
-
-    def _forget_keypair(self, kp: Keypair | None) -> None:
-        if kp is not None and self._keypairs.get(kp.local_index) is kp:
-            del self._keypairs[kp.local_index]
-
-    def _clear_handshake(self, peer: Peer) -> None:
-        if peer.handshake_index is not None and self._handshakes.get(peer.handshake_index) is peer:
-            del self._handshakes[peer.handshake_index]
-        peer.handshake_index = None
-        peer.handshake_state = HandshakeState.NONE
-        peer.handshake_state_noise = None
-        peer.handshake_ephemeral = b""
+    # ------------------------------------------------------------------ cleanup
 
     def _clear_sessions(self, peer: Peer) -> None:
         """Zero every key of ``peer`` (whitepaper 6.3: after 3 x REJECT_AFTER_TIME, or removal)."""
-        self._clear_handshake(peer)
-        for kp in peer.keypairs():
-            self._forget_keypair(kp)
-        peer.previous = peer.current = peer.next = None
+        self._sessions.clear(peer)
         peer.staged.clear()
         for timer in PeerTimer:
             setattr(peer, timer, None)
@@ -710,7 +618,7 @@ class Engine:
             peer.staged.clear()
             if dropped:
                 self._drops[D.HANDSHAKE_GAVE_UP] += dropped
-            self._clear_handshake(peer)
+            self._sessions.clear_handshake(peer)
             self._events.append(HandshakeGaveUp(peer.public_key))
             if peer.zero_keys_at is None:
                 self._timers.arm(peer, _ZERO_KEYS, now + ZERO_KEYS_AFTER_TIME)
