@@ -138,11 +138,11 @@ def case_replayed_transport(p):
     return data, D.REPLAYED
 
 
-def case_not_allowed_source(p):
+def authentic_not_allowed_source(p):
     return transport_from_a(p, ip4("10.9.9.9", TUN_B)), D.NOT_ALLOWED_SOURCE
 
 
-def case_bad_inner_packet(p):
+def authentic_bad_inner_packet(p):
     kp = p.peer_b.current
     p.a._encrypt(p.peer_b, kp, b"\x45" + bytes(10), p.now)  # too short for an IPv4 header
     return p.take(p.a)[0], D.BAD_INNER_PACKET
@@ -170,6 +170,27 @@ def test_invalid_datagram_is_dropped_counted_and_changes_nothing(case):
     assert p.b.drops[reason] == drops_before + 1
     assert snapshot(p.b) == (before, ([], []))
     assert p.out(p.b) == []
+
+
+ADDR_ROAMED = ("198.51.100.7", 40000)
+
+
+@pytest.mark.parametrize("case", [authentic_not_allowed_source, authentic_bad_inner_packet],
+                         ids=lambda c: c.__name__[10:])
+def test_authentic_packet_refused_by_routing_still_roams_and_counts(case):
+    """Cryptokey routing refuses the inner packet, but the datagram authenticated: as in the
+    kernel and wireguard-go, the endpoint follows it, its counter is used up and it counts."""
+    p = established()
+    data, reason = case(p)
+    p.tun(p.b).clear()
+    rx = p.peer_a.rx_bytes
+    assert p.b.receive(data, ADDR_ROAMED, p.now) == reason
+    assert p.b.drops[reason] == 1
+    assert p.tun(p.b) == []  # not delivered
+    assert p.peer_a.endpoint == ADDR_ROAMED  # roamed
+    assert p.peer_a.rx_bytes == rx + len(data)
+    assert p.b.receive(data, ADDR_A, p.now) == D.REPLAYED  # the counter is spent
+    assert p.peer_a.endpoint == ADDR_ROAMED  # and a replay moves nothing
 
 
 def test_outgoing_drop_reasons():

@@ -1,15 +1,19 @@
 """The WireGuard protocol engine: sans-IO, driven by datagrams, packets and ``now``.
 
-Inputs: :meth:`Engine.receive` (a UDP datagram and its source address), :meth:`Engine.send` (an IP
-packet read from the TUN device) and :meth:`Engine.handle_timer`. Outputs accumulate in
-:attr:`Engine.out` (``(datagram, endpoint)`` pairs to send) and :attr:`Engine.to_tun` (decrypted IP
-packets); the IO shell drains both after each batch. :meth:`Engine.next_deadline` says when to
-call :meth:`handle_timer` next. Time is always the ``now`` argument (monotonic seconds);
-wall-clock time (for TAI64N) and randomness are injected at construction.
+Inputs (as aioquic's connection): :meth:`Engine.receive` (a UDP datagram and its source
+address), :meth:`Engine.send` (an IP packet read from the TUN device), :meth:`Engine.handle_timer`,
+and the configuration methods (peers, keys, allowed IPs, endpoints). Outputs are handed over once:
+:meth:`datagrams_to_send`, :meth:`packets_for_tun`, :meth:`take_events`; :meth:`next_deadline`
+says when to call :meth:`handle_timer` next. Time is always the ``now`` argument (monotonic
+seconds); wall-clock time (TAI64N) and randomness are injected at construction.
 
-Remote input never raises: an invalid datagram is dropped, its :class:`DropReason` counted in
-:attr:`Engine.drops` and returned, and no state changes. Timers follow wireguard-go's timers.go,
-which implements whitepaper section 6.
+Remote input never raises: an invalid datagram is dropped and its :class:`DropReason` counted and
+returned. A datagram that fails authentication (unknown index, bad tag, replay, expired key, bad
+MAC) changes no state; one that authenticates counts for the session, the endpoint (roaming) and
+the timers even when cryptokey routing then refuses its inner packet, as in the kernel and
+wireguard-go. Timers follow wireguard-go's timers.go (whitepaper section 6); the parts live in
+:mod:`.session` (keypairs and indices), :mod:`.timers` (the heap), :mod:`.underload` (cookies
+and rate limits under load) and :mod:`.allowedips` (cryptokey routing).
 """
 
 from __future__ import annotations
@@ -405,10 +409,9 @@ class Engine:
             return D.BAD_TAG
         plain = self._scratch_view[0:size]
         peer = kp.peer
-        if plain:
-            reason = self._check_inner(peer, plain)
-            if reason is not None:
-                return reason  # authentic but unacceptable: dropped before any state changes
+        # Authentic from here on: the packet counts for the session, the endpoint and the timers
+        # even if cryptokey routing then refuses its inner packet (whitepaper 2, as the kernel
+        # and wireguard-go do). Only failures of authentication above leave state untouched.
         if not replay.accept(counter):
             return D.REPLAYED
         if kp is peer.next:
@@ -435,6 +438,9 @@ class Engine:
             self._timers.arm(peer, _KEEPALIVE, now + KEEPALIVE_TIMEOUT)
         else:
             peer.need_another_keepalive = True
+        reason = self._check_inner(peer, plain)
+        if reason is not None:
+            return reason
         n = len(plain)
         length = ((plain[2] << 8) | plain[3]) if plain[0] >> 4 == 4 else ((plain[4] << 8) | plain[5]) + 40
         self._to_tun.append(plain if length == n else plain[:length])  # without the padding
