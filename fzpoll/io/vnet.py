@@ -1,0 +1,311 @@
+"""TUN offloads: the virtio-net header, splitting super-packets and coalescing segments.
+
+A TUN device opened with ``IFF_VNET_HDR`` prefixes every read and write with a 10-byte
+``struct virtio_net_hdr`` (linux/virtio_net.h). With ``TUNSETOFFLOAD`` (TSO4/TSO6/USO/CSUM) the
+kernel hands us TCP and UDP *super-packets* of up to 64 KiB, one header and a ``gso_size``, and a
+checksum left for us to finish (``NEEDS_CSUM``): :func:`split_frame` cuts one into wire-sized
+segments, each a complete packet with its own correct IP, TCP/UDP headers and checksums, since
+the peer may be a kernel or a wireguard-go without offloads. On the way back,
+:func:`coalesce` merges consecutive in-order segments of one TCP flow from a batch into one
+super-packet that the kernel takes in one write (as wireguard-go's tcpGRO and the kernel's own
+GRO do); anything that cannot be merged goes alone.
+
+Pure functions on bytes: no fd, no clock. Malformed input from the kernel gives None (a counted
+drop for the caller), never an exception.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from fzpoll.ippacket import ones_complement_sum
+
+VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+VNET_HDR_LEN = VNET_HDR.size  # 10
+F_NEEDS_CSUM = 1
+F_DATA_VALID = 2
+GSO_NONE = 0
+GSO_TCPV4 = 1
+GSO_UDP = 3  # UFO, never asked for
+GSO_TCPV6 = 4
+GSO_UDP_L4 = 5  # USO
+GSO_ECN = 0x80
+NO_OFFLOAD = bytes(VNET_HDR_LEN)  # the header of a plain packet we write
+
+PROTO_TCP = 6
+PROTO_UDP = 17
+TCP_FIN = 0x01
+TCP_SYN = 0x02
+TCP_RST = 0x04
+TCP_PSH = 0x08
+TCP_ACK = 0x10
+TCP_URG = 0x20
+TCP_ECE = 0x40
+TCP_CWR = 0x80
+MAX_SUPER_PACKET = 65535  # the IPv4 total length / IPv6 payload length field
+MAX_COALESCED_SEGMENTS = 64  # as the kernel's UDP_SEGMENT / wireguard-go's batch
+
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+
+
+def _fold(total: int) -> int:
+    total = (total & 0xFFFF) + (total >> 16)
+    return (total & 0xFFFF) + (total >> 16)
+
+
+def _pseudo_sum(packet: bytes | bytearray, ip_version: int, proto: int, length: int) -> int:
+    """The ones' complement sum of the pseudo header of ``packet`` for a transport ``length``."""
+    if ip_version == 4:
+        return _fold(ones_complement_sum(packet[12:20]) + proto + length)
+    return _fold(ones_complement_sum(packet[8:40]) + proto + (length >> 16) + (length & 0xFFFF))
+
+
+def _ipv4_header_checksum(header: bytearray) -> None:
+    header[10:12] = b"\0\0"
+    header[10:12] = _U16.pack(~ones_complement_sum(header) & 0xFFFF)
+
+
+def _transport_checksum(packet: bytearray, ip_version: int, proto: int, offset: int) -> None:
+    """Compute and store the TCP/UDP checksum of ``packet`` whose transport header is at
+    ``offset`` (a UDP checksum of 0 is sent as 0xFFFF)."""
+    at = offset + (16 if proto == PROTO_TCP else 6)
+    packet[at:at + 2] = b"\0\0"
+    length = len(packet) - offset
+    total = _fold(ones_complement_sum(memoryview(packet)[offset:]) + _pseudo_sum(packet, ip_version, proto, length))
+    checksum = ~total & 0xFFFF
+    if checksum == 0 and proto == PROTO_UDP:
+        checksum = 0xFFFF
+    packet[at:at + 2] = _U16.pack(checksum)
+
+
+def _finish_checksum(packet: bytes, csum_start: int, csum_offset: int) -> bytes | None:
+    """NEEDS_CSUM without GSO: the field holds the pseudo-header sum; sum from csum_start on."""
+    at = csum_start + csum_offset
+    if at + 2 > len(packet) or csum_start >= len(packet):
+        return None
+    out = bytearray(packet)
+    checksum = ~ones_complement_sum(memoryview(out)[csum_start:]) & 0xFFFF
+    out[at:at + 2] = _U16.pack(checksum)
+    return bytes(out)
+
+
+def split_frame(frame: bytes) -> list[bytes] | None:
+    """A TUN read (virtio-net header + packet) as the IP packets to send, each with valid
+    checksums; None if the header or the packet is malformed."""
+    if len(frame) < VNET_HDR_LEN:
+        return None
+    flags, gso_type, _, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(frame)
+    packet = frame[VNET_HDR_LEN:]
+    if gso_type == GSO_NONE:
+        if flags & F_NEEDS_CSUM:
+            finished = _finish_checksum(packet, csum_start, csum_offset)
+            return None if finished is None else [finished]
+        return [packet]
+    if gso_type & GSO_ECN or gso_size == 0 or not packet:
+        return None  # ECN-marked TSO is never enabled (no TUN_F_TSO_ECN)
+    version = packet[0] >> 4
+    if gso_type == GSO_TCPV4 and version == 4 or gso_type == GSO_TCPV6 and version == 6:
+        return _split(packet, version, PROTO_TCP, csum_start, gso_size)
+    if gso_type == GSO_UDP_L4 and version in (4, 6):
+        return _split(packet, version, PROTO_UDP, csum_start, gso_size)
+    return None
+
+
+def _split(packet: bytes, version: int, proto: int, offset: int, gso_size: int) -> list[bytes] | None:
+    """Cut a TCP or UDP super-packet into segments of ``gso_size`` payload bytes.
+
+    The headers of every segment differ from the first only in a few fields (IP length and ID,
+    TCP sequence and flags, UDP length), so their checksums are the sum of the unchanging header
+    words, computed once, plus those fields: only the payload of each segment is summed anew."""
+    ip_header_len = (packet[0] & 15) * 4 if version == 4 else 40
+    if offset != ip_header_len or len(packet) < offset + (20 if proto == PROTO_TCP else 8):
+        return None  # IPv4 options are fine (IHL); IPv6 extension headers are not offloaded to us
+    if (packet[9] if version == 4 else packet[6]) != proto:
+        return None
+    transport_len = (packet[offset + 12] >> 4) * 4 if proto == PROTO_TCP else 8
+    header_len = offset + transport_len
+    if transport_len < (20 if proto == PROTO_TCP else 8) or header_len > len(packet):
+        return None
+    template = bytearray(packet[:header_len])
+    payload = memoryview(packet)[header_len:]
+    tcp = proto == PROTO_TCP
+    if tcp:
+        seq = _U32.unpack_from(template, offset + 4)[0]
+        flags = template[offset + 13]
+        template[offset + 4:offset + 8] = b"\0\0\0\0"  # the fields that vary are summed apart
+        template[offset + 13] = 0
+        template[offset + 16:offset + 18] = b"\0\0"
+        fixed = ones_complement_sum(memoryview(template)[offset:])
+        checksum_at = offset + 16
+    else:
+        template[offset + 4:offset + 8] = b"\0\0\0\0"  # length and checksum
+        fixed = ones_complement_sum(memoryview(template)[offset:])
+        checksum_at = offset + 6
+    fixed += _pseudo_sum(packet, version, proto, 0)
+    if version == 4:
+        ip_id = _U16.unpack_from(template, 4)[0]
+        template[2:6] = b"\0\0\0\0"
+        template[10:12] = b"\0\0"
+        ip_fixed = ones_complement_sum(memoryview(template)[:offset])
+    starts = range(0, len(payload), gso_size) if payload else range(1)
+    last = len(starts) - 1
+    segments = []
+    for i, start in enumerate(starts):
+        chunk = payload[start:start + gso_size]
+        size = header_len + len(chunk)
+        length = size - offset  # of the TCP segment / UDP datagram
+        total = fixed + ones_complement_sum(chunk) + length
+        if version == 4:
+            ident = (ip_id + i) & 0xFFFF
+            _U16.pack_into(template, 2, size)
+            _U16.pack_into(template, 4, ident)
+            _U16.pack_into(template, 10, ~_fold(ip_fixed + size + ident) & 0xFFFF)
+        else:
+            _U16.pack_into(template, 4, length)
+        if tcp:
+            this_seq = (seq + start) & 0xFFFFFFFF
+            this_flags = flags if i == last else flags & ~(TCP_FIN | TCP_PSH)
+            _U32.pack_into(template, offset + 4, this_seq)
+            template[offset + 13] = this_flags
+            total += (this_seq >> 16) + (this_seq & 0xFFFF) + this_flags
+            _U16.pack_into(template, checksum_at, ~_fold(total) & 0xFFFF)
+        else:
+            _U16.pack_into(template, offset + 4, length)
+            total += length  # the UDP length field, besides the pseudo header's
+            _U16.pack_into(template, checksum_at, ~_fold(total) & 0xFFFF or 0xFFFF)
+        segments.append(bytes(template) + chunk)
+    return segments
+
+
+# ---------------------------------------------------------------------------------------------
+# Coalescing for the write side
+
+
+class _Run:
+    """Consecutive segments of one TCP flow being merged (the first one's headers lead)."""
+
+    __slots__ = ("packet", "version", "offset", "header_len", "segment", "next_seq", "count", "closed")
+
+    def __init__(self, packet: bytes, version: int, offset: int, header_len: int, seq: int) -> None:
+        self.packet = bytearray(packet)
+        self.version = version
+        self.offset = offset
+        self.header_len = header_len
+        self.segment = len(packet) - header_len  # gso_size: every segment but the last has it
+        self.next_seq = (seq + self.segment) & 0xFFFFFFFF
+        self.count = 1
+        self.closed = self.segment == 0 or bool(packet[offset + 13] & TCP_PSH)
+
+
+def _tcp_candidate(packet: bytes) -> tuple[int, int, int] | None:
+    """(version, transport offset, header length) of a plain TCP data segment that may be
+    merged: no IPv4 options or fragments, no IPv6 extension headers, only ACK (and PSH) set."""
+    n = len(packet)
+    if n < 40:
+        return None
+    version = packet[0] >> 4
+    if version == 4:
+        if packet[0] != 0x45 or packet[9] != PROTO_TCP or _U16.unpack_from(packet, 6)[0] & 0x3FFF:
+            return None  # options, another protocol, or a fragment (MF / offset)
+        if _U16.unpack_from(packet, 2)[0] != n:
+            return None
+        offset = 20
+    elif version == 6:
+        if n < 60 or packet[6] != PROTO_TCP or _U16.unpack_from(packet, 4)[0] + 40 != n:
+            return None
+        offset = 40
+    else:
+        return None
+    header_len = offset + (packet[offset + 12] >> 4) * 4
+    if header_len > n or header_len < offset + 20:
+        return None
+    if packet[offset + 13] & ~(TCP_ACK | TCP_PSH) or not packet[offset + 13] & TCP_ACK:
+        return None
+    return version, offset, header_len
+
+
+def _flow_key(packet: bytes, version: int, offset: int) -> bytes:
+    """Addresses, ports and the ACK number: segments with another ACK are another flow (as
+    wireguard-go), so no ACK information is lost by merging."""
+    addresses = packet[12:20] if version == 4 else packet[8:40]
+    return addresses + packet[offset:offset + 4] + packet[offset + 8:offset + 12]
+
+
+def _checksum_valid(packet: bytes, version: int, offset: int) -> bool:
+    length = len(packet) - offset
+    return _fold(ones_complement_sum(memoryview(packet)[offset:]) + _pseudo_sum(packet, version, PROTO_TCP, length)) \
+        == 0xFFFF
+
+
+def _can_append(run: _Run, packet: bytes, header_len: int, seq: int) -> bool:
+    if run.closed or run.count >= MAX_COALESCED_SEGMENTS or header_len != run.header_len:
+        return False
+    size = len(packet) - header_len
+    if size == 0 or size > run.segment or seq != run.next_seq:
+        return False
+    if len(run.packet) + size > MAX_SUPER_PACKET + (40 if run.version == 6 else 0):
+        return False
+    head, first, offset = packet, run.packet, run.offset
+    if run.version == 4:  # TOS, flags (DF), TTL, protocol must match; IDs and lengths differ
+        if head[1] != first[1] or head[6] & 0xE0 != first[6] & 0xE0 or head[8] != first[8]:
+            return False
+    elif head[:4] != first[:4] or head[7] != first[7]:  # traffic class, flow label, hop limit
+        return False
+    # window, urgent pointer and options equal; flags checked by _tcp_candidate
+    return head[offset + 14:offset + 16] == first[offset + 14:offset + 16] \
+        and head[offset + 18:header_len] == first[offset + 18:header_len]
+
+
+def _append(run: _Run, packet: bytes, header_len: int) -> None:
+    size = len(packet) - header_len
+    run.packet += memoryview(packet)[header_len:]
+    run.next_seq = (run.next_seq + size) & 0xFFFFFFFF
+    run.count += 1
+    if size < run.segment or packet[run.offset + 13] & TCP_PSH:
+        run.packet[run.offset + 13] |= packet[run.offset + 13] & TCP_PSH
+        run.closed = True  # a short or pushed segment ends a run
+
+
+def _frame(run: _Run) -> bytes:
+    """A merged run as a GSO frame: IP lengths for the whole, the TCP checksum field holding
+    the pseudo-header sum for the kernel to finish (NEEDS_CSUM)."""
+    packet, version, offset = run.packet, run.version, run.offset
+    if run.count == 1:
+        return NO_OFFLOAD + bytes(packet)
+    if version == 4:
+        packet[2:4] = _U16.pack(len(packet))
+        _ipv4_header_checksum(memoryview(packet)[:offset])  # type: ignore[arg-type]
+        gso_type = GSO_TCPV4
+    else:
+        packet[4:6] = _U16.pack(len(packet) - 40)
+        gso_type = GSO_TCPV6
+    packet[offset + 16:offset + 18] = _U16.pack(_pseudo_sum(packet, version, PROTO_TCP, len(packet) - offset))
+    header = VNET_HDR.pack(F_NEEDS_CSUM, gso_type, run.header_len, run.segment, offset, 16)
+    return header + bytes(packet)
+
+
+def coalesce(packets: list[bytes]) -> list[bytes]:
+    """The frames (virtio-net header + packet) to write for ``packets``, in order per flow:
+    consecutive in-order TCP segments of one flow with valid checksums become one super-packet,
+    every other packet goes alone with an empty header."""
+    frames: list[bytes | _Run] = []
+    runs: dict[bytes, _Run] = {}
+    for packet in packets:
+        candidate = _tcp_candidate(packet)
+        if candidate is None:
+            frames.append(NO_OFFLOAD + packet)
+            continue
+        version, offset, header_len = candidate
+        if not _checksum_valid(packet, version, offset):
+            frames.append(NO_OFFLOAD + packet)  # the kernel checks it and drops it, as it should
+            continue
+        key = _flow_key(packet, version, offset)
+        seq = _U32.unpack_from(packet, offset + 4)[0]
+        run = runs.get(key)
+        if run is not None and _can_append(run, packet, header_len, seq):
+            _append(run, packet, header_len)
+            continue
+        run = runs[key] = _Run(packet, version, offset, header_len, seq)
+        frames.append(run)
+    return [f if isinstance(f, bytes) else _frame(f) for f in frames]
