@@ -233,26 +233,17 @@ class Engine:
 
     def datagrams_to_send(self) -> list[tuple[bytes, Endpoint]]:
         """Take the ``(datagram, endpoint)`` pairs produced since the last call."""
-        out = self._out
-        if not out:
-            return []  # never the engine's own list: the caller may keep and grow what it gets
-        self._out = []
+        out, self._out = self._out, []
         return out
 
     def packets_for_tun(self) -> list[bytes]:
         """Take the decrypted IP packets produced since the last call."""
-        packets = self._to_tun
-        if not packets:
-            return []  # never the engine's own list: the caller may keep and grow what it gets
-        self._to_tun = []
+        packets, self._to_tun = self._to_tun, []
         return packets
 
     def take_events(self) -> list[Event]:
         """Take the events (:mod:`fzpoll.wireguard.events`) produced since the last call."""
-        events = self._events
-        if not events:
-            return []  # never the engine's own list: the caller may keep and grow what it gets
-        self._events = []
+        events, self._events = self._events, []
         return events
 
     def count_drop(self, reason: D, count: int = 1) -> None:

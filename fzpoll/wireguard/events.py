@@ -12,31 +12,34 @@ from fzpoll.wireguard.keys import PublicKey
 
 
 @dataclass(frozen=True, slots=True)
-class HandshakeInitiated:
+class PeerEvent:
+    """Something happened to the peer with this public key."""
+
+    peer: PublicKey
+
+
+class HandshakeInitiated(PeerEvent):
     """We sent a handshake initiation to the peer (a first one, a rekey or a retry)."""
 
-    peer: PublicKey
+    __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
-class HandshakeCompleted:
+class HandshakeCompleted(PeerEvent):
     """A new session with the peer is established (either side initiated)."""
 
-    peer: PublicKey
+    __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
-class HandshakeGaveUp:
+class HandshakeGaveUp(PeerEvent):
     """No answer after MAX_TIMER_HANDSHAKES retries: the staged packets were dropped."""
 
-    peer: PublicKey
+    __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
-class KeysZeroed:
+class KeysZeroed(PeerEvent):
     """Every session key of the peer was erased (whitepaper 6.3, 3 x REJECT_AFTER_TIME)."""
 
-    peer: PublicKey
+    __slots__ = ()
 
 
 Event = HandshakeInitiated | HandshakeCompleted | HandshakeGaveUp | KeysZeroed
