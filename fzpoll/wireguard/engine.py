@@ -541,6 +541,11 @@ class Engine:
             return D.BAD_COOKIE
         return None
 
+    def initiate_handshake(self, peer: Peer, now: float) -> None:
+        """Start a new handshake with ``peer`` (retries counted afresh), as its new-handshake
+        timer does; none within REKEY_TIMEOUT of the last one sent."""
+        self._send_initiation(peer, now, is_retry=False)
+
     def _send_initiation(self, peer: Peer, now: float, *, is_retry: bool) -> None:
         if not is_retry:
             peer.handshake_attempts = 0
@@ -630,7 +635,7 @@ class Engine:
             self._timers.arm(peer, _KEEPALIVE, now + KEEPALIVE_TIMEOUT)
 
     def _expired_new_handshake(self, peer: Peer, now: float) -> None:
-        self._send_initiation(peer, now, is_retry=False)
+        self.initiate_handshake(peer, now)
 
     def _expired_zero_keys(self, peer: Peer, now: float) -> None:
         self._clear_sessions(peer)
