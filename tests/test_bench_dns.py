@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,13 +104,8 @@ def test_bad_arguments_are_refused():
 
 
 @pytest.mark.netns
+@pytest.mark.needs("netns", "dnsmasq")
 def test_quick_json_run_gets_right_answers_in_every_scenario():
-    reason = netns.need_root()
-    if reason is None and shutil.which("dnsmasq") is None:
-        reason = "needs dnsmasq (bash tools/install-deps.sh installs it)"
-        print(f"skipping: {reason}", file=sys.stderr)
-    if reason:
-        pytest.skip(reason)
     proc = run_tool("--quick", "--json")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     r = json.loads(proc.stdout)

@@ -20,170 +20,44 @@ never a traceback.
 from __future__ import annotations
 
 import base64
-import datetime
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 import netns
-from fzpoll.show import QueryError, query
+from helpers import (
+    FZPOLL,
+    alive,
+    assert_gone,
+    daemon_env,
+    ifname,
+    link,
+    log_records,
+    ns_pids,
+    socket_owner,
+    socket_path,
+    stop_all,
+    uapi_answers,
+    uapi_get,
+    wait_until,
+    write_config,
+)
 from netns import Namespace, WireguardGo, veth_pair
 
-pytestmark = pytest.mark.netns
-
-REPO = Path(__file__).resolve().parent.parent
-FZPOLL = (sys.executable, "-W", "error", "-m", "fzpoll")
-SEVERITIES = {"debug", "info", "warning", "error", "critical"}
-_RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z")
-# Environment a daemon must not inherit from the test runner: it would change what is tested.
-_STRIP_ENV = ("LOG_LEVEL", "WG_PROCESS_FOREGROUND", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-
-
-@pytest.fixture(autouse=True)
-def _need_root() -> None:
-    reason = netns.need_root() or netns.need_wireguard_go()
-    if reason:
-        pytest.skip(reason)
-
+pytestmark = [pytest.mark.netns, pytest.mark.needs("wireguard-go")]
 
 # ---------------------------------------------------------------------------------------------
-# Helpers (also used by test_wg_quick.py and test_idle.py)
-
-
-def daemon_env(**extra: str) -> dict[str, str]:
-    """The test's environment without the variables that steer a daemon, plus ``extra``; this
-    checkout importable."""
-    env = {k: v for k, v in os.environ.items() if k not in _STRIP_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    env.update(extra)
-    return env
-
-
-def ifname() -> str:
-    """A fresh interface name; its socket lives in the shared /var/run/wireguard."""
-    return f"wgt{secrets.token_hex(2)}"
-
-
-def socket_path(name: str) -> Path:
-    return netns.WG_SOCKET_DIR / f"{name}.sock"
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll ``condition`` until it returns something true; AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def uapi_get(name: str, timeout: float = 3.0) -> dict[str, str]:
-    """``get=1`` on the interface's socket (from this process: the socket is a file, not in a
-    namespace); the answer's keys, last value wins (only interface-level keys are read)."""
-    try:
-        text, _ = query(str(socket_path(name)), b"get=1\n\n", timeout)
-    except QueryError as exc:  # the callers wait for the daemon by catching OSError
-        raise ConnectionError(str(exc)) from None
-    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-
-
-def uapi_answers(name: str) -> bool:
-    try:
-        return uapi_get(name, timeout=1.0).get("errno") == "0"
-    except OSError:
-        return False
-
-
-def socket_owner(name: str) -> int:
-    """The pid that listens on the interface's UAPI socket (SO_PEERCRED of a connection)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(2.0)
-        sock.connect(str(socket_path(name)))
-        cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, _uid, _gid = struct.unpack("3i", cred)
-    return pid
-
-
-def ns_pids(ns: Namespace) -> set[int]:
-    out = netns._cmd(["ip", "netns", "pids", ns.name], check=False, timeout=5).stdout
-    return {int(p) for p in out.split()}
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie left for a parent that already exited counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def link(ns: Namespace, name: str) -> dict[str, Any] | None:
-    """``ip -j link show NAME`` in ``ns``, or None when there is no such interface."""
-    proc = netns._cmd(["ip", "-j", "-n", ns.name, "link", "show", "dev", name], check=False, timeout=5)
-    if proc.returncode != 0:
-        return None
-    (entry,) = json.loads(proc.stdout)
-    return entry
-
-
-def stop_all(ns: Namespace, name: str) -> None:
-    """Cleanup: SIGTERM every process of ``ns`` (the daemons), SIGKILL what lingers, and remove
-    a socket file a killed daemon left. Registered with ``ns.on_close``."""
-    pids = ns_pids(ns)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 3.0
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    path = socket_path(name)
-    if path.exists() and netns._socket_is_stale(path):
-        path.unlink(missing_ok=True)
-
-
-def log_records(text: str) -> list[dict[str, Any]]:
-    """Every line of a daemon's stderr as a JSON object with RFC 3339 UTC ``time``, a
-    ``severity`` and a ``message``; AssertionError (with the whole text) otherwise."""
-    records = []
-    now = time.time()
-    for number, line in enumerate(text.splitlines(), start=1):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise AssertionError(f"stderr line {number} is not JSON: {line!r}\n--- stderr ---\n{text}") from None
-        assert isinstance(record, dict), line
-        stamp = record.get("time")
-        assert isinstance(stamp, str) and _RFC3339_UTC.fullmatch(stamp), f"bad time in {line!r}"
-        moment = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-        assert moment.utcoffset() == datetime.timedelta(0)
-        assert abs(moment.timestamp() - now) < 600, f"time far from now in {line!r}"
-        assert record.get("severity") in SEVERITIES, f"bad severity in {line!r}"
-        assert isinstance(record.get("message"), str) and record["message"], f"no message in {line!r}"
-        records.append(record)
-    return records
+# Helpers (the shared ones are in helpers.py)
 
 
 def check_with_jq(path: Path, records: list[dict[str, Any]]) -> None:
@@ -254,25 +128,11 @@ class Foreground:
         return self.proc.pid
 
 
-def assert_gone(ns: Namespace, name: str, pid: int | None = None, timeout: float = 5.0) -> None:
-    """The daemon exited (if ``pid``), its socket file is removed and the interface is gone."""
-    if pid is not None:
-        wait_until(lambda: not alive(pid), timeout, f"pid {pid} to exit")
-    wait_until(lambda: not socket_path(name).exists(), timeout, f"{socket_path(name)} to be removed")
-    assert link(ns, name) is None, f"{name} still exists in {ns.name}"
-
-
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     """A private (0700) directory for configs, keys and daemon logs."""
     tmp_path.chmod(0o700)
     return tmp_path
-
-
-def write_config(path: Path, text: str) -> Path:
-    path.touch(mode=0o600)
-    path.write_text(text)
-    return path
 
 
 def key_forms(private_base64: str) -> list[str]:

@@ -13,15 +13,8 @@ import pytest
 import netns
 from netns import Fzpoll, Namespace, WireguardGo, transfer, veth_pair, wg_pair
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.needs("wireguard-go")]
 
-
-
-@pytest.fixture(autouse=True)
-def _need_root():
-    reason = netns.need_root() or netns.need_wireguard_go()
-    if reason:
-        pytest.skip(reason)
 
 
 def ping(ns: Namespace, address: str, count: int = 3) -> None:

@@ -12,14 +12,7 @@ import pytest
 
 import netns
 
-pytestmark = pytest.mark.netns
-
-
-@pytest.fixture(autouse=True)
-def _need_root():
-    reason = netns.need_root()
-    if reason:
-        pytest.skip(reason)
+pytestmark = [pytest.mark.netns, pytest.mark.needs("netns")]
 
 
 def leftovers() -> list[str]:

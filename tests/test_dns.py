@@ -6,12 +6,9 @@ them over, a fake clock starting at 0.0, and a seeded RNG for the upstream query
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 import socket
 import subprocess
-import sys
 import time
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
@@ -33,6 +30,7 @@ from fzpoll.dns.stub import (
 from fzpoll.errors import DropReason as D
 from fzpoll.errors import LocalError
 from fzpoll.ippacket import build_udp, checksum_ok, parse_udp
+from helpers import skip_unless
 
 CLIENT4 = ip_address("100.64.0.2")
 CLIENT6 = ip_address("fd00:2021:1111::2")
@@ -674,17 +672,6 @@ def test_arbitrary_interleavings_never_raise(steps):
 
 # -- against a real dnsmasq -----------------------------------------------------------------
 
-def need_dnsmasq() -> str | None:
-    reason = None
-    if os.geteuid() != 0:
-        reason = "the dnsmasq test needs root"
-    elif shutil.which("dnsmasq") is None:
-        reason = "the dnsmasq test needs dnsmasq"
-    if reason:
-        print(f"skipping: {reason}", file=sys.stderr)
-    return reason
-
-
 def free_port() -> int:
     """A loopback port free for both UDP and TCP right now."""
     for _ in range(20):
@@ -705,9 +692,7 @@ BIG_RECORDS = [f"10.9.{i // 200}.{i % 200 + 1}" for i in range(40)]  # 40 A: ~67
 
 @pytest.fixture
 def dnsmasq():
-    reason = need_dnsmasq()
-    if reason:
-        pytest.skip(reason)
+    skip_unless("root", "dnsmasq")
     port = free_port()
     args = [
         "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",

@@ -9,29 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
-import netns
 from netns import Fzpoll, Namespace, veth_pair
 from fzpoll.wireguard.keys import PrivateKey
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.needs("netns", "dnsmasq", "dig")]
 
 BIG_RECORDS = 40
-
-
-@pytest.fixture(autouse=True)
-def _need_tools():
-    reason = netns.need_root()
-    if reason is None and (shutil.which("dnsmasq") is None or shutil.which("dig") is None):
-        reason = "needs dnsmasq and dig (bash tools/install-deps.sh installs them)"
-    if reason:
-        pytest.skip(reason)
 
 
 def dig(ns: Namespace, *args: str, timeout: float = 10) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ from fzpoll.wireguard.constants import HANDSHAKE_INITIATION_RATE, MAX_TIMER_HAND
 from fzpoll.wireguard.engine import Engine
 from fzpoll.errors import DropReason as D
 from fzpoll.wireguard.keys import PrivateKey
-from enginepair import ADDR_A, ADDR_B, TUN_A, TUN_B, Pair, ip4, ip6
+from helpers import ADDR_A, ADDR_B, TUN_A, TUN_B, Pair, ip4, ip6
 
 
 def snapshot(engine: Engine):
@@ -45,7 +45,7 @@ def transport_from_a(p: Pair, packet: bytes) -> bytes:
 
 def fresh_initiation(p: Pair) -> bytes:
     p.peer_b.last_sent_handshake_at = float("-inf")
-    p.a._send_initiation(p.peer_b, p.now, is_retry=False)
+    p.a.initiate_handshake(p.peer_b, p.now)
     return p.take(p.a)[0]
 
 
@@ -94,7 +94,7 @@ def case_unknown_peer(p):
     evil = Engine(stranger, random_bytes=random.Random(10).randbytes, wall_time=p.clock.wall)
     peer = evil.add_peer(p.key_b.public_key)
     evil.set_endpoint(peer, ADDR_B)
-    evil._send_initiation(peer, p.now, is_retry=False)
+    evil.initiate_handshake(peer, p.now)
     return evil.datagrams_to_send()[0][0], D.UNKNOWN_PEER
 
 
@@ -115,7 +115,7 @@ def case_handshake_flood(p):
 
 def case_unexpected_response(p):
     p.peer_a.last_sent_handshake_at = float("-inf")
-    p.b._send_initiation(p.peer_a, p.now, is_retry=False)
+    p.b.initiate_handshake(p.peer_a, p.now)
     p.a.receive(p.take(p.b)[0], ADDR_B, p.now)
     response = p.take(p.a)[0]
     assert p.b.receive(response, ADDR_A, p.now) is None
@@ -150,7 +150,7 @@ def authentic_bad_inner_packet(p):
 
 def case_bad_cookie(p):
     p.peer_a.last_sent_handshake_at = float("-inf")
-    p.b._send_initiation(p.peer_a, p.now, is_retry=False)
+    p.b.initiate_handshake(p.peer_a, p.now)
     init = p.take(p.b)[0]
     return b"\x03\x00\x00\x00" + init[4:8] + bytes(56), D.BAD_COOKIE
 
@@ -193,8 +193,8 @@ def test_authentic_packet_refused_by_routing_still_roams_and_counts(case):
     assert p.peer_a.endpoint == ADDR_ROAMED  # and a replay moves nothing
 
 
-def test_outgoing_drop_reasons():
-    p = Pair()
+def test_outgoing_drop_reasons(pair: Pair):
+    p = pair
     assert p.a.send(b"", p.now) == D.BAD_INNER_PACKET
     assert p.a.send(b"\x70" + bytes(40), p.now) == D.BAD_INNER_PACKET
     assert p.a.send(ip4(TUN_A, "10.77.0.1"), p.now) == D.NO_ROUTE
@@ -205,16 +205,16 @@ def test_outgoing_drop_reasons():
     assert p.a.drops == {D.BAD_INNER_PACKET: 2, D.NO_ROUTE: 2, D.MULTICAST: 1, D.NO_ENDPOINT: 1}
 
 
-def test_no_private_key_drops_handshakes():
-    p = Pair()
+def test_no_private_key_drops_handshakes(pair: Pair):
+    p = pair
     p.a.send(ip4(TUN_A, TUN_B), p.now)
     (init,) = p.take(p.a)
     p.b.set_private_key(None)
     assert p.b.receive(init, ADDR_A, p.now) == D.NO_PRIVATE_KEY
 
 
-def test_rate_limited_per_source_under_load():
-    p = Pair()
+def test_rate_limited_per_source_under_load(pair: Pair):
+    p = pair
     p.b.assume_under_load(1e9)
     results = []
     for i in range(12):
@@ -229,8 +229,8 @@ def test_rate_limited_per_source_under_load():
     assert results[0] is None
 
 
-def test_handshake_gave_up_counts_staged_packets():
-    p = Pair()
+def test_handshake_gave_up_counts_staged_packets(pair: Pair):
+    p = pair
     p.a.send(ip4(TUN_A, TUN_B), p.now)
     p.a.send(ip4(TUN_A, TUN_B), p.now)
     for _ in range(MAX_TIMER_HANDSHAKES + 2):

@@ -17,15 +17,15 @@ from fzpoll.wireguard.constants import (
 )
 from fzpoll.errors import DropReason as D
 from fzpoll.wireguard.keys import PrivateKey
-from enginepair import ADDR_A, ADDR_B, TUN_A, TUN_B, Pair, ip4, ip6
+from helpers import ADDR_A, ADDR_B, TUN_A, TUN_B, Pair, ip4, ip6
 
 
 def kinds(datagrams):
     return [d[0] for d in datagrams]
 
 
-def test_handshake_on_demand_then_data_both_ways_v4_and_v6():
-    p = Pair()
+def test_handshake_on_demand_then_data_both_ways_v4_and_v6(pair: Pair):
+    p = pair
     first = ip4(TUN_A, TUN_B, b"first")
     assert p.a.send(first, p.now) is None
     assert kinds(d for d, _ in p.out(p.a)) == [1]  # the packet is staged, an initiation goes out
@@ -40,8 +40,8 @@ def test_handshake_on_demand_then_data_both_ways_v4_and_v6():
     assert p.peer_a.rx_bytes > 0 and p.peer_b.tx_bytes > 0
 
 
-def test_responder_sends_only_after_key_confirmation():
-    p = Pair()
+def test_responder_sends_only_after_key_confirmation(pair: Pair):
+    p = pair
     p.a.send(ip4(TUN_A, TUN_B), p.now)
     init = p.take(p.a)
     p.b.receive(init[0], ADDR_A, p.now)
@@ -56,8 +56,8 @@ def test_responder_sends_only_after_key_confirmation():
     assert p.tun(p.a) == [ip4(TUN_B, TUN_A, b"early")]
 
 
-def test_padding_to_multiple_of_16_and_keepalive_size():
-    p = Pair()
+def test_padding_to_multiple_of_16_and_keepalive_size(pair: Pair):
+    p = pair
     p.handshake()
     p.a.send(ip4(TUN_A, TUN_B, b"x" * 5), p.now)  # 25 bytes -> padded to 32
     (datagram,) = p.take(p.a)
@@ -66,8 +66,8 @@ def test_padding_to_multiple_of_16_and_keepalive_size():
     assert p.tun(p.b) == [ip4(TUN_A, TUN_B, b"x" * 5)]  # padding removed via the IP length
 
 
-def test_retransmit_every_rekey_timeout_then_give_up():
-    p = Pair()
+def test_retransmit_every_rekey_timeout_then_give_up(pair: Pair):
+    p = pair
     p.a.send(ip4(TUN_A, TUN_B), p.now)
     sent_at = [p.now] if p.take(p.a) else []
     while p.now < REKEY_ATTEMPT_TIME + 2 * REKEY_TIMEOUT:
@@ -86,8 +86,8 @@ def test_retransmit_every_rekey_timeout_then_give_up():
     assert not p.peer_b.staged and p.peer_b.retransmit_at is None
 
 
-def test_keepalive_after_keepalive_timeout_when_nothing_to_send():
-    p = Pair()
+def test_keepalive_after_keepalive_timeout_when_nothing_to_send(pair: Pair):
+    p = pair
     p.handshake()  # b received data at t=0 and sent nothing back (only the response)
     assert p.b.next_deadline() == pytest.approx(KEEPALIVE_TIMEOUT)
     p.advance(KEEPALIVE_TIMEOUT - 0.001)
@@ -99,8 +99,8 @@ def test_keepalive_after_keepalive_timeout_when_nothing_to_send():
     assert p.tun(p.a) == [] and not p.a.drops
 
 
-def test_new_handshake_when_data_sent_but_nothing_received():
-    p = Pair()
+def test_new_handshake_when_data_sent_but_nothing_received(pair: Pair):
+    p = pair
     p.handshake()
     p.run_until(1.0)
     p.b.send(ip4(TUN_B, TUN_A), p.now)  # something received cancels a's pending timer
@@ -116,8 +116,8 @@ def test_new_handshake_when_data_sent_but_nothing_received():
     assert KEEPALIVE_TIMEOUT + REKEY_TIMEOUT <= waited <= KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX
 
 
-def test_rekey_after_time_by_initiator_and_no_packet_lost():
-    p = Pair()
+def test_rekey_after_time_by_initiator_and_no_packet_lost(pair: Pair):
+    p = pair
     p.handshake()
     first_kp = p.peer_b.current
     delivered = []
@@ -141,8 +141,8 @@ def test_rekey_after_time_by_initiator_and_no_packet_lost():
     assert initiations.count("a->b") >= 2  # the first handshake and the rekey
 
 
-def test_session_expires_after_reject_after_time():
-    p = Pair()
+def test_session_expires_after_reject_after_time(pair: Pair):
+    p = pair
     p.handshake()
     old = p.peer_b.current
     p.run_until(REJECT_AFTER_TIME + 1)
@@ -159,8 +159,8 @@ def test_session_expires_after_reject_after_time():
     assert p.tun(p.b) == [ip4(TUN_A, TUN_B, b"after")]
 
 
-def test_keys_zeroed_after_three_times_reject_after_time():
-    p = Pair()
+def test_keys_zeroed_after_three_times_reject_after_time(pair: Pair):
+    p = pair
     p.handshake()
     p.run_until(ZERO_KEYS_AFTER_TIME - 1)
     assert p.peer_b.current is not None
@@ -170,8 +170,8 @@ def test_keys_zeroed_after_three_times_reject_after_time():
     assert p.a.next_deadline() is None and p.b.next_deadline() is None  # idle: no more wakeups
 
 
-def test_persistent_keepalive():
-    p = Pair()
+def test_persistent_keepalive(pair: Pair):
+    p = pair
     p.handshake()
     p.run_until(20)
     p.a.set_persistent_keepalive(p.peer_b, 25, p.now)
@@ -183,8 +183,8 @@ def test_persistent_keepalive():
     assert [len(d) for d in sent] == [KEEPALIVE_SIZE]
 
 
-def test_staged_queue_is_bounded():
-    p = Pair()
+def test_staged_queue_is_bounded(pair: Pair):
+    p = pair
     reasons = [p.a.send(ip4(TUN_A, TUN_B, b"%d" % i), p.now) for i in range(MAX_STAGED_PACKETS + 3)]
     assert reasons.count(D.STAGED_QUEUE_FULL) == 3
     assert len(p.peer_b.staged) == MAX_STAGED_PACKETS
@@ -193,8 +193,8 @@ def test_staged_queue_is_bounded():
     assert p.tun(p.b)[-1] == ip4(TUN_A, TUN_B, b"%d" % (MAX_STAGED_PACKETS + 2))
 
 
-def test_roaming_follows_latest_authenticated_packet():
-    p = Pair()
+def test_roaming_follows_latest_authenticated_packet(pair: Pair):
+    p = pair
     p.handshake()
     p.b.send(ip4(TUN_B, TUN_A), p.now)
     (datagram,) = p.take(p.b)
@@ -218,8 +218,8 @@ def test_psk_mismatch_fails_and_psk_match_works():
     assert bad.a.drops[D.BAD_HANDSHAKE] == 1 and not bad.tun(bad.b)
 
 
-def test_under_load_cookie_reply_then_mac2_accepted():
-    p = Pair()
+def test_under_load_cookie_reply_then_mac2_accepted(pair: Pair):
+    p = pair
     p.b.assume_under_load(1e9)  # as if a flood had just been seen
     p.a.send(ip4(TUN_A, TUN_B), p.now)
     (init,) = p.take(p.a)
@@ -231,8 +231,8 @@ def test_under_load_cookie_reply_then_mac2_accepted():
     assert p.tun(p.b) == [ip4(TUN_A, TUN_B)]
 
 
-def test_flood_turns_on_under_load_and_rate_limits_per_source():
-    p = Pair()
+def test_flood_turns_on_under_load_and_rate_limits_per_source(pair: Pair):
+    p = pair
     attacker = PrivateKey.generate(lambda n: b"\x07" * n)
     from fzpoll.wireguard.engine import Engine
 
@@ -241,7 +241,7 @@ def test_flood_turns_on_under_load_and_rate_limits_per_source():
     evil.set_endpoint(target, ADDR_B)
     results = []
     for i in range(40):
-        evil._send_initiation(target, p.now + 10 * i, is_retry=False)
+        evil.initiate_handshake(target, p.now + 10 * i)
         ((msg, _),) = evil.datagrams_to_send()
         results.append(p.b.receive(msg, ("192.0.2.50", 1000 + i), p.now + 0.001 * i))
     assert results[0] == D.UNKNOWN_PEER  # valid MAC1, unknown static key
@@ -260,9 +260,9 @@ def test_repr_never_shows_keys():
             assert s not in t
 
 
-def test_timer_heap_stays_small_under_traffic():
+def test_timer_heap_stays_small_under_traffic(pair: Pair):
     """Re-arming timers per packet must not grow the heap (a regression: it once did)."""
-    p = Pair()
+    p = pair
     p.handshake()
     for _ in range(2000):
         p.a.send(ip4(TUN_A, TUN_B), p.now)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import threading
@@ -25,19 +24,10 @@ import netns
 from fzpoll.wireguard.constants import REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MAX
 from netns import Fzpoll, Namespace, transfer, veth_pair, wg_pair
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.needs("wireguard-go", "nft")]
 
 # One lost handshake message costs a retry after REKEY_TIMEOUT (+ jitter); allow one, plus slack.
 RESUME_WITHIN = REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX + 1.5
-
-
-@pytest.fixture(autouse=True)
-def _need_root():
-    reason = netns.need_wireguard_go() or (None if shutil.which("nft") else "needs nft (nftables)")
-    if reason:
-        pytest.skip(reason)
-
-
 
 
 def ping_until(ns: Namespace, address: str, within: float) -> float:

@@ -24,13 +24,16 @@ import errno
 import logging
 import random
 import re
+from ipaddress import ip_address
 
-import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
+from dnslib import QTYPE, DNSHeader, DNSQuestion, DNSRecord
 
-from enginepair import ADDR_A, ADDR_B, TUN_A, TUN_B, Pair, ip4
+from helpers import ADDR_A, ADDR_B, TUN_A, TUN_B, FakeHost, Pair, ip4
 from fzpoll.config import ConfigError, parse_config
+from fzpoll.dns.stub import Resource, StubResolver
+from fzpoll.ippacket import build_udp, checksum_ok, parse_udp
 from fzpoll.wireguard.constants import (
     COOKIE_REPLY_SIZE,
     INITIATION_SIZE,
@@ -40,7 +43,7 @@ from fzpoll.wireguard.constants import (
 from fzpoll.wireguard.crypto import mac
 from fzpoll.wireguard.engine import Engine
 from fzpoll.wireguard.keys import PrivateKey
-from fzpoll.uapi.protocol import UapiConnection, UapiError, handle_get, handle_set
+from fzpoll.uapi.protocol import UapiConnection, handle_get, handle_set
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                 derandomize=True)
@@ -62,12 +65,12 @@ class Fixture:
         p.deliver()
         p.clock.now += 1.0
         p.peer_a.last_sent_handshake_at = float("-inf")
-        p.b._send_initiation(p.peer_a, p.now, is_retry=False)  # B initiates: B sees a response
+        p.b.initiate_handshake(p.peer_a, p.now)  # B initiates: B sees a response
         p.deliver()
         p.clock.now += 1.0
         p.a.assume_under_load(1e18)  # A answers B's next initiation with a cookie reply
         p.peer_a.last_sent_handshake_at = float("-inf")
-        p.b._send_initiation(p.peer_a, p.now, is_retry=False)
+        p.b.initiate_handshake(p.peer_a, p.now)
         p.deliver()
         p.a.assume_under_load(float("-inf"))
         assert p.peer_a.handshake_index is not None  # still in flight: a live handshake index
@@ -278,22 +281,9 @@ def internal_errors():
         logger.removeHandler(handler)
 
 
-class FakeHost:
-    """A UapiHost without sockets (the port and fwmark are just stored)."""
-
-    def __init__(self, seed: int = 7) -> None:
-        rng = random.Random(seed)
-        self.engine = Engine(None, random_bytes=rng.randbytes, wall_time=lambda: 1_700_000_000.0)
-        self.listen_port = 0
-        self.fwmark = 0
-
-    def set_listen_port(self, port: int) -> None:
-        if port == 1:
-            raise UapiError(errno.EADDRINUSE)
-        self.listen_port = port or 40000
-
-    def set_fwmark(self, mark: int) -> None:
-        self.fwmark = mark
+def fuzz_host(seed: int = 7) -> FakeHost:
+    """A UapiHost without sockets where port 1 is taken."""
+    return FakeHost(seed, wall=1_700_000_000.0, busy={1})
 
 
 _KEYS = [PrivateKey.generate(random.Random(i).randbytes) for i in range(3)]
@@ -348,7 +338,7 @@ def _stable(get_answer: str) -> list[str]:
 @example(["public_key=" + _KEYS[1].public_key.hex(), "allowed_ip=10.0.0.0/8",
           "public_key=" + _KEYS[2].public_key.hex(), "allowed_ip=10.0.0.0/8"])  # moves to peer 2
 def test_handle_set_never_raises_and_get_round_trips(lines):
-    host = FakeHost()
+    host = fuzz_host()
     with internal_errors() as errors:
         code = handle_set(host, lines, 0.0)
     assert code in (0, errno.EINVAL, errno.EPROTO, errno.EADDRINUSE)
@@ -357,7 +347,7 @@ def test_handle_set_never_raises_and_get_round_trips(lines):
     assert _ANSWER.fullmatch(answer.encode())
     # What get shows, set again on a fresh host, gives the same configuration.
     again = [line for line in answer.splitlines() if line.partition("=")[0] in _SETTABLE]
-    fresh = FakeHost(seed=8)
+    fresh = fuzz_host(seed=8)
     assert handle_set(fresh, again, 0.0) == 0, again
     assert _stable(handle_get(fresh)) == _stable(answer)
 
@@ -385,7 +375,7 @@ def uapi_streams(draw):
 
 def _drive(stream: bytes, cuts: list[int]) -> tuple[bytes, str, bool]:
     """Feed ``stream`` cut at ``cuts``, then EOF, as UapiServer does; (answers, get, closed)."""
-    host = FakeHost()
+    host = fuzz_host()
     conn = UapiConnection(host, output_budget=512)  # small: exercises the pending path too
     out = bytearray()
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
@@ -480,7 +470,7 @@ def _check_config(text: str) -> None:
     # A config the parser accepts must apply through the UAPI exactly as the daemon does it.
     body = config.to_uapi_set().split("\n")
     assert body[0] == "set=1"
-    host = FakeHost()
+    host = fuzz_host()
     assert handle_set(host, body[1:], 0.0) == 0, body
     engine = host.engine
     assert engine.private_key == config.interface.private_key
@@ -510,28 +500,12 @@ def test_config_parser_arbitrary_text(text):
 
 
 # =============================================================================================
-# The DNS stub (only if this checkout has it)
+# The DNS stub
 
-try:
-    from fzpoll.dns import stub as _dns_module
-    HAVE_STUB = hasattr(_dns_module, "StubResolver")
-except ImportError:
-    HAVE_STUB = False
-
-need_stub = pytest.mark.skipif(not HAVE_STUB, reason="fzpoll/dns.py has no StubResolver")
-
-if HAVE_STUB:
-    from ipaddress import ip_address
-
-    from dnslib import QTYPE, DNSHeader, DNSQuestion, DNSRecord
-
-    from fzpoll.dns.stub import Resource, StubResolver
-    from fzpoll.ippacket import build_udp, checksum_ok, parse_udp
-
-    CLIENT = {4: ip_address("100.64.0.2"), 6: ip_address("fd00:2021:1111::2")}
-    UPSTREAMS = [("192.0.2.53", 53), ("2001:db8::53", 53)]
-    RESOURCES = [Resource("*.example.com", "p1"), Resource("app.corp.test", "p2"),
-                 Resource("?.one.test", "p3")]
+CLIENT = {4: ip_address("100.64.0.2"), 6: ip_address("fd00:2021:1111::2")}
+UPSTREAMS = [("192.0.2.53", 53), ("2001:db8::53", 53)]
+RESOURCES = [Resource("*.example.com", "p1"), Resource("app.corp.test", "p2"),
+             Resource("?.one.test", "p3")]
 
 
 def _stub():
@@ -582,7 +556,6 @@ def _check_replies(stub, version: int, port: int) -> None:
         DNSRecord.parse(udp.payload)  # well-formed
 
 
-@need_stub
 @FUZZ
 @given(dns_payloads(), st.sampled_from([4, 6]), st.integers(1, 0xFFFF))
 @example(b"", 4, 1)
@@ -594,7 +567,6 @@ def test_dns_queries_have_exactly_one_outcome(payload, version, port):
     _check_replies(stub, version, port)
 
 
-@need_stub
 @FUZZ
 @given(dns_payloads(), st.booleans(), st.booleans(), st.sampled_from([4, 6]))
 @example(b"", False, True, 4)

@@ -36,7 +36,6 @@ kernel has it, in ns) below 0.05 s over the 10 s.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -47,27 +46,15 @@ import pytest
 import netns
 from fzpoll.wireguard.constants import KEEPALIVE_SIZE, KEEPALIVE_TIMEOUT
 from netns import Namespace, WireguardGo, veth_pair
-from test_daemon_lifecycle import FZPOLL, alive, daemon_env, ifname, log_records, wait_until, write_config
+from helpers import FZPOLL, alive, daemon_env, ifname, log_records, wait_until, write_config
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.needs("wireguard-go", "unshare", "nsenter")]
 
 WINDOW = 10.0  # seconds measured
 MAX_CPU_SECONDS = 0.05
 # Sleeps no timer or packet of ours explains (a page fault served from disk, a write meeting
 # writeback): 0 in every run so far once the socket directory was made private.
 IDLE_WAKEUP_SLACK = 2
-
-
-@pytest.fixture(autouse=True)
-def _need_root() -> None:
-    reason = netns.need_root() or netns.need_wireguard_go()
-    if reason is None:
-        missing = [c for c in ("unshare", "nsenter") if shutil.which(c) is None]
-        if missing:
-            reason = f"needs {' and '.join(missing)} (util-linux)"
-            print(f"skipping: {reason}", file=sys.stderr)
-    if reason:
-        pytest.skip(reason)
 
 
 class PrivateDaemon:

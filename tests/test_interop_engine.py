@@ -32,6 +32,7 @@ import pytest
 import netns
 from fzpoll.wireguard.engine import Engine
 from fzpoll.wireguard.keys import PresharedKey, PrivateKey, PublicKey
+from helpers import skip_unless
 
 WG_PORT = 51820  # wireguard-go's listen port, in its namespace
 OUR_PORT = 51821  # the engine's UDP port, in the other namespace
@@ -234,9 +235,7 @@ def interop_bed(*, initiator: str, psk: str | None) -> Iterator[Bed]:
     responder learns it from the handshake initiation.
     """
     assert initiator in ("fzpoll", "wireguard-go")
-    reason = netns.need_wireguard_go()
-    if reason:
-        pytest.skip(reason)
+    skip_unless("wireguard-go")
     with netns.Namespace("wg") as wg_ns, netns.Namespace("fzpoll") as our_ns:
         pair = netns.veth_pair(wg_ns, our_ns)
         wg = netns.WireguardGo(wg_ns, log_level="verbose").start()

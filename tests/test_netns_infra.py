@@ -8,7 +8,6 @@ interface the kernel routes packets into.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
@@ -22,20 +21,14 @@ def _stale() -> None:
         netns.cleanup_stale()
 
 
-@pytest.fixture
-def root() -> None:
-    reason = netns.need_root()
-    if reason:
-        pytest.skip(reason)
-
-
 def ping(ns: netns.Namespace, address: str, count: int = 1) -> None:
     """Ping from ``ns``; a first packet may be spent on a handshake, so allow a few tries."""
     ns.run(["ping", "-c", str(count), "-i", "0.2", "-W", "1", "-w", "4", address], timeout=8)
 
 
 @pytest.mark.netns
-def test_veth_pair_pings_across(root: None) -> None:
+@pytest.mark.needs("netns")
+def test_veth_pair_pings_across() -> None:
     with netns.Namespace() as a, netns.Namespace() as b:
         pair = netns.veth_pair(a, b)
         ping(a, pair.ip_b)
@@ -50,10 +43,8 @@ def test_veth_pair_pings_across(root: None) -> None:
 
 
 @pytest.mark.netns
+@pytest.mark.needs("wireguard-go")
 def test_wireguard_go_tunnel_v4_and_v6() -> None:
-    reason = netns.need_wireguard_go()
-    if reason:
-        pytest.skip(reason)
     with netns.Namespace() as a, netns.Namespace() as b:
         pair = netns.veth_pair(a, b)
         wg_a, wg_b = netns.wg_pair(a, b, pair)
@@ -185,7 +176,8 @@ print(json.dumps(out))
 
 
 @pytest.mark.netns
-def test_tun_device_and_netlink_in_namespace(root: None) -> None:
+@pytest.mark.needs("netns")
+def test_tun_device_and_netlink_in_namespace() -> None:
     with netns.Namespace() as ns:
         out = json.loads(ns.python(_TUN_SCRIPT, timeout=15).stdout)
     assert out["name"] == "fzt0"
@@ -225,9 +217,8 @@ def test_bad_interface_name_is_a_local_error(name: str) -> None:
 
 
 @pytest.mark.netns
-def test_without_cap_net_admin_says_so(root: None) -> None:
-    if shutil.which("setpriv") is None:
-        pytest.skip("needs setpriv (util-linux)")
+@pytest.mark.needs("netns", "setpriv")
+def test_without_cap_net_admin_says_so() -> None:
     code = (
         "from fzpoll.io.tun import TunDevice\n"
         "from fzpoll.errors import LocalError\n"

@@ -30,17 +30,14 @@ import pytest
 import netns
 from fzpoll.show import GET_REQUEST, query
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.needs("wireguard-go")]
 
 REPO = Path(__file__).resolve().parent.parent
 WATCHDOG_USEC = 200_000  # a ping every 0.1 s
 
 
 @pytest.fixture(autouse=True)
-def _need_root() -> None:
-    reason = netns.need_root() or netns.need_wireguard_go()  # wg genkey/pubkey/show
-    if reason:
-        pytest.skip(reason)
+def _clean_stale() -> None:
     netns.cleanup_stale()
 
 

@@ -10,7 +10,7 @@ import pytest
 from fzpoll.io import loop as poller_mod
 from fzpoll.errors import DropReason as D
 from fzpoll.io.loop import Poller
-from enginepair import TUN_A, TUN_B, Pair, ip4
+from helpers import TUN_A, TUN_B, Pair, ip4
 
 
 class Rig:
@@ -199,7 +199,7 @@ def test_under_load_a_pass_sheds_handshakes_beyond_its_budget_but_keeps_data(rig
     p = rig.pair
     p.b.assume_under_load(1e9)
     p.peer_b.last_sent_handshake_at = float("-inf")
-    p.a._send_initiation(p.peer_b, p.now, is_retry=False)
+    p.a.initiate_handshake(p.peer_b, p.now)
     initiation = p.take(p.a)[0]
     p.a.send(ip4(TUN_A, TUN_B, b"data"), p.now)
     data = p.take(p.a)[0]

@@ -24,7 +24,7 @@ import pytest
 
 import netns
 from fzpoll.show import query
-from enginepair import ADDR_A, ADDR_B, TUN_A, TUN_B, Pair, ip4
+from helpers import ADDR_A, ADDR_B, TUN_A, TUN_B, Pair, ip4
 from fzpoll.wireguard.constants import REPLAY_WINDOW_SIZE
 from fzpoll.wireguard.engine import Engine
 from fzpoll.errors import DropReason as D
@@ -90,15 +90,15 @@ def test_replayed_initiation_is_rejected_and_answered_with_nothing():
     assert p.out(p.b) == [] and p.peer_a.current is current and p.peer_a.next is None
     # Still rejected after a newer handshake, and from another address.
     p.peer_b.last_sent_handshake_at = float("-inf")
-    p.a._send_initiation(p.peer_b, p.now, is_retry=False)
+    p.a.initiate_handshake(p.peer_b, p.now)
     p.deliver()
     p.clock.now += 30.0
     assert p.b.receive(first_initiation, ("203.0.113.66", 4444), p.now) == D.REPLAYED_HANDSHAKE
     assert p.peer_a.endpoint == ADDR_A and p.out(p.b) == []
 
 
-def test_replayed_response_is_rejected():
-    p = Pair()
+def test_replayed_response_is_rejected(pair: Pair):
+    p = pair
     p.handshake()
     response = next(d for direction, d in p.wire if direction == "b->a" and d[0] == 2)
     current = p.peer_b.current
@@ -111,8 +111,7 @@ def test_replayed_response_is_rejected():
 
 def needs_netns(test):
     """Runs daemons in network namespaces: root, /dev/net/tun, ip and wg (skipped otherwise)."""
-    skip = pytest.mark.skipif(bool(netns.need_wireguard_go()), reason="needs root, /dev/net/tun, ip, wg")
-    return pytest.mark.netns(skip(test))
+    return pytest.mark.netns(pytest.mark.needs("wireguard-go")(test))
 
 _CAPTURE = r"""
 import select, socket, sys, time
@@ -342,7 +341,7 @@ def check_socket_is_roots(path: Path) -> None:
         os.chmod(path, 0o600)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+@pytest.mark.needs("root", "setpriv")
 def test_uapi_socket_is_private_even_under_umask_0():
     base = Path(tempfile.mkdtemp(prefix="fzsec-"))
     base.chmod(0o755)  # so that only the socket's own mode can refuse nobody

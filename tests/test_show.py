@@ -34,31 +34,14 @@ import pytest
 import netns
 from fzpoll import show as show_mod
 from fzpoll.errors import DropReason
-from fzpoll.wireguard.engine import Engine
 from fzpoll.wireguard.keys import PresharedKey, PrivateKey
 from fzpoll.io.loop import Poller
 from fzpoll.show import InterfaceStatus, PeerStatus, format_text, parse_get, parse_stats, status_json
 from fzpoll.uapi.protocol import STATS_REQUEST, UapiConnection, handle_get, handle_get_stats, handle_set
 from fzpoll.uapi.server import UapiServer
+from helpers import WALL, FakeHost, skip_unless
 
 REPO = Path(__file__).resolve().parent.parent
-WALL = 1_795_541_407.0
-
-
-class Host:
-    """A UapiHost without UDP sockets."""
-
-    def __init__(self, seed: int = 3) -> None:
-        rng = random.Random(seed)
-        self.engine = Engine(None, random_bytes=rng.randbytes, wall_time=lambda: WALL)
-        self.listen_port = 0
-        self.fwmark = 0
-
-    def set_listen_port(self, port: int) -> None:
-        self.listen_port = port
-
-    def set_fwmark(self, mark: int) -> None:
-        self.fwmark = mark
 
 
 def key(seed: int) -> PrivateKey:
@@ -69,8 +52,8 @@ OWN, PEER, PEER2 = key(1), key(2).public_key, key(3).public_key
 PSK = PresharedKey(bytes(range(32)))
 
 
-def configured_host() -> Host:
-    host = Host()
+def configured_host() -> FakeHost:
+    host = FakeHost(3, ephemeral_port=0)
     body = [
         f"private_key={OWN.hex()}", "listen_port=51820", "fwmark=4660",
         f"public_key={PEER.hex()}", f"preshared_key={PSK.hex()}", "endpoint=192.0.2.7:51821",
@@ -262,7 +245,7 @@ def test_json_document() -> None:
 
 
 @contextmanager
-def served(name: str, socket_dir: str, host: Host, stats: Any = None) -> Iterator[UapiServer]:
+def served(name: str, socket_dir: str, host: FakeHost, stats: Any = None) -> Iterator[UapiServer]:
     """A UapiServer in a real Poller, run by a thread until the block ends."""
     poller = Poller(host.engine, None)
     server = UapiServer(name, host, poller, socket_dir=socket_dir, stats=stats)
@@ -320,7 +303,7 @@ def test_show_json_with_stats_from_a_real_poller(tmp_path: Path) -> None:
 
 def test_show_all_interfaces_text(tmp_path: Path) -> None:
     with served("fzs1", str(tmp_path), configured_host(), sample_stats), \
-            served("fzs2", str(tmp_path), Host()):
+            served("fzs2", str(tmp_path), FakeHost(3, ephemeral_port=0)):
         code, out, err = run_show(None, socket_dir=str(tmp_path))
     assert (code, err) == (0, "")
     first, second = out.split("\n\ninterface: ")
@@ -393,10 +376,8 @@ def test_cli_dispatch_prints_the_no_daemon_error(tmp_path: Path) -> None:
 # wg against a server with a stats provider; fzpoll show against running daemons (root)
 
 
+@pytest.mark.needs("wireguard-go")
 def test_wg_show_works_against_a_server_with_stats() -> None:
-    reason = netns.need_wireguard_go()
-    if reason:
-        pytest.skip(reason)
     netns.cleanup_stale()
     name = f"wgt{secrets.token_hex(2)}"
     host = configured_host()
@@ -413,9 +394,7 @@ def test_wg_show_works_against_a_server_with_stats() -> None:
 
 @pytest.fixture(scope="module")
 def fzpoll_pair() -> Iterator[tuple[netns.WireguardGo, netns.WireguardGo]]:
-    reason = netns.need_wireguard_go()
-    if reason:
-        pytest.skip(reason)
+    skip_unless("wireguard-go")
     netns.cleanup_stale()
     with netns.Namespace("a") as ns_a, netns.Namespace("b") as ns_b:
         pair = netns.veth_pair(ns_a, ns_b)
@@ -458,9 +437,7 @@ def test_e2e_show_json_fzpoll_counters(fzpoll_pair) -> None:
     a, _b = fzpoll_pair
     iface = fzpoll_show_json(a.ns, a.ifname)
     stats = iface["stats"]
-    if stats is None:
-        pytest.skip("the fzpoll daemon does not answer get=fzpoll yet: daemon.py must pass "
-                    "stats=self.stats_snapshot to UapiServer (standard fields are checked above)")
+    assert stats is not None, "the fzpoll daemon answers get=fzpoll (its UapiServer has stats=)"
     assert stats["daemon"]["pid"] == a.proc.pid  # `ip netns exec` execs the daemon: same pid
     assert stats["daemon"]["schedule"] == "fair" and stats["daemon"]["batch_size"] == 64
     assert stats["daemon"]["listen_port"] == 51820
@@ -473,10 +450,8 @@ def test_e2e_show_json_fzpoll_counters(fzpoll_pair) -> None:
 
 
 @pytest.mark.netns
+@pytest.mark.needs("wireguard-go")
 def test_e2e_show_wireguard_go_standard_part_only() -> None:
-    reason = netns.need_wireguard_go()
-    if reason:
-        pytest.skip(reason)
     with netns.Namespace("g") as ns:
         wg = netns.WireguardGo(ns).start()
         wg.configure(netns.genkey(), 40001)

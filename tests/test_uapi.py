@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 
 from fzpoll.uapi import protocol as uapi
 from fzpoll.wireguard.constants import INITIATION_SIZE
-from fzpoll.wireguard.engine import Engine
 from fzpoll.errors import LocalError
 from fzpoll.wireguard.keys import PresharedKey, PrivateKey, PublicKey
 from fzpoll.uapi.protocol import (
@@ -34,41 +33,13 @@ from fzpoll.uapi.protocol import (
     parse_prefix,
 )
 from fzpoll.uapi.server import UapiServer
+from helpers import FakeHost, SelectorLoop
 
-WALL = 1_795_541_407.0
 # The peer of the recorded probe (uapi-probe.txt): AOD66E7iP1GtkGq//rVPjgFwGy28pO+XtlhCA9FK82E=
 PROBE_PEER = "00e0fae84ee23f51ad906abffeb54f8e01701b2dbca4ef97b6584203d14af361"
 PEER2 = "0909090909090909090909090909090909090909090909090909090909090909"
 PEER3 = "0a" * 32
 ZEROS = "0" * 64
-
-
-class FakeHost:
-    """A UapiHost without sockets: ports in ``busy`` are 'taken'."""
-
-    def __init__(self, seed: int = 7) -> None:
-        rng = random.Random(seed)
-        self.wall = WALL
-        self.engine = Engine(None, random_bytes=rng.randbytes, wall_time=lambda: self.wall)
-        self.listen_port = 0
-        self.fwmark = 0
-        self.busy: set[int] = set()
-        self.fwmark_error: OSError | None = None
-
-    def set_listen_port(self, port: int) -> None:
-        if port in self.busy:
-            raise UapiError(errno.EADDRINUSE)
-        self.listen_port = port or 40000
-
-    def set_fwmark(self, mark: int) -> None:
-        if self.fwmark_error is not None:
-            raise self.fwmark_error
-        self.fwmark = mark
-
-
-@pytest.fixture
-def host() -> FakeHost:
-    return FakeHost()
 
 
 def key(seed: int) -> PrivateKey:
@@ -662,59 +633,6 @@ def test_fuzz_a_bad_first_line_changes_nothing(key_: str, value: str, rest: list
 
 # ---------------------------------------------------------------------------------------------
 # UapiServer on real sockets, with a tiny selectors loop
-
-
-class SelectorLoop:
-    """The poller's four methods on top of :mod:`selectors`, with a fake clock."""
-
-    def __init__(self) -> None:
-        self.sel = selectors.DefaultSelector()
-        self.readers: dict[int, object] = {}
-        self.writers: dict[int, object] = {}
-        self.now = 0.0
-
-    def _update(self, fd: int) -> None:
-        mask = (selectors.EVENT_READ if fd in self.readers else 0) | (
-            selectors.EVENT_WRITE if fd in self.writers else 0)
-        try:
-            self.sel.unregister(fd)
-        except KeyError:
-            pass
-        if mask:
-            self.sel.register(fd, mask)
-
-    def add_reader(self, fd, callback) -> None:
-        self.readers[fd] = callback
-        self._update(fd)
-
-    def remove_reader(self, fd) -> None:
-        self.readers.pop(fd, None)
-        self._update(fd)
-
-    def add_writer(self, fd, callback) -> None:
-        self.writers[fd] = callback
-        self._update(fd)
-
-    def remove_writer(self, fd) -> None:
-        self.writers.pop(fd, None)
-        self._update(fd)
-
-    def run_once(self, timeout: float = 0.0) -> int:
-        events = self.sel.select(timeout)
-        for key_, mask in events:
-            fd = key_.fd
-            if mask & selectors.EVENT_READ and fd in self.readers:
-                self.readers[fd](self.now)
-            if mask & selectors.EVENT_WRITE and fd in self.writers:
-                self.writers[fd](self.now)
-        return len(events)
-
-    def run_until(self, predicate, rounds: int = 2000) -> None:
-        for _ in range(rounds):
-            if predicate():
-                return
-            self.run_once(0.01)
-        raise AssertionError("condition not reached")
 
 
 @pytest.fixture

@@ -10,11 +10,9 @@ and ``wg show dump``, ``wg showconf``, ``wg show`` and the raw ``get=1`` answers
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import random
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -26,41 +24,13 @@ from pathlib import Path
 import pytest
 
 import netns
-from test_uapi import SelectorLoop
-from fzpoll.wireguard.engine import Engine
-from fzpoll.uapi.protocol import UapiError
+from helpers import FakeHost, SelectorLoop
 from fzpoll.uapi.server import UapiServer
 
 pytestmark = pytest.mark.netns
 
 
-def _need_wg() -> str | None:
-    reason = None
-    if os.geteuid() != 0:
-        reason = "wg tests need root (the UAPI socket is root-only)"
-    elif shutil.which("wg") is None:
-        reason = "wg tests need wg (wireguard-tools)"
-    if reason:
-        print(f"skipping: {reason}", file=sys.stderr)
-    return reason
-
-
 BUSY_PORT = 41299  # "taken": our test host refuses it, and the test occupies it for wireguard-go
-
-
-class _Host:
-    def __init__(self) -> None:
-        self.engine = Engine(None, random_bytes=os.urandom, wall_time=time.time)
-        self.listen_port = 0
-        self.fwmark = 0
-
-    def set_listen_port(self, port: int) -> None:
-        if port == BUSY_PORT:
-            raise UapiError(errno.EADDRINUSE)
-        self.listen_port = port or random.randint(20000, 60000)
-
-    def set_fwmark(self, mark: int) -> None:
-        self.fwmark = mark
 
 
 class ServedInterface:
@@ -68,7 +38,8 @@ class ServedInterface:
 
     def __init__(self) -> None:
         self.ifname = f"fzu{secrets.token_hex(3)}"
-        self.host = _Host()
+        self.host = FakeHost(busy={BUSY_PORT}, ephemeral_port=random.randint(20000, 60000),
+                             random_bytes=os.urandom, wall_time=time.time)
         self.loop = SelectorLoop()
         self.server = UapiServer(self.ifname, self.host, self.loop)
         self._stop = threading.Event()
@@ -162,10 +133,8 @@ def assert_same(ours: str, theirs: str, timeout: float = 3.0) -> dict[str, objec
     return a
 
 
+@pytest.mark.needs("root", "wg")  # the UAPI socket is root-only
 def test_wg_against_fzpoll_alone() -> None:
-    reason = _need_wg()
-    if reason:
-        pytest.skip(reason)
     with ServedInterface() as ours, tempfile.TemporaryDirectory(prefix="fzu-") as tmp:
         assert ours.ifname in wg("show", "interfaces").split()
         priv = Path(tmp, "priv")
@@ -206,10 +175,8 @@ def _ours(kind: str):
 
 
 @pytest.mark.parametrize("kind", ["uapi-server", "daemon"])
+@pytest.mark.needs("wireguard-go")
 def test_wg_gives_the_same_answers_as_wireguard_go(kind: str) -> None:
-    reason = _need_wg() or netns.need_wireguard_go()
-    if reason:
-        pytest.skip(reason)
     with netns.Namespace() as ns, _ours(kind) as (ours, ours_ns), \
             tempfile.TemporaryDirectory(prefix="fzu-") as tmp:
         theirs = netns.WireguardGo(ns).start()

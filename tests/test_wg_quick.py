@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 
 import netns
 from netns import Namespace, WireguardGo, veth_pair
-from test_daemon_lifecycle import (
+from helpers import (
     alive,
     assert_gone,
     daemon_env,
@@ -35,19 +34,7 @@ from test_daemon_lifecycle import (
     write_config,
 )
 
-pytestmark = pytest.mark.netns
-
-
-@pytest.fixture(autouse=True)
-def _need_tools() -> None:
-    reason = netns.need_root() or netns.need_wireguard_go()
-    if reason is None and shutil.which("wg-quick") is None:
-        reason = "needs wg-quick (wireguard-tools)"
-    if reason is None and shutil.which("fzpoll") is None:
-        reason = "needs the fzpoll console script on PATH (pip install -e .)"
-    if reason:
-        print(f"skipping: {reason}", file=sys.stderr)
-        pytest.skip(reason)
+pytestmark = [pytest.mark.netns, pytest.mark.needs("wireguard-go", "wg-quick", "fzpoll")]
 
 
 def _kernel_wireguard(ns: Namespace) -> bool:
