@@ -318,6 +318,11 @@ class StubResolver:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    @property
+    def proxy_names(self) -> int:
+        """How many names hold proxy addresses now (at most ``max_proxy_names``)."""
+        return len(self._proxies)
+
     def next_deadline(self) -> float | None:
         """When :meth:`handle_timer` must next run (absolute, on the caller's clock)."""
         if not self._pending:
