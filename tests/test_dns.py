@@ -289,7 +289,7 @@ def test_proxy_names_are_bounded_least_recently_used_gives_way():
     assert len(r.expired_proxies) == 2 and r.expired_proxies[0] == b[0]  # v4 and v6 to unroute
     assert r.name_for_address(c[0]) == "c.example.com"
     assert addresses(ask(r, "a.example.com")) == a
-    assert len(r._proxies) == 2
+    assert r.proxy_names == 2
 
 
 def test_other_opcodes_and_multiple_questions():
