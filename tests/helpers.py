@@ -197,6 +197,19 @@ class Pair:
         self.tun(self.b).clear()
 
 
+def established() -> Pair:
+    """A pair that completed a handshake, nothing left in flight."""
+    p = Pair()
+    p.handshake()
+    p.deliver()
+    return p
+
+
+def key(seed: int) -> PrivateKey:
+    """A private key from ``seed`` (the same one every run)."""
+    return PrivateKey.generate(random.Random(seed).randbytes)
+
+
 # ---------------------------------------------------------------------------------------------
 # A UapiHost without sockets (test_uapi, test_uapi_wg, test_fuzz, test_show)
 

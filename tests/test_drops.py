@@ -12,7 +12,7 @@ from fzpoll.wireguard.constants import HANDSHAKE_INITIATION_RATE, MAX_TIMER_HAND
 from fzpoll.wireguard.engine import Engine
 from fzpoll.errors import DropReason as D
 from fzpoll.wireguard.keys import PrivateKey
-from helpers import ADDR_A, ADDR_B, TUN_A, TUN_B, Pair, ip4, ip6
+from helpers import ADDR_A, ADDR_B, TUN_A, TUN_B, Pair, established, ip4, ip6
 
 
 def snapshot(engine: Engine):
@@ -29,13 +29,6 @@ def snapshot(engine: Engine):
         ))
     # Then what the engine handed out since the last snapshot: after a drop, nothing.
     return (sorted(engine.live_indices()), peers), (engine.packets_for_tun(), engine.take_events())
-
-
-def established() -> Pair:
-    p = Pair()
-    p.handshake()
-    p.deliver()
-    return p
 
 
 def transport_from_a(p: Pair, packet: bytes) -> bytes:

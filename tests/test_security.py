@@ -24,7 +24,7 @@ import pytest
 
 import netns
 from fzpoll.show import query
-from helpers import ADDR_A, ADDR_B, TUN_A, TUN_B, Pair, ip4
+from helpers import ADDR_A, ADDR_B, TUN_A, TUN_B, Pair, established, ip4
 from fzpoll.wireguard.constants import REPLAY_WINDOW_SIZE
 from fzpoll.wireguard.engine import Engine
 from fzpoll.errors import DropReason as D
@@ -36,13 +36,6 @@ from netns import Fzpoll, Namespace, veth_pair
 
 # =============================================================================================
 # Replays, engine level
-
-
-def established() -> Pair:
-    p = Pair()
-    p.handshake()
-    p.deliver()
-    return p
 
 
 def from_a(p: Pair, payload: bytes = b"data") -> bytes:

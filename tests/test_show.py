@@ -18,7 +18,6 @@ import errno
 import io
 import json
 import os
-import random
 import re
 import secrets
 import socket
@@ -34,18 +33,14 @@ import pytest
 import netns
 from fzpoll import show as show_mod
 from fzpoll.errors import DropReason
-from fzpoll.wireguard.keys import PresharedKey, PrivateKey
+from fzpoll.wireguard.keys import PresharedKey
 from fzpoll.io.loop import Poller
 from fzpoll.show import InterfaceStatus, PeerStatus, format_text, parse_get, parse_stats, status_json
 from fzpoll.uapi.protocol import STATS_REQUEST, UapiConnection, handle_get, handle_get_stats, handle_set
 from fzpoll.uapi.server import UapiServer
-from helpers import WALL, FakeHost, skip_unless
+from helpers import WALL, FakeHost, key, skip_unless
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def key(seed: int) -> PrivateKey:
-    return PrivateKey.generate(random.Random(seed).randbytes)
 
 
 OWN, PEER, PEER2 = key(1), key(2).public_key, key(3).public_key

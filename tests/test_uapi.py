@@ -10,7 +10,6 @@ import errno
 import ipaddress
 import logging
 import os
-import random
 import selectors
 import socket
 import stat
@@ -33,17 +32,13 @@ from fzpoll.uapi.protocol import (
     parse_prefix,
 )
 from fzpoll.uapi.server import UapiServer
-from helpers import FakeHost, SelectorLoop
+from helpers import FakeHost, SelectorLoop, key
 
 # The peer of the recorded probe (uapi-probe.txt): AOD66E7iP1GtkGq//rVPjgFwGy28pO+XtlhCA9FK82E=
 PROBE_PEER = "00e0fae84ee23f51ad906abffeb54f8e01701b2dbca4ef97b6584203d14af361"
 PEER2 = "0909090909090909090909090909090909090909090909090909090909090909"
 PEER3 = "0a" * 32
 ZEROS = "0" * 64
-
-
-def key(seed: int) -> PrivateKey:
-    return PrivateKey.generate(random.Random(seed).randbytes)
 
 
 def run_set(host: FakeHost, body: str, now: float = 0.0) -> int:
