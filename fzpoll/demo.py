@@ -7,6 +7,7 @@ did with the measured RTT and throughput, and removes everything it created, als
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -96,11 +97,42 @@ def _preflight() -> str | None:
     return None
 
 
+LOCK_PATH = "/run/fzpoll-demo.lock"
+LOCK_WAIT = 120.0  # seconds a demo waits for another one to finish
+
+
+def _take_lock() -> int | None:
+    """One demo at a time on a host (they share the namespace and interface names): wait for a
+    running one to finish rather than tear its namespaces down."""
+    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.2)
+
+
 def demo(seconds: float = 3.0) -> int:
     problem = _preflight()
     if problem:
         print(f"fzpoll: {problem}", file=sys.stderr)
         return 1
+    lock = _take_lock()
+    if lock is None:
+        print(f"fzpoll: another fzpoll demo has been running for {LOCK_WAIT:.0f} s; try again later", file=sys.stderr)
+        return 1
+    try:
+        return _demo_locked(seconds)
+    finally:
+        os.close(lock)
+
+
+def _demo_locked(seconds: float) -> int:
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     workdir = tempfile.mkdtemp(prefix="fzpoll-demo-")
     daemons: list[subprocess.Popen] = []
