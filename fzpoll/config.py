@@ -9,7 +9,11 @@
     MTU = 1420
     DNS = 100.100.111.1, corp.example   # IP addresses are servers, other names search domains
     FwMark = 0x1234                     # or off
-    PostUp = ...                        # wg-quick hooks: accepted, ignored, warned about
+    Table = auto                        # off, auto, a number or a name from rt_tables
+    PreUp = ...                         # wg-quick hooks, repeatable, run through bash; %i is
+    PostUp = ...                        #   the interface (see fzpoll.hooks)
+    PreDown = ...
+    PostDown = ...
 
     [Peer]                              # repeatable
     PublicKey = <base64 or hex>         # required, unique
@@ -102,6 +106,16 @@ class InterfaceConfig:
     dns: tuple[IPAddress, ...] = ()
     dns_search: tuple[str, ...] = ()
     fwmark: int | None = None  # None: not given; 0: off
+    table: str | None = None  # None: not given (auto); "off", "auto", digits, or an rt_tables name
+    pre_up: tuple[str, ...] = ()
+    post_up: tuple[str, ...] = ()
+    pre_down: tuple[str, ...] = ()
+    post_down: tuple[str, ...] = ()
+
+    def hooks(self, phase: str) -> tuple[str, ...]:
+        """The commands of ``phase`` ("PreUp", "PostUp", "PreDown" or "PostDown"), in file order."""
+        return {"PreUp": self.pre_up, "PostUp": self.post_up, "PreDown": self.pre_down,
+                "PostDown": self.post_down}[phase]
 
 
 @dataclass(frozen=True)
@@ -252,6 +266,25 @@ def _fwmark(text: str) -> int:
     return mark
 
 
+_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+
+
+def _table_setting(text: str) -> str:
+    """wg-quick's ``Table``: off, auto, a number (any 32-bit one) or a name from rt_tables."""
+    if text.lower() in ("off", "auto"):
+        return text.lower()
+    if text.isascii() and text.isdigit():
+        _integer(text, 0, 2**32 - 1, "a table number")
+        return str(int(text))
+    if not _TABLE_NAME.fullmatch(text):
+        raise _Bad(f"must be off, auto, a table number or a table name, not {text!r}")
+    return text
+
+
+def _hook(text: str) -> list[str]:
+    return [text]
+
+
 def _endpoint(text: str) -> Endpoint:
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
@@ -306,7 +339,8 @@ def _table(*specs: _KeySpec) -> dict[str, _KeySpec]:
     return {spec.name.lower(): spec for spec in specs}
 
 
-_IGNORED = ("Table", "PreUp", "PostUp", "PreDown", "PostDown", "SaveConfig")
+_IGNORED = ("SaveConfig",)
+HOOK_PHASES = ("PreUp", "PostUp", "PreDown", "PostDown")
 
 _SECTIONS: dict[str, tuple[str, dict[str, _KeySpec]]] = {
     "interface": (
@@ -318,6 +352,8 @@ _SECTIONS: dict[str, tuple[str, dict[str, _KeySpec]]] = {
             _KeySpec("MTU", _mtu),
             _KeySpec("DNS", _dns, True),
             _KeySpec("FwMark", _fwmark),
+            _KeySpec("Table", _table_setting),
+            *(_KeySpec(name, _hook, True) for name in HOOK_PHASES),
             *(_KeySpec(name, None, True) for name in _IGNORED),
         ),
     ),
@@ -395,7 +431,7 @@ def _read_sections(text: str, path: str) -> tuple[list[_Section], list[str]]:
         if spec is None:
             raise ConfigError(path, number, _shown(key), f"unknown key in [{current.kind}]")
         if spec.parse is None:
-            warnings.append(f"{path}:{number}: {spec.name}: ignored (fzpoll runs no wg-quick hooks)")
+            warnings.append(f"{path}:{number}: {spec.name}: ignored (fzpoll never rewrites its configuration file)")
             continue
         _set(current, spec, value, path, number)
     return sections, warnings
@@ -441,6 +477,11 @@ def _build_interface(section: _Section) -> InterfaceConfig:
         dns=_unique([value for kind, value in dns if kind == "server"]),
         dns_search=_unique([value for kind, value in dns if kind == "search"]),
         fwmark=section.get("FwMark"),
+        table=section.get("Table"),
+        pre_up=tuple(section.get("PreUp", [])),
+        post_up=tuple(section.get("PostUp", [])),
+        pre_down=tuple(section.get("PreDown", [])),
+        post_down=tuple(section.get("PostDown", [])),
     )
 
 
@@ -473,9 +514,14 @@ def parse_config(text: str, path: str = "<string>") -> Config:
     if len(interfaces) > 1:
         raise ConfigError(path, interfaces[1].line, "[Interface]", "section given twice")
 
+    own = interfaces[0].values["PrivateKey"].public_key
     peers: dict[PublicKey, _Section] = {}
     for section in (s for s in sections if s.kind == "Peer"):
         key = section.values["PublicKey"]
+        if key == own:
+            raise ConfigError(path, section.lines["PublicKey"], "PublicKey",
+                              "this is the interface's own public key (from its PrivateKey): "
+                              "an interface cannot be its own peer")
         if key in peers:
             first = peers[key].line
             raise ConfigError(
@@ -503,11 +549,16 @@ def parse_config(text: str, path: str = "<string>") -> Config:
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and parse a config file (UTF-8). Warns, in ``Config.warnings``, if others can read it."""
+    """Read and parse a config file (UTF-8). Warns, in ``Config.warnings``, if others can read it.
+
+    Refuses a file anyone may write (its hooks run as root), and hooks in a file owned by a user
+    other than root or us: whoever can write the file can run commands as the daemon.
+    """
     name = os.fspath(path)
     try:
         with open(name, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
+            info = os.fstat(f.fileno())
+            mode, owner = info.st_mode, info.st_uid
             data = f.read()
     except OSError as exc:
         raise ConfigError(name, 0, "-", f"cannot read: {exc.strerror or exc}") from None
@@ -516,7 +567,14 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError(name, line, "-", "file is not UTF-8") from None
+    if mode & stat.S_IWOTH:
+        raise ConfigError(name, 0, "-", "file is world-writable: anyone could change its keys, "
+                          "routes and hooks (which run as root); chmod 600")
     config = parse_config(text, name)
+    hooks = any(config.interface.hooks(phase) for phase in HOOK_PHASES)
+    if hooks and owner not in (0, os.geteuid()):
+        raise ConfigError(name, 0, "-", f"has PreUp/PostUp/PreDown/PostDown hooks but belongs to uid "
+                          f"{owner}, who could make us run any command; chown root")
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         warning = f"{name}:0: -: readable by group or others but holds a private key (chmod 600)"
         config = Config(config.interface, config.peers, config.resources, config.warnings + (warning,))

@@ -62,9 +62,10 @@ def test_good_file():
     assert [str(a) for a in iface.dns] == ["100.100.111.1", "fd00:2021:1111:8000:100:100:111:1"]
     assert iface.dns_search == ("corp.example",)
     assert iface.fwmark == 0x1234
+    assert iface.post_up == ("iptables -A FORWARD -i %i -j ACCEPT",)
+    assert iface.pre_up == iface.pre_down == iface.post_down == () and iface.table is None
     assert config.warnings == (
-        "wg0.conf:10: PostUp: ignored (fzpoll runs no wg-quick hooks)",
-        "wg0.conf:11: SaveConfig: ignored (fzpoll runs no wg-quick hooks)",
+        "wg0.conf:11: SaveConfig: ignored (fzpoll never rewrites its configuration file)",
     )
     a, b = config.peers
     assert a.public_key == PEER_A and a.preshared_key == PSK
@@ -130,6 +131,10 @@ def _render(config: Config) -> str:
     out += [f"DNS = {d}" for d in (*iface.dns, *iface.dns_search)]
     if iface.fwmark is not None:
         out.append(f"FwMark = {iface.fwmark:#x}")
+    if iface.table is not None:
+        out.append(f"Table = {iface.table}")
+    for phase in ("PreUp", "PostUp", "PreDown", "PostDown"):
+        out += [f"{phase} = {command}" for command in iface.hooks(phase)]
     for peer in config.peers:
         out += ["", "[Peer]", f"PublicKey = {peer.public_key.base64()}"]
         if peer.preshared_key:
@@ -286,3 +291,58 @@ def test_fuzz_arbitrary_text(text):
 def test_allowed_ips_normalized_and_deduplicated():
     config = parse_config(IFACE + PEER + "AllowedIPs = 10.1.2.3/8, 10.0.0.0/8\n")
     assert config.peers[0].allowed_ips == (ipaddress.ip_network("10.0.0.0/8"),)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("off", "off"), ("OFF", "off"), ("auto", "auto"), ("1234", "1234"), ("0051820", "51820"),
+    ("main", "main"), ("vpn_table", "vpn_table"),
+])
+def test_table_setting(text, expected):
+    assert parse_config(IFACE + f"Table = {text}\n").interface.table == expected
+
+
+@pytest.mark.parametrize("text", ["4294967296", "a b", "-1", "t;rm"])
+def test_bad_table_setting(text):
+    with pytest.raises(ConfigError) as info:
+        parse_config(IFACE + f"Table = {text}\n", "wg0.conf")
+    assert info.value.key == "Table" and info.value.line == 3
+
+
+def test_hooks_keep_order_and_text():
+    config = parse_config(IFACE + "PreUp = echo a=b > /tmp/%i\nPostDown = x\npreup = echo 2\n"
+                          "PostUp = a | b && c\n")
+    iface = config.interface
+    assert iface.pre_up == ("echo a=b > /tmp/%i", "echo 2")
+    assert iface.post_up == ("a | b && c",) and iface.post_down == ("x",) and iface.pre_down == ()
+    assert config.warnings == ()
+
+
+def test_peer_with_the_interfaces_own_key_is_an_error():
+    text = IFACE + f"\n[Peer]\nPublicKey = {PEER_A.base64()}\n\n[Peer]\nPublicKey = {PRIV.public_key.base64()}\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "wg0.conf")
+    assert (info.value.line, info.value.key) == (8, "PublicKey")
+    assert "own public key" in str(info.value) and PRIV.public_key.base64() not in str(info.value)
+
+
+def test_world_writable_file_is_refused(tmp_path):
+    path = tmp_path / "wg0.conf"
+    path.write_text(IFACE)
+    path.chmod(0o602)
+    with pytest.raises(ConfigError, match="world-writable"):
+        load_config(path)
+    path.chmod(0o600)
+    assert load_config(path).warnings == ()
+
+
+def test_hooks_in_a_file_of_another_user_are_refused(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown")
+    path = tmp_path / "wg0.conf"
+    path.write_text(IFACE + "PostUp = true\n")
+    path.chmod(0o600)
+    os.chown(path, 4242, 4242)
+    with pytest.raises(ConfigError, match="uid 4242"):
+        load_config(path)
+    path.write_text(IFACE)
+    load_config(path)  # no hooks: another owner is only the usual matter of keys
