@@ -10,7 +10,7 @@ from fzpoll import __version__
 from fzpoll.wireguard.constants import DEFAULT_BATCH_SIZE
 from fzpoll.errors import LocalError
 
-COMMANDS = ("up", "show", "demo", "genkey", "pubkey")
+COMMANDS = ("up", "down", "show", "demo", "genkey", "pubkey")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +47,11 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--resolv-conf", metavar="PATH",
                        help="write the DNS stub's sentinel addresses here as resolv.conf nameserver lines")
         _common(p)
+    elif command == "down":
+        p.description = ("Stop a running `fzpoll up` (its PreDown/PostDown hooks run, its rules, routes "
+                         "and interface go), as `wg-quick down`.")
+        p.add_argument("target", metavar="CONFIG|IFACE",
+                       help="the configuration file it was started with, or the interface name")
     elif command == "show":
         p.description = "Show interfaces, peers and fzpoll's own counters (drops, batches, buffers)."
         p.add_argument("interface", nargs="?", help="interface (default: all fzpoll interfaces)")
@@ -117,6 +122,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
                        resolv_conf=args.resolv_conf))
 
 
+def _cmd_down(args: argparse.Namespace) -> int:
+    from fzpoll.down import down
+
+    return down(args.target)
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     from fzpoll.show import show
 
@@ -143,4 +154,4 @@ def _cmd_pubkey(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"up": _cmd_up, "show": _cmd_show, "demo": _cmd_demo, "genkey": _cmd_genkey, "pubkey": _cmd_pubkey}
+_COMMANDS = {"up": _cmd_up, "down": _cmd_down, "show": _cmd_show, "demo": _cmd_demo, "genkey": _cmd_genkey, "pubkey": _cmd_pubkey}

@@ -26,6 +26,8 @@ from fzpoll.device import Device
 from fzpoll.dns.stub import PROXY_V4, PROXY_V6, Resource
 from fzpoll.dns.forwarder import DnsForwarder, make_stub, write_resolv_conf
 from fzpoll.errors import LocalError
+from fzpoll.hooks import HookError, run_hooks
+from fzpoll.policyrouting import PolicyRouting
 from fzpoll.jsonlog import register_secret
 from fzpoll.io.loop import TunGone
 from fzpoll.sdnotify import Notifier
@@ -73,7 +75,8 @@ class Daemon:
         self.poller = self.device.poller
         self.notifier = Notifier()
         self.exit_code = 0
-        self._routes: set[str] = set()
+        self.routing: PolicyRouting | None = None  # routes and rules, made on the first config
+        self.hooks_armed = False  # PostUp done: PreDown/PostDown run when we stop
         self._addresses: set[str] = set()
         self.dns: DnsForwarder | None = None
         self._last_status = float("-inf")
@@ -172,12 +175,11 @@ class Daemon:
             netlink.del_address(name, address)
         self._addresses = addresses
         netlink.set_up(name)
-        wanted = {str(net) for p in config.peers for net in p.allowed_ips} | self._dns_routes(config)
-        for cidr in sorted(wanted - self._routes):
-            netlink.add_route(name, cidr)
-        for cidr in sorted(self._routes - wanted):
-            netlink.del_route(name, cidr)
-        self._routes = wanted
+        wanted = {net for p in config.peers for net in p.allowed_ips}
+        wanted |= {ipaddress.ip_network(cidr) for cidr in self._dns_routes(config)}
+        if self.routing is None:
+            self.routing = PolicyRouting(name)
+        self.routing.sync(wanted, config.interface.table, self.device)
 
     # ------------------------------------------------------------------ signals and housekeeping
 
@@ -297,14 +299,33 @@ class Daemon:
             stats["dns"] = {"in_flight": stub.in_flight, "drops": dict(stub.drops), "stats": dict(stub.stats)}
         return stats
 
+    def _down_hooks(self, phase: str) -> None:
+        """PreDown/PostDown, once PostUp has run; a failure is logged and the stop goes on."""
+        if not self.hooks_armed or self.config is None:
+            return
+        try:
+            run_hooks(phase, self.config.interface.hooks(phase), self.device.name)
+        except HookError as exc:
+            log.error(str(exc), extra={"fields": {"phase": phase, "exit_code": exc.code}})
+            self.exit_code = exc.code
+
     def close(self) -> None:
         signal.set_wakeup_fd(-1)
+        self._down_hooks("PreDown")
         if self.dns is not None:
             self.dns.close()
         self.uapi.close()
+        if self.routing is not None:
+            try:
+                self.routing.close()
+            except LocalError as exc:
+                log.error(str(exc))
+                self.exit_code = 1
         self.device.close()
         self._signal_r.close()
         self._signal_w.close()
+        self._down_hooks("PostDown")
+        self.hooks_armed = False
 
 
 _ready_fd: int | None = None  # daemonized child: the pipe to the waiting parent
@@ -373,16 +394,21 @@ def run(options: Options) -> int:
     daemon: Daemon | None = None
     try:
         config = load_config(options.config_path) if options.config_path else None
+        if config is not None:
+            run_hooks("PreUp", config.interface.pre_up, options.ifname)
         daemon = Daemon(options, config)
         if config is not None:
             daemon.apply_config(config, initial=True)
+            run_hooks("PostUp", config.interface.post_up, daemon.device.name)
+            daemon.hooks_armed = True
         daemon.install_signal_handlers()
     except LocalError as exc:
-        log.error(str(exc))
+        fields = {"phase": exc.phase, "exit_code": exc.code} if isinstance(exc, HookError) else {}
+        log.error(str(exc), extra={"fields": fields})
         if daemon is not None:
             daemon.close()
         _report_ready(False)
-        return 1
+        return exc.code if isinstance(exc, HookError) else 1
     daemon.announce_ready()
     _report_ready(True, keep_stderr=options.keep_stderr)
     return daemon.run()

@@ -88,7 +88,7 @@ def _rule_args(rule: Rule) -> dict[str, Any]:
     if rule.invert:
         args["flags"] = FIB_RULE_INVERT
     if rule.suppress_prefixlength is not None:
-        args["suppress_prefixlength"] = rule.suppress_prefixlength
+        args["suppress_prefixlen"] = rule.suppress_prefixlength
     return args
 
 
@@ -172,7 +172,7 @@ def del_route(ifname: str, net: Network, table: int) -> None:
         if index is None:
             return  # the link is gone and its routes with it
         try:
-            ipr.route("del", dst=str(net), oif=index, family=family_of(net), table=table)
+            ipr.route("del", **_route_args(net, index, table))  # scope must match, too
         except NetlinkError as exc:
             if exc.code != errno.ESRCH:
                 raise _fail(f"cannot delete route {net} dev {ifname} table {table}", exc) from None
