@@ -136,9 +136,10 @@ class Daemon:
         log.info("DNS stub ready", extra={"fields": {
             "sentinels": [str(s) for s in stub.sentinels],
             "upstreams": [f"{h}:{p}" for h, p in (stub.upstream_for(s) for s in stub.sentinels)],
+            "search": list(config.interface.dns_search),
         }})
         if self.options.resolv_conf:
-            write_resolv_conf(stub, self.options.resolv_conf)
+            write_resolv_conf(stub, self.options.resolv_conf, config.interface.dns_search)
 
     def _dns_routes(self, config: Config) -> set[str]:
         """Sentinels, and the proxy ranges when resources exist, are routed into the tunnel."""

@@ -790,3 +790,16 @@ def test_against_dnsmasq(dnsmasq):
                                      DNSRecord.question("x.example.com").pack()), 0.0)
     assert r.udp_queries == [] and len(r.to_tun) == 1
     assert r.in_flight == 0 and not r.drops
+
+
+def test_resolv_conf_has_the_sentinels_and_the_search_domains(tmp_path):
+    """What wg-quick gives resolvconf for ``DNS = 10.0.0.53, fd00::53, corp.example, lab.example``,
+    with the stub's sentinels in place of the servers."""
+    from fzpoll.dns.forwarder import make_stub, write_resolv_conf
+
+    stub = make_stub(["10.0.0.53", "fd00::53"], [])
+    path = tmp_path / "resolv.conf"
+    write_resolv_conf(stub, str(path), ("corp.example", "lab.example"))
+    lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
+    assert lines == ["nameserver 100.100.111.1", "nameserver fd00:2021:1111:8000:100:100:111:1",
+                     "search corp.example lab.example"]

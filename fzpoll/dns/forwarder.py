@@ -222,9 +222,12 @@ def make_stub(dns: list, resources: list[Resource], resolv_conf: str = "/etc/res
 
 
 
-def write_resolv_conf(stub: StubResolver, path: str) -> None:
-    """Write the sentinels as a resolv.conf-style file for the user to install."""
+def write_resolv_conf(stub: StubResolver, path: str, search: tuple[str, ...] | list[str] = ()) -> None:
+    """Write the sentinels, and the config's search domains (``DNS =`` entries that are not
+    addresses), as a resolv.conf file: what wg-quick hands ``resolvconf -a IFACE -m 0 -x``."""
     with open(path, "w") as f:
         f.write("# written by fzpoll: DNS through the tunnel's stub resolver\n")
         for sentinel in stub.sentinels:
             f.write(f"nameserver {sentinel}\n")
+        if search:
+            f.write(f"search {' '.join(search)}\n")
