@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Iterable, Protocol
 
 from fzpoll.errors import LocalError
+from fzpoll.io import firewall
 from fzpoll.io import rules as rt
 from fzpoll.io.rules import RT_TABLE_MAIN, Network, Rule
 
@@ -97,8 +98,9 @@ def rule_pair(family: int, table: int) -> tuple[Rule, Rule]:
 
 
 def route_order(routes: Iterable[tuple[int, Network]]) -> list[tuple[int, Network]]:
-    """wg-quick adds routes longest prefix first (``sort -nr -k 2 -t /``)."""
-    return sorted(routes, key=lambda r: (-r[1].prefixlen, r[1].version, r[1], r[0]))
+    """wg-quick adds routes longest prefix first (``sort -nr -k 2 -t /``; on a tie the reversed
+    whole line decides, which puts ``::/0`` before ``0.0.0.0/0``)."""
+    return sorted(routes, key=lambda r: (-r[1].prefixlen, -r[1].version, r[1], r[0]))
 
 
 def parse_rt_tables(text: str) -> dict[str, int]:
@@ -171,6 +173,7 @@ def remove_leftovers(ifname: str, *, only_if_dead: bool, state_dir: str = STATE_
     removed = [Rule.from_json(r) for r in data.get("rules", [])]
     for rule in removed:
         rt.del_rule(rule)
+    firewall.remove(ifname)  # made after the rules: if any exists, the state file does too
     os.unlink(path)
     if removed:
         log.warning("removed rules left by an earlier run that did not stop cleanly", extra={"fields": {
@@ -188,6 +191,7 @@ class PolicyRouting:
         self.tables: dict[int, int] = {}  # family -> full-tunnel table of the rules we added
         self.rules: list[Rule] = []  # added (or about to be), in order
         self.auto_fwmark = 0  # the fwmark we chose ourselves (0: none)
+        self.firewall: dict[int, tuple[int, tuple[str, ...]]] = {}  # family -> (mark, addresses)
         remove_leftovers(ifname, only_if_dead=False, state_dir=state_dir)
 
     def sync(self, networks: Iterable[Network], table_setting: str | None, device: FwmarkHost) -> None:
@@ -211,11 +215,29 @@ class PolicyRouting:
         for entry in route_order(plan.routes - self.routes):
             rt.add_route(self.ifname, entry[1], entry[0])
             self.routes.add(entry)
-        for family in sorted(plan.default_families - set(self.tables)):
+        for family in sorted(plan.default_families - set(self.tables), reverse=True):  # ::/0 first
             self._add_rules(family, plan.table)
+        self._sync_firewall(plan)
+
+    def _sync_firewall(self, plan: Plan) -> None:
+        """wg-quick's nftables table per full-tunnel family (see :mod:`fzpoll.io.firewall`), for
+        the addresses the interface has (as wg-quick, link-local ones included)."""
+        gone = [family for family in self.firewall if family not in plan.default_families]
+        if gone:
+            firewall.remove(self.ifname, gone)
+            for family in gone:
+                del self.firewall[family]
+        for family in sorted(plan.default_families, reverse=True):
+            mine = tuple(rt.interface_addresses(self.ifname, family))
+            if self.firewall.get(family) != (plan.table, mine):
+                if firewall.add_full_tunnel(self.ifname, family, plan.table, mine):
+                    self.firewall[family] = (plan.table, mine)
 
     def close(self) -> None:
         """Undo the rules (routes go with the interface, as with wg-quick); forget the state."""
+        if self.firewall:
+            firewall.remove(self.ifname, list(self.firewall))
+            self.firewall.clear()
         for rule in list(self.rules):
             self._del_rule(rule)
         self.tables.clear()

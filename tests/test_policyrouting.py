@@ -53,7 +53,7 @@ def test_rules_in_wg_quick_order():
 
 def test_routes_added_longest_prefix_first():
     order = [net for _, net in route_order({(RT_TABLE_MAIN, n) for n in NETS})]
-    assert [n.prefixlen for n in order] == [64, 32, 8, 0, 0]
+    assert [str(n) for n in order] == ["fd00::/64", "100.64.0.2/32", "10.0.0.0/8", "::/0", "0.0.0.0/0"]
 
 
 def test_rt_tables(tmp_path):
@@ -66,3 +66,14 @@ def test_rt_tables(tmp_path):
     assert resolve_table(None, []) is None and resolve_table("off", []) == "off"
     with pytest.raises(LocalError, match="no routing table of that name"):
         resolve_table("nosuch", [str(path)])
+
+
+def test_nft_script_replaces_the_table_in_one_transaction():
+    from fzpoll.io.firewall import full_tunnel_script
+
+    text = full_tunnel_script("wg0", socket.AF_INET6, 51820, ["fd00::1"])
+    lines = text.splitlines()
+    assert lines[:3] == ["add table ip6 fzpoll-wg0", "delete table ip6 fzpoll-wg0", "add table ip6 fzpoll-wg0"]
+    assert 'add rule ip6 fzpoll-wg0 preraw iifname != "wg0" ip6 daddr fd00::1 fib saddr type != local drop' in lines
+    assert "add rule ip6 fzpoll-wg0 postmangle meta l4proto udp mark 0xca6c ct mark set mark" in lines
+    assert lines[-1] == "add rule ip6 fzpoll-wg0 premangle meta l4proto udp meta mark set ct mark"

@@ -178,6 +178,15 @@ def del_route(ifname: str, net: Network, table: int) -> None:
                 raise _fail(f"cannot delete route {net} dev {ifname} table {table}", exc) from None
 
 
+def interface_addresses(ifname: str, family: int) -> list[str]:
+    """The addresses of ``ifname`` in ``family``, in the kernel's order (``ip -o addr show``)."""
+    with IPRoute() as ipr:
+        index = _index(ipr, ifname)
+        if index is None:
+            return []
+        return [str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(index=index, family=family)]
+
+
 def table_in_use(table: int) -> bool:
     """Whether ``table`` holds any IPv4 or IPv6 route (wg-quick's test for a free table)."""
     with IPRoute() as ipr:
