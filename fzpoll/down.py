@@ -14,7 +14,7 @@ import signal
 import time
 
 from fzpoll.errors import LocalError
-from fzpoll.policyrouting import remove_leftovers
+from fzpoll.policyrouting import process_running, remove_leftovers
 from fzpoll.show import QueryError, interface_status
 
 STOP_TIMEOUT = 60.0  # seconds: down hooks may take a while
@@ -28,15 +28,6 @@ def target_interface(target: str) -> str:
 
         return interface_name_from_config(target)
     return target
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (a stopped daemon whose parent has not reaped it yet is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def down(target: str, timeout: float = STOP_TIMEOUT) -> int:
@@ -55,7 +46,7 @@ def down(target: str, timeout: float = STOP_TIMEOUT) -> int:
     pid = int(stats["daemon"]["pid"])
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _running(pid):
+    while process_running(pid):
         if time.monotonic() > deadline:
             raise LocalError(f"{ifname}: daemon {pid} still running {timeout:g} s after SIGTERM")
         time.sleep(POLL_INTERVAL)

@@ -15,12 +15,14 @@ wg-quick (``linux.bash``: ``add_route``, ``add_default``, ``del_if``) decides pe
   ``lookup main suppress_prefixlength 0`` (the main table, except its default route, still wins:
   the LAN and the endpoint's own route keep working). For IPv4 it sets
   ``net.ipv4.conf.all.src_valid_mark=1`` and, like wg-quick, leaves it set (another tunnel may
-  rely on it; it changes nothing without marks).
+  rely on it; it changes nothing without marks). Then the nftables table of
+  :mod:`fzpoll.io.firewall` (the replies to the marked UDP get the mark back, so a strict
+  reverse-path filter lets them in).
 
 Undoing: wg-quick's ``down`` deletes *every* rule that looks up table T and *every*
 ``suppress_prefixlength 0`` rule of main, also ones it did not add. fzpoll removes exactly the
-rules it added, matched by priority and selector, on stop and on a reload that no longer needs
-them. Each rule is written to a state file (``/run/fzpoll/IFACE.NETNS.json``) *before* it is
+rules it added, matched by priority and selector (and its own nftables table), on stop and on
+a reload that no longer needs them. Each rule is written to a state file (``/run/fzpoll/IFACE.NETNS.json``) *before* it is
 added, so a run after a crash (or ``fzpoll down``) removes what the crashed run left; routes need
 no record, the kernel drops them with the crashed run's interface.
 """
@@ -28,7 +30,6 @@ no record, the kernel drops them with the crashed run's interface.
 from __future__ import annotations
 
 import glob
-import ipaddress
 import json
 import logging
 import os
@@ -145,14 +146,13 @@ def state_path(ifname: str, state_dir: str = STATE_DIR) -> str:
     return os.path.join(state_dir, f"{ifname}.{os.stat('/proc/self/ns/net').st_ino}.json")
 
 
-def _pid_alive(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Alive and not a zombie (a stopped daemon its parent has not reaped yet is gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_leftovers(ifname: str, *, only_if_dead: bool, state_dir: str = STATE_DIR) -> list[Rule]:
@@ -168,7 +168,7 @@ def remove_leftovers(ifname: str, *, only_if_dead: bool, state_dir: str = STATE_
         log.warning("unreadable routing state file, ignored", extra={"fields": {"path": path, "error": str(exc)}})
         return []
     pid = int(data.get("pid", 0))
-    if only_if_dead and pid != os.getpid() and _pid_alive(pid):
+    if only_if_dead and pid != os.getpid() and process_running(pid):
         return []
     removed = [Rule.from_json(r) for r in data.get("rules", [])]
     for rule in removed:

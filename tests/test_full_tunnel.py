@@ -19,7 +19,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -161,16 +160,22 @@ def _assert_same(now: dict[str, str], before: dict[str, str]) -> None:
         assert now[view] == before[view], f"{view} changed:\n" + "\n".join(diff or ["(order)"])
 
 
+def _start(world: World, tmp: Path, allowed: str, extra: str = "",
+           endpoint: str = ENDPOINT4) -> tuple[str, dict[str, str], Path, Foreground]:
+    """A fresh interface name, the state before, its config file, and `fzpoll up` running it."""
+    name = _name()
+    before = world.snapshot()
+    config = world.config(tmp / f"{name}.conf", allowed, extra, endpoint)
+    return name, before, config, Foreground(world.client, name, ("up", str(config)), tmp).wait_ready()
+
+
 def _rules(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines()]
 
 
 def test_full_tunnel_default_routes_hooks_and_clean_stop(world: World, tmp: Path) -> None:
-    name = _name()
-    before = world.snapshot()
-    config = world.config(tmp / f"{name}.conf", "0.0.0.0/0, ::/0", extra=(
+    name, before, config, daemon = _start(world, tmp, "0.0.0.0/0, ::/0", extra=(
         f"PostUp = echo up %i > {tmp}/postup\nPostDown = echo down %i > {tmp}/postdown\n"))
-    daemon = Foreground(world.client, name, ("up", str(config)), tmp).wait_ready()
     try:
         up = world.snapshot()
         for family in ("rule4", "rule6"):  # wg-quick's pair, at the kernel's default priorities
@@ -199,10 +204,7 @@ def test_full_tunnel_default_routes_hooks_and_clean_stop(world: World, tmp: Path
 
 
 def test_table_off_adds_no_route(world: World, tmp: Path) -> None:
-    name = _name()
-    before = world.snapshot()
-    config = world.config(tmp / f"{name}.conf", "0.0.0.0/0, ::/0", extra="Table = off\n")
-    daemon = Foreground(world.client, name, ("up", str(config)), tmp).wait_ready()
+    name, before, config, daemon = _start(world, tmp, "0.0.0.0/0, ::/0", extra="Table = off\n")
     up = world.snapshot()
     assert up["rule4"] == before["rule4"] and up["rule6"] == before["rule6"]
     new = [line for key in ("route4", "route6") for line in up[key].splitlines()
@@ -214,13 +216,10 @@ def test_table_off_adds_no_route(world: World, tmp: Path) -> None:
 
 
 def test_table_number_puts_every_route_there_without_rules(world: World, tmp: Path) -> None:
-    name = _name()
-    before = world.snapshot()
     # As a Table = N user would: a rule of one's own (in a hook) sends some traffic to table N.
-    config = world.config(tmp / f"{name}.conf", "0.0.0.0/0, ::/0, 100.64.9.0/24", extra=(
+    name, before, config, daemon = _start(world, tmp, "0.0.0.0/0, ::/0, 100.64.9.0/24", extra=(
         f"Table = 1234\nPostUp = ip rule add to {BEYOND4} table 1234 pref 1000\n"
         f"PreDown = ip rule del to {BEYOND4} table 1234 pref 1000\n"))
-    daemon = Foreground(world.client, name, ("up", str(config)), tmp).wait_ready()
     up = world.snapshot()
     assert up["rule6"] == before["rule6"]
     assert [line for line in _rules(up["rule4"]) if line not in _rules(before["rule4"])] == [
@@ -237,10 +236,7 @@ def test_table_number_puts_every_route_there_without_rules(world: World, tmp: Pa
 
 
 def test_ipv6_only_full_tunnel(world: World, tmp: Path) -> None:
-    name = _name()
-    before = world.snapshot()
-    config = world.config(tmp / f"{name}.conf", "::/0", endpoint=ENDPOINT6)
-    daemon = Foreground(world.client, name, ("up", str(config)), tmp).wait_ready()
+    name, before, config, daemon = _start(world, tmp, "::/0", endpoint=ENDPOINT6)
     up = world.snapshot()
     assert up["rule4"] == before["rule4"]
     assert [line for line in _rules(up["rule6"]) if line not in _rules(before["rule6"])] == [
@@ -290,30 +286,24 @@ def test_crash_leftovers_removed_by_restart_and_by_down(world: World, tmp: Path)
             _ping_through_tunnel(world, name, BEYOND4)
         daemon.proc.kill()
         daemon.wait_exit()
-        wait_until(lambda: not (netns.WG_SOCKET_DIR / f"{name}.sock").exists()
-                   or netns._socket_is_stale(netns.WG_SOCKET_DIR / f"{name}.sock"), 5, "the socket")
-        (netns.WG_SOCKET_DIR / f"{name}.sock").unlink(missing_ok=True)
         left = world.snapshot()
         assert "lookup 51820" in left["rule4"] and "lookup 51820" in left["rule6"]  # the crash's
-    # restart: the next run removed the leftovers before adding its own (no duplicates), then ...
-        if cleaner == "restart":
+        assert f"fzpoll-{name}" in left["nft"]
+        if cleaner == "restart":  # the next run removes the leftovers before adding its own
             again = Foreground(world.client, name, ("up", str(config)), tmp).wait_ready()
             assert world.client.ip("-4", "rule").stdout.count("lookup 51820") == 1
             assert "removed rules left by an earlier run" in again.log()
             _ping_through_tunnel(world, name, BEYOND4)
             _stop(again, world, before)
-    # ... down: nothing runs, `fzpoll down` removes what the killed run left
+    # down: nothing runs, `fzpoll down` removes what the killed run left
     proc = run_fzpoll(world.client, "down", name)
     assert proc.returncode == 0 and "removed 4 rules" in proc.stdout, proc.stdout + proc.stderr
     assert world.snapshot() == before
 
 
 def test_fzpoll_down_stops_fzpoll_up_like_wg_quick_down(world: World, tmp: Path) -> None:
-    name = _name()
-    before = world.snapshot()
-    config = world.config(tmp / f"{name}.conf", "0.0.0.0/0, ::/0", extra=(
+    name, before, config, daemon = _start(world, tmp, "0.0.0.0/0, ::/0", extra=(
         f"PreDown = ip rule > {tmp}/predown\nPostDown = ip rule > {tmp}/postdown\n"))
-    daemon = Foreground(world.client, name, ("up", str(config)), tmp).wait_ready()
     proc = run_fzpoll(world.client, "down", str(config), timeout=30)
     assert proc.returncode == 0 and f"{name}: stopped" in proc.stdout, proc.stdout + proc.stderr
     assert daemon.wait_exit() == 0
@@ -325,30 +315,24 @@ def test_fzpoll_down_stops_fzpoll_up_like_wg_quick_down(world: World, tmp: Path)
     assert missing.returncode == 1 and "not running" in missing.stderr
 
 
-def test_failing_pre_up_stops_start_up_with_its_code_and_message(world: World, tmp: Path) -> None:
+@pytest.mark.parametrize("phase, hooks, code, ran", [
+    # PreUp: the first ran, the failing one stops everything: no interface was ever made
+    ("PreUp", "PreUp = echo first %i > {tmp}/ran\nPreUp = echo 'hook says no' >&2; exit 7\n", 7, "first {name}"),
+    # PostUp: ran with everything up; what was made is undone, without the down hooks
+    ("PostUp", "PostUp = ip rule > {tmp}/ran; echo 'hook says no' >&2; exit 3\n", 3, "lookup 51820"),
+])
+def test_failing_up_hook_stops_start_up_with_its_code_and_message(
+        world: World, tmp: Path, phase: str, hooks: str, code: int, ran: str) -> None:
     name = _name()
     before = world.snapshot()
-    config = world.config(tmp / f"{name}.conf", "0.0.0.0/0", extra=(
-        f"PreUp = echo first %i > {tmp}/first\nPreUp = echo 'pre-up says no' >&2; exit 7\n"
-        f"PreUp = touch {tmp}/never\n"))
+    extra = hooks.format(tmp=tmp) + f"PostUp = touch {tmp}/never\nPostDown = touch {tmp}/never\n"
+    config = world.config(tmp / f"{name}.conf", "0.0.0.0/0, ::/0", extra=extra)
     proc = run_fzpoll(world.client, "up", str(config))
-    assert proc.returncode == 7, proc.stderr
-    assert "PreUp hook failed with exit code 7" in proc.stderr and "pre-up says no" in proc.stderr
-    assert (tmp / "first").read_text() == f"first {name}\n" and not (tmp / "never").exists()
+    assert proc.returncode == code, proc.stderr
+    assert f"{phase} hook failed with exit code {code}" in proc.stderr and "hook says no" in proc.stderr
+    assert ran.format(name=name) in (tmp / "ran").read_text() and not (tmp / "never").exists()
     assert world.client.ip("link", "show", name, check=False).returncode != 0
     assert world.snapshot() == before
-
-
-def test_failing_post_up_undoes_the_start_up(world: World, tmp: Path) -> None:
-    name = _name()
-    before = world.snapshot()
-    config = world.config(tmp / f"{name}.conf", "0.0.0.0/0, ::/0", extra=(
-        f"PostUp = ip rule > {tmp}/rules; exit 3\nPostDown = touch {tmp}/never\n"))
-    proc = run_fzpoll(world.client, "up", str(config))
-    assert proc.returncode == 3 and "PostUp hook failed with exit code 3" in proc.stderr, proc.stderr
-    assert "lookup 51820" in (tmp / "rules").read_text()  # it ran with everything up ...
-    assert world.snapshot() == before  # ... and all of it is gone, without the down hooks
-    assert not (tmp / "never").exists()
 
 
 def _normalised(snapshot: dict[str, str], name: str) -> dict[str, str]:
