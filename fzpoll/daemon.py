@@ -396,6 +396,8 @@ def run(options: Options) -> int:
     try:
         config = load_config(options.config_path) if options.config_path else None
         if config is not None:
+            if netlink.link_exists(options.ifname):  # as wg-quick, before any hook runs
+                raise LocalError(f"{options.ifname} already exists")
             run_hooks("PreUp", config.interface.pre_up, options.ifname)
         daemon = Daemon(options, config)
         if config is not None:

@@ -303,7 +303,11 @@ def test_crash_leftovers_removed_by_restart_and_by_down(world: World, tmp: Path)
 
 def test_fzpoll_down_stops_fzpoll_up_like_wg_quick_down(world: World, tmp: Path) -> None:
     name, before, config, daemon = _start(world, tmp, "0.0.0.0/0, ::/0", extra=(
-        f"PreDown = ip rule > {tmp}/predown\nPostDown = ip rule > {tmp}/postdown\n"))
+        f"PreUp = touch {tmp}/preup\nPreDown = ip rule > {tmp}/predown\nPostDown = ip rule > {tmp}/postdown\n"))
+    (tmp / "preup").unlink()
+    second = run_fzpoll(world.client, "up", str(config))  # as wg-quick: refused before PreUp
+    assert second.returncode == 1 and f"{name} already exists" in second.stderr, second.stderr
+    assert not (tmp / "preup").exists()
     proc = run_fzpoll(world.client, "down", str(config), timeout=30)
     assert proc.returncode == 0 and f"{name}: stopped" in proc.stdout, proc.stdout + proc.stderr
     assert daemon.wait_exit() == 0
