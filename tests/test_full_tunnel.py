@@ -235,16 +235,23 @@ def test_table_number_puts_every_route_there_without_rules(world: World, tmp: Pa
     _stop(daemon, world, before)
 
 
-def test_ipv6_only_full_tunnel(world: World, tmp: Path) -> None:
-    name, before, config, daemon = _start(world, tmp, "::/0", endpoint=ENDPOINT6)
-    up = world.snapshot()
-    assert up["rule4"] == before["rule4"]
-    assert [line for line in _rules(up["rule6"]) if line not in _rules(before["rule6"])] == [
-        "32764:\tfrom all lookup main suppress_prefixlength 0",
-        "32765:\tnot from all fwmark 0xca6c lookup 51820"]
-    _ping_through_tunnel(world, name, BEYOND6)
-    assert f"dev {world.veth} " in _route_get(world.client, BEYOND4)
-    _stop(daemon, world, before)
+def test_ipv6_only_full_tunnel_leaves_look_alike_rules_of_others(world: World, tmp: Path) -> None:
+    """IPv6 only; and a rule that looks like ours but is not (another tunnel's, added first)
+    stays: wg-quick's down would delete every ``suppress_prefixlength 0`` rule, fzpoll only its own."""
+    world.client.ip("-6", "rule", "add", "table", "main", "suppress_prefixlength", "0")
+    try:
+        name, before, config, daemon = _start(world, tmp, "::/0", endpoint=ENDPOINT6)
+        up = world.snapshot()
+        assert up["rule4"] == before["rule4"]
+        assert [line for line in _rules(up["rule6"]) if line not in _rules(before["rule6"])] == [
+            "32763:\tfrom all lookup main suppress_prefixlength 0",
+            "32764:\tnot from all fwmark 0xca6c lookup 51820"]
+        _ping_through_tunnel(world, name, BEYOND6)
+        assert f"dev {world.veth} " in _route_get(world.client, BEYOND4)
+        _stop(daemon, world, before)
+        assert "32765:\tfrom all lookup main suppress_prefixlength 0" in world.client.ip("-6", "rule").stdout
+    finally:
+        world.client.ip("-6", "rule", "del", "pref", "32765")
 
 
 def test_reload_adds_and_removes_the_default_route(world: World, tmp: Path) -> None:
