@@ -42,7 +42,10 @@ def _interface_parser() -> argparse.ArgumentParser:
 def _command_parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"fzpoll {command}")
     if command == "up":
-        p.description = "Bring up an interface from a wg-quick style file and run in the foreground."
+        p.description = ("Bring up an interface from a wg-quick style file and run in the foreground: "
+                         "addresses, MTU, routes (a /0 gets wg-quick's policy routing; Table = off|auto|N), "
+                         "PreUp/PostUp/PreDown/PostDown hooks. SIGHUP applies file changes; SIGTERM or "
+                         "`fzpoll down` stops it and undoes all of it.")
         p.add_argument("config", help="configuration file; the interface is named after it (wg0.conf -> wg0)")
         p.add_argument("--resolv-conf", metavar="PATH",
                        help="write the DNS stub's sentinel addresses here as resolv.conf nameserver lines")
