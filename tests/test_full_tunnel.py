@@ -145,9 +145,9 @@ def _ping_through_tunnel(world: World, name: str, address: str) -> None:
     assert world.server_rx() > rx
 
 
-def _stop(daemon: Foreground, world: World, before: dict[str, str]) -> None:
+def _stop(daemon: Foreground, world: World, before: dict[str, str], code: int = 0) -> None:
     daemon.proc.send_signal(signal.SIGTERM)
-    assert daemon.wait_exit() == 0, daemon.log()
+    assert daemon.wait_exit() == code, daemon.log()
     assert_gone(world.client, daemon.name)
     _assert_same(world.snapshot(), before)
 
@@ -204,7 +204,9 @@ def test_full_tunnel_default_routes_hooks_and_clean_stop(world: World, tmp: Path
 
 
 def test_table_off_adds_no_route(world: World, tmp: Path) -> None:
-    name, before, config, daemon = _start(world, tmp, "0.0.0.0/0, ::/0", extra="Table = off\n")
+    # (and a failing PreDown: reported, the stop goes on, the daemon exits with its code)
+    name, before, config, daemon = _start(world, tmp, "0.0.0.0/0, ::/0", extra=(
+        f"Table = off\nPreDown = echo 'pre-down says no' >&2; exit 4\nPostDown = touch {tmp}/postdown\n"))
     up = world.snapshot()
     assert up["rule4"] == before["rule4"] and up["rule6"] == before["rule6"]
     new = [line for key in ("route4", "route6") for line in up[key].splitlines()
@@ -212,7 +214,9 @@ def test_table_off_adds_no_route(world: World, tmp: Path) -> None:
     # only what the kernel makes for the interface's own addresses
     assert new and all("proto kernel" in line for line in new), new
     assert f"dev {world.veth} " in _route_get(world.client, BEYOND4)
-    _stop(daemon, world, before)
+    _stop(daemon, world, before, code=4)
+    assert "PreDown hook failed with exit code 4" in daemon.log() and "pre-down says no" in daemon.log()
+    assert (tmp / "postdown").exists()
 
 
 def test_table_number_puts_every_route_there_without_rules(world: World, tmp: Path) -> None:
