@@ -44,6 +44,7 @@ class World:
     client: Namespace
     server: Namespace
     veth: str  # the client's end
+    client_ip: str  # its address
     wg: WireguardGo
     key: str  # the client's private key
     server_public: str
@@ -91,6 +92,10 @@ def world() -> Iterator[World]:
             server.ip("addr", "add", address, "dev", "lo")
         for address in (f"{ENDPOINT6}/128", f"{BEYOND6}/128"):
             server.ip("addr", "add", address, "dev", "lo", "nodad")
+        # The server speaks to the client from its endpoint address only (never from the on-link
+        # veth address), so every answer of the client must take the default route.
+        server.ip("route", "add", f"{pair.ip_a}/32", "dev", pair.if_b, "src", ENDPOINT4)
+        server.ip("-6", "route", "add", f"{pair.ip6_a}/128", "dev", pair.if_b, "src", ENDPOINT6)
         # The veth's link-local address appears in the local table once its DAD ends: wait, so
         # that it does not show up as a difference in the first test.
         wait_until(lambda: not client.ip("-6", "addr", "show", "tentative").stdout.strip()
@@ -103,7 +108,7 @@ def world() -> Iterator[World]:
         wg.address(f"{SERVER4}/32", f"{SERVER6}/128")
         wg.up()
         wg.route(f"{CLIENT4}/32", f"{CLIENT6}/128")
-        yield World(client, server, pair.if_a, wg, key, netns.pubkey(server_key))
+        yield World(client, server, pair.if_a, pair.ip_a, wg, key, netns.pubkey(server_key))
 
 
 @pytest.fixture(autouse=True)
@@ -193,6 +198,14 @@ def test_full_tunnel_default_routes_hooks_and_clean_stop(world: World, tmp: Path
         assert f"dev {name} " in _route_get(world.client, ENDPOINT4)
         _ping_through_tunnel(world, name, BEYOND4)
         _ping_through_tunnel(world, name, BEYOND6)
+        # The handshake keeps working: the peer forgets the session and starts a new handshake
+        # itself; our answer, from the marked UDP socket, must leave by the veth.
+        client_public = netns.pubkey(world.key)
+        port = world.client.run(["wg", "show", name, "listen-port"]).stdout.strip()
+        world.wg.set("peer", client_public, "remove")
+        world.wg.add_peer(client_public, [f"{CLIENT4}/32", f"{CLIENT6}/128"], f"{world.client_ip}:{port}")
+        _ping(world.server, CLIENT4)
+        assert world.wg.wg_show_dump().peers[0].latest_handshake > 0
         assert (tmp / "postup").read_text() == f"up {name}\n"
         assert not (tmp / "postdown").exists()
     except AssertionError:
