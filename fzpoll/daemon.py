@@ -398,6 +398,8 @@ def run(options: Options) -> int:
         if config is not None:
             if netlink.link_exists(options.ifname):  # as wg-quick, before any hook runs
                 raise LocalError(f"{options.ifname} already exists")
+            for secret in config.secrets():  # before any hook's command line is logged
+                register_secret(secret)
             run_hooks("PreUp", config.interface.pre_up, options.ifname)
         daemon = Daemon(options, config)
         if config is not None:

@@ -36,3 +36,20 @@ def test_a_hook_killed_by_a_signal():
     with pytest.raises(HookError) as info:
         run_hooks("PostUp", ["kill -TERM $$"], "wg7")
     assert info.value.code == 128 + 15
+
+
+def test_a_key_in_a_hook_is_masked_in_the_log(caplog):
+    """A hook may carry a key (``wg set %i private-key <(echo KEY)``): registered secrets are
+    masked in the log line that names the hook."""
+    import base64
+    import logging
+
+    from fzpoll.jsonlog import JsonFormatter, register_secret
+
+    raw = bytes(range(100, 132))
+    register_secret(raw)
+    key = base64.b64encode(raw).decode()
+    with caplog.at_level(logging.INFO, logger="fzpoll.hooks"):
+        run_hooks("PostUp", [f"true {key}"], "wg7")
+    lines = [JsonFormatter().format(r) for r in caplog.records]
+    assert lines and all(key not in line for line in lines), lines
