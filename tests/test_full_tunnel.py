@@ -348,7 +348,7 @@ def test_fzpoll_down_stops_fzpoll_up_like_wg_quick_down(world: World, tmp: Path)
     ("PreUp", "PreUp = echo first %i > {tmp}/ran\nPreUp = echo 'hook says no' >&2; exit 7\n", 7, "first {name}"),
     # PostUp: ran with everything up; what was made is undone, without the down hooks
     ("PostUp", "PostUp = ip rule > {tmp}/ran; echo 'hook says no' >&2; exit 3\n", 3, "lookup 51820"),
-])
+], ids=["PreUp", "PostUp"])
 def test_failing_up_hook_stops_start_up_with_its_code_and_message(
         world: World, tmp: Path, phase: str, hooks: str, code: int, ran: str) -> None:
     name = _name()
