@@ -29,7 +29,7 @@ from fzpoll.errors import LocalError
 from fzpoll.hooks import HookError, run_hooks
 from fzpoll.policyrouting import PolicyRouting
 from fzpoll.jsonlog import register_secret
-from fzpoll.io.loop import TunGone
+from fzpoll.io.datapath import TunGone
 from fzpoll.sdnotify import Notifier
 from fzpoll.wireguard.events import Event, HandshakeCompleted, HandshakeGaveUp, HandshakeInitiated, KeysZeroed
 
@@ -61,7 +61,7 @@ class Options:
 
 
 class Daemon:
-    """Runs one :class:`Device` with its UAPI server inside the poller, until told to stop."""
+    """Runs one :class:`Device` with its UAPI server inside the loop, until told to stop."""
 
     def __init__(self, options: Options, config: Config | None = None) -> None:
         from fzpoll.uapi.server import UapiServer
@@ -72,7 +72,7 @@ class Daemon:
         port = config.interface.listen_port if config is not None and config.interface.listen_port else 0
         self.device = Device(options.ifname, mtu=mtu, batch_size=options.batch_size,
                              schedule=options.schedule, listen_port=port)
-        self.poller = self.device.poller
+        self.loop = self.device.loop
         self.notifier = Notifier()
         self.exit_code = 0
         self.routing: PolicyRouting | None = None  # routes and rules, made on the first config
@@ -84,15 +84,15 @@ class Daemon:
         self._notify_enabled = self.notifier.enabled  # fixed: the environment is read once
         self._last_watchdog = float("-inf")
         try:
-            self.uapi = UapiServer(self.device.name, self.device, self.poller, stats=self.stats_snapshot)
+            self.uapi = UapiServer(self.device.name, self.device, self.loop, stats=self.stats_snapshot)
         except BaseException:
             self.device.close()
             raise
         self._signal_r, self._signal_w = socket.socketpair()
         self._signal_r.setblocking(False)
         self._signal_w.setblocking(False)
-        self.poller.add_reader(self._signal_r.fileno(), self._on_signal)
-        self.poller.add_timer_source(self._next_housekeeping, self._housekeeping)
+        self.loop.add_reader(self._signal_r.fileno(), self._on_signal)
+        self.loop.add_timer_source(self._next_housekeeping, self._housekeeping)
 
     # ------------------------------------------------------------------ configuration
 
@@ -132,7 +132,7 @@ class Daemon:
         if not config.interface.dns and not resources:
             return
         stub = make_stub(list(config.interface.dns), resources)
-        self.dns = DnsForwarder(stub, self.poller, self.device.engine)
+        self.dns = DnsForwarder(stub, self.loop, self.device.datapath)
         log.info("DNS stub ready", extra={"fields": {
             "sentinels": [str(s) for s in stub.sentinels],
             "upstreams": [f"{h}:{p}" for h, p in (stub.upstream_for(s) for s in stub.sentinels)],
@@ -197,7 +197,7 @@ class Daemon:
         for signum in data:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 log.info("stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
-                self.poller.stop()
+                self.loop.stop()
             elif signum == signal.SIGHUP:
                 self.reload()
 
@@ -251,12 +251,12 @@ class Daemon:
     def run(self) -> int:
         """Serve until a signal or the interface's deletion; always cleans up. Returns the exit
         code: 0, or 1 if the loop itself failed (systemd's Restart=on-failure then restarts us)."""
-        poller = self.poller
+        loop = self.loop
         take_events = self.device.engine.take_events
-        poller.running = True
+        loop.running = True
         try:
-            while poller.running:
-                poller.run_once()
+            while loop.running:
+                loop.run_once()
                 events = take_events()
                 if events:
                     self._log_events(events)
@@ -278,21 +278,21 @@ class Daemon:
 
     def stats_snapshot(self) -> dict:
         """fzpoll's own counters for ``fzpoll show`` (UAPI ``get=fzpoll``): what wg cannot show."""
-        engine, poller = self.device.engine, self.poller
+        engine, datapath = self.device.engine, self.device.datapath
         stats = {
             "daemon": {
                 "pid": os.getpid(),
                 "interface": self.device.name,
-                "schedule": poller.schedule,
-                "batch_size": poller.batch_size,
+                "schedule": self.loop.schedule,
+                "batch_size": datapath.batch_size,
                 "listen_port": self.device.listen_port,
                 "config": self.options.config_path,
                 "uapi_clients": self.uapi.client_count,
-                "udp_offloads": poller.offloads(),
+                "udp_offloads": datapath.offloads(),
             },
             "drops": dict(engine.drops),
-            "poller": poller.stats.as_dict(),
-            "pending_writes": poller.pending_writes(),
+            "poller": datapath.stats.as_dict(),
+            "pending_writes": datapath.pending_writes(),
             "staged_packets": engine.staged_packet_count(),
         }
         if self.dns is not None:

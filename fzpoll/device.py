@@ -1,4 +1,4 @@
-"""One WireGuard interface made real: the engine, its TUN device and UDP sockets, and a poller.
+"""One WireGuard interface made real: the engine, its TUN device and UDP sockets, the datapath and loop.
 
 :class:`Device` is also what the UAPI configures (it provides the ``UapiHost`` interface:
 ``engine``, ``listen_port``, ``fwmark``, ``set_listen_port``, ``set_fwmark``).
@@ -17,7 +17,8 @@ from fzpoll.wireguard.engine import Engine
 from fzpoll.errors import LocalError
 from fzpoll.jsonlog import register_secret
 from fzpoll.wireguard.constants import DEFAULT_BATCH_SIZE
-from fzpoll.io.loop import Poller
+from fzpoll.io.datapath import Datapath
+from fzpoll.io.loop import Loop
 from fzpoll.io.tun import TunDevice
 
 log = logging.getLogger("fzpoll.device")
@@ -75,7 +76,7 @@ def bind_udp(port: int, fwmark: int = 0) -> list[socket.socket]:
 
 
 class Device:
-    """An interface: TUN + UDP + engine + poller."""
+    """An interface: TUN + UDP + engine, their datapath and the loop."""
 
     def __init__(
         self,
@@ -95,7 +96,8 @@ class Device:
             self.tun.close()
             raise
         self.engine = Engine(None, random_bytes=os.urandom, wall_time=time.time, mtu=mtu)
-        self.poller = Poller(self.engine, self.tun.fd, batch_size=batch_size, schedule=schedule)
+        self.loop = Loop(schedule=schedule)
+        self.datapath = Datapath(self.engine, self.loop, self.tun.fd, batch_size=batch_size)
         self.fwmark = 0
         self.sockets: list[socket.socket] = []
         self.listen_port = 0
@@ -107,11 +109,11 @@ class Device:
 
     def _bind(self, port: int) -> None:
         sockets = bind_udp(port, self.fwmark)
+        self.datapath.set_udp_sockets(sockets)  # the old sockets leave the loop before they close
         for s in self.sockets:
             s.close()
         self.sockets = sockets
         self.listen_port = sockets[0].getsockname()[1]
-        self.poller.set_udp_sockets(sockets)
         log.info("listening", extra={"fields": {"port": self.listen_port, "families": len(sockets)}})
 
     # ------------------------------------------------------------------ UapiHost
@@ -139,5 +141,5 @@ class Device:
         for s in self.sockets:
             s.close()
         self.sockets = []
-        self.poller.close()
+        self.loop.close()
         self.tun.close()

@@ -204,3 +204,43 @@ def checksum_ok(packet: bytes) -> bool:
     if stored == 0:
         return len(src) == 4
     return internet_checksum(segment[:udp_length], _pseudo_header_sum(src, dst, udp_length)) == 0
+
+
+# ------------------------------------------------------------------ peeks for the datapath
+# What the datapath looks at in a packet it does not parse: no validation beyond what each answer
+# needs, so a short or odd packet gives the safe answer rather than raising.
+
+PROTO_ICMP = 1
+PROTO_ICMPV6 = 58
+# ICMP messages the kernel never answers: echo reply, destination unreachable, source quench,
+# time exceeded, parameter problem (v4); destination unreachable, packet too big, time exceeded,
+# parameter problem, echo reply (v6).
+_ICMP4_FINAL = frozenset({0, 3, 4, 11, 12})
+_ICMP6_FINAL = frozenset({1, 2, 3, 4, 129})
+
+
+def may_be_answered(packets: list[bytes]) -> bool:
+    """Could writing ``packets`` to TUN make the kernel answer at once, during the write? Only
+    False when each is an ICMP message that is never answered (the echo reply a ping waits for):
+    the read that would find nothing costs a syscall and an exception."""
+    for p in packets:
+        n = len(p)
+        version = p[0] >> 4 if n else 0
+        if version == 4:
+            at = (p[0] & 15) << 2
+            if n < IPV4_HEADER_SIZE or p[9] != PROTO_ICMP or n <= at or p[at] not in _ICMP4_FINAL:
+                return True
+        elif version == 6:
+            if n <= IPV6_HEADER_SIZE or p[6] != PROTO_ICMPV6 or p[IPV6_HEADER_SIZE] not in _ICMP6_FINAL:
+                return True
+        else:
+            return True
+    return False
+
+
+def destination_in(packet: bytes, v4: frozenset[bytes], v6: frozenset[bytes]) -> bool:
+    """Whether the packet's destination address (packed) is one of ``v4`` / ``v6``."""
+    version = packet[0] >> 4 if packet else 0
+    if version == 4:
+        return packet[16:20] in v4
+    return version == 6 and packet[24:40] in v6

@@ -1,4 +1,4 @@
-"""The poller on real sockets: a datagram socketpair stands in for the TUN device, UDP on loopback."""
+"""The loop and datapath on real sockets: a datagram socketpair stands in for the TUN device, UDP on loopback."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import socket
 
 import pytest
 
-from fzpoll.io import loop as poller_mod
 from fzpoll.errors import DropReason as D
-from fzpoll.io.loop import Poller
+from fzpoll.io.datapath import Datapath
+from fzpoll.io.loop import Loop
 from helpers import TUN_A, TUN_B, Pair, ip4
 
 
 class Rig:
-    """Engine ``b`` of a Pair run by a real Poller; engine ``a`` is driven by hand over UDP."""
+    """Engine ``b`` of a Pair run by a real Loop and Datapath; engine ``a`` is driven by hand over UDP."""
 
-    def __init__(self, schedule: str = "fair", batch_size: int = 8) -> None:
+    def __init__(self, schedule: str = "fair", batch_size: int = 8, max_pending: int = 1024) -> None:
         self.pair = Pair()
         self.tun_app, self.tun_dev = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.tun_dev.setblocking(False)
@@ -31,9 +31,10 @@ class Rig:
         self.addr_b = self.udp_b.getsockname()
         self.pair.peer_b.endpoint = self.addr_b
         self.pair.peer_a.endpoint = self.addr_a
-        self.poller = Poller(self.pair.b, self.tun_dev.fileno(), batch_size=batch_size, schedule=schedule,
-                             clock=lambda: self.pair.now)
-        self.poller.set_udp_sockets([self.udp_b])
+        self.loop = Loop(schedule=schedule, clock=lambda: self.pair.now)
+        self.datapath = Datapath(self.pair.b, self.loop, self.tun_dev.fileno(), batch_size=batch_size,
+                                 max_pending=max_pending)
+        self.datapath.set_udp_sockets([self.udp_b])
 
     def a_to_b(self, datagrams: list[bytes]) -> None:
         for d in datagrams:
@@ -54,10 +55,10 @@ class Rig:
     def handshake(self) -> None:
         self.pair.a.send(ip4(TUN_A, TUN_B, b"hi"), self.pair.now)
         self.a_to_b(self.pair.take(self.pair.a))
-        self.poller.run_once(max_timeout=1)
+        self.loop.run_once(max_timeout=1)
         self.pump_a()  # response -> a sends the staged packet
         self.a_to_b(self.pair.take(self.pair.a))
-        self.poller.run_once(max_timeout=1)
+        self.loop.run_once(max_timeout=1)
         assert self.tun_app.recv(65535) == ip4(TUN_A, TUN_B, b"hi")
 
     def tun_packets(self) -> list[bytes]:
@@ -69,7 +70,7 @@ class Rig:
             return out
 
     def close(self) -> None:
-        self.poller.close()
+        self.loop.close()
         for s in (self.tun_app, self.tun_dev, self.udp_a, self.udp_b):
             s.close()
 
@@ -94,14 +95,14 @@ def test_bad_packets_in_a_batch_cost_only_themselves(rig, caplog):
     batch = [junk, good[0], replay, b"\x01", tampered, good[1], good[2], b"\x09\x00\x00\x00junk"]
     rig.a_to_b(batch)
     with caplog.at_level(logging.WARNING, logger="fzpoll.io.loop"):
-        rig.poller.run_once(max_timeout=1)
+        rig.loop.run_once(max_timeout=1)
     assert rig.tun_packets() == [ip4(TUN_A, TUN_B, b"good%d" % i) for i in range(3)]
     records = [r for r in caplog.records if r.name == "fzpoll.io.loop"]
     assert len(records) == 1  # the aggregate error, logged once after the pass
     counts = records[0].fields["counts"]
     assert counts == {D.UNKNOWN_INDEX: 1, D.REPLAYED: 1, D.TOO_SHORT: 1, D.BAD_TAG: 1, D.BAD_TYPE: 1}
-    assert rig.poller.last_error is not None
-    assert sorted(rig.poller.last_error.counts().items()) == sorted(counts.items())
+    assert rig.loop.last_error is not None
+    assert sorted(rig.loop.last_error.counts().items()) == sorted(counts.items())
 
 
 def test_an_exception_on_one_packet_does_not_abort_the_batch(rig, monkeypatch):
@@ -122,9 +123,9 @@ def test_an_exception_on_one_packet_does_not_abort_the_batch(rig, monkeypatch):
 
     monkeypatch.setattr(p.b, "receive", flaky)
     rig.a_to_b(datagrams)
-    rig.poller.run_once(max_timeout=1)
+    rig.loop.run_once(max_timeout=1)
     assert len(rig.tun_packets()) == 3
-    assert rig.poller.last_error.counts() == {"RuntimeError": 1}
+    assert rig.loop.last_error.counts() == {"RuntimeError": 1}
 
 
 def _fill(rig: Rig, udp_junk: int, tun_packets: int) -> None:
@@ -139,7 +140,7 @@ def test_fair_schedule_serves_tun_while_udp_is_flooded(schedule):
     try:
         rig.handshake()
         _fill(rig, udp_junk=64, tun_packets=4)
-        rig.poller.run_once(max_timeout=1)
+        rig.loop.run_once(max_timeout=1)
         rig.udp_a.setblocking(False)
         got = []
         try:
@@ -149,16 +150,23 @@ def test_fair_schedule_serves_tun_while_udp_is_flooded(schedule):
             pass
         if schedule == "fair":
             assert len(got) == 4  # every TUN packet went out in the first pass
-            assert rig.poller.stats.udp_packets >= 8
+            assert rig.datapath.stats.udp_packets >= 8
         else:
             assert got == []  # strict priority: UDP had more, so TUN waited
     finally:
         rig.close()
 
 
-def test_backpressure_stops_reading_udp_while_tun_output_is_blocked(rig, monkeypatch):
+def test_backpressure_stops_reading_udp_while_tun_output_is_blocked():
+    rig = Rig(max_pending=4)
+    try:
+        _backpressure(rig)
+    finally:
+        rig.close()
+
+
+def _backpressure(rig: Rig) -> None:
     rig.handshake()
-    monkeypatch.setattr(poller_mod, "MAX_PENDING_WRITES", 4)
     p = rig.pair
     # fill the fake TUN's socket buffer so writes meet EAGAIN
     filler = b"x" * 1000
@@ -172,15 +180,15 @@ def test_backpressure_stops_reading_udp_while_tun_output_is_blocked(rig, monkeyp
         p.a.send(ip4(TUN_A, TUN_B, b"bp%d" % i), p.now)
         datagrams.extend(p.take(p.a))
     rig.a_to_b(datagrams[:3])
-    rig.poller.run_once(max_timeout=1)
-    assert rig.poller.pending_writes()["tun"] == 3
+    rig.loop.run_once(max_timeout=1)
+    assert rig.datapath.pending_writes()["tun"] == 3
     rig.a_to_b(datagrams[3:])
-    rig.poller.run_once(max_timeout=0.05)
-    assert rig.poller.pending_writes()["tun"] == 3  # UDP was not read: the burst waits in the kernel
+    rig.loop.run_once(max_timeout=0.05)
+    assert rig.datapath.pending_writes()["tun"] == 3  # UDP was not read: the burst waits in the kernel
     drained = rig.tun_packets()  # the application reads: TUN writable again
     assert len(drained) > 3
     for _ in range(3):
-        rig.poller.run_once(max_timeout=0.05)
+        rig.loop.run_once(max_timeout=0.05)
     rest = rig.tun_packets()
     delivered = [x for x in drained + rest if x != filler]
     assert delivered == [ip4(TUN_A, TUN_B, b"bp%d" % i) for i in range(6)]  # nothing lost, in order
@@ -188,7 +196,7 @@ def test_backpressure_stops_reading_udp_while_tun_output_is_blocked(rig, monkeyp
 
 def test_idle_poller_sleeps_until_the_engine_deadline(rig):
     rig.handshake()
-    deadline = rig.poller.next_deadline()
+    deadline = rig.loop.next_deadline()
     assert deadline is not None and deadline > rig.pair.now  # the keepalive timer, not a busy loop
 
 
@@ -205,7 +213,7 @@ def test_under_load_a_pass_sheds_handshakes_beyond_its_budget_but_keeps_data(rig
     data = p.take(p.a)[0]
     flood = [initiation] * 30
     rig.a_to_b(flood[:15] + [data] + flood[15:])
-    rig.poller.batch_size = 64
-    rig.poller.run_once(max_timeout=1)
+    rig.datapath.batch_size = 64
+    rig.loop.run_once(max_timeout=1)
     assert rig.tun_packets() == [ip4(TUN_A, TUN_B, b"data")]
     assert p.b.drops[D.HANDSHAKE_SHED] == 30 - MAX_HANDSHAKES_PER_PASS

@@ -5,7 +5,7 @@ Three layers:
 - the request itself on :class:`UapiConnection` (framing, no provider, a failing provider), and
   the pure parsing and rendering of :mod:`fzpoll.show`;
 - :func:`fzpoll.show.show` against a :class:`UapiServer` run in this process by a real
-  :class:`Poller` (with a stats provider), against a server that closes on ``get=fzpoll`` as
+  :class:`Loop` (with a stats provider), against a server that closes on ``get=fzpoll`` as
   wireguard-go does, and with no daemon at all; ``wg`` against the same in-process server;
 - end to end in namespaces: ``python -m fzpoll show --json`` against running fzpoll daemons (the
   counters part is skipped, saying so, while the daemon does not pass a stats provider) and
@@ -34,7 +34,8 @@ import netns
 from fzpoll import show as show_mod
 from fzpoll.errors import DropReason
 from fzpoll.wireguard.keys import PresharedKey
-from fzpoll.io.loop import Poller
+from fzpoll.io.datapath import Datapath
+from fzpoll.io.loop import Loop
 from fzpoll.show import InterfaceStatus, PeerStatus, format_text, parse_get, parse_stats, status_json
 from fzpoll.uapi.protocol import STATS_REQUEST, UapiConnection, handle_get, handle_get_stats, handle_set
 from fzpoll.uapi.server import UapiServer
@@ -241,17 +242,18 @@ def test_json_document() -> None:
 
 @contextmanager
 def served(name: str, socket_dir: str, host: FakeHost, stats: Any = None) -> Iterator[UapiServer]:
-    """A UapiServer in a real Poller, run by a thread until the block ends."""
-    poller = Poller(host.engine, None)
-    server = UapiServer(name, host, poller, socket_dir=socket_dir, stats=stats)
-    poller.add_timer_source(server.next_deadline, server.expire_idle)
+    """A UapiServer in a real Loop (with a Datapath for the engine), run by a thread until the block ends."""
+    loop = Loop()
+    Datapath(host.engine, loop, None)
+    server = UapiServer(name, host, loop, socket_dir=socket_dir, stats=stats)
+    loop.add_timer_source(server.next_deadline, server.expire_idle)
     stop = threading.Event()
 
-    def loop() -> None:
+    def run() -> None:
         while not stop.is_set():
-            poller.run_once(max_timeout=0.02)
+            loop.run_once(max_timeout=0.02)
 
-    thread = threading.Thread(target=loop, daemon=True)
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
         yield server
@@ -259,7 +261,7 @@ def served(name: str, socket_dir: str, host: FakeHost, stats: Any = None) -> Ite
         stop.set()
         thread.join(5)
         server.close()
-        poller.close()
+        loop.close()
 
 
 def run_show(*args: Any, **kwargs: Any) -> tuple[int, str, str]:
@@ -270,17 +272,17 @@ def run_show(*args: Any, **kwargs: Any) -> tuple[int, str, str]:
 
 def test_show_json_with_stats_from_a_real_poller(tmp_path: Path) -> None:
     host = configured_host()
-    holder: dict[str, Poller] = {}
+    holder: dict[str, Datapath] = {}
 
     def stats() -> dict[str, Any]:
-        poller = holder["poller"]
-        return {"daemon": {"pid": os.getpid(), "schedule": poller.schedule,
-                           "batch_size": poller.batch_size, "listen_port": host.listen_port},
-                "drops": dict(host.engine.drops), "poller": poller.stats.as_dict(),
-                "pending_writes": poller.pending_writes()}
+        datapath = holder["datapath"]
+        return {"daemon": {"pid": os.getpid(), "schedule": datapath.loop.schedule,
+                           "batch_size": datapath.batch_size, "listen_port": host.listen_port},
+                "drops": dict(host.engine.drops), "poller": datapath.stats.as_dict(),
+                "pending_writes": datapath.pending_writes()}
 
     with served("fzs0", str(tmp_path), host, stats) as server:
-        holder["poller"] = server.loop  # type: ignore[assignment]
+        holder["datapath"] = server.loop.datapath  # type: ignore[attr-defined]
         host.engine.count_drop(DropReason.NO_ROUTE, 2)
         code, out, err = run_show("fzs0", as_json=True, socket_dir=str(tmp_path))
     assert (code, err) == (0, "")

@@ -1,4 +1,4 @@
-"""The IO shell of the DNS stub: its upstream sockets, served by the same poller as the tunnel.
+"""The IO shell of the DNS stub: its upstream sockets, served by the same loop as the tunnel.
 
 The sans-IO :class:`~fzpoll.dns.stub.StubResolver` decides everything; this module only moves bytes:
 queries to sentinels are intercepted from the TUN batch, recursive queries go out on one
@@ -15,10 +15,10 @@ import logging
 import socket
 
 from fzpoll.dns.stub import Resource, StubResolver, UpstreamQuery
-from fzpoll.wireguard.engine import Engine
 from fzpoll.errors import LocalError
 from fzpoll.wireguard.keys import PublicKey
-from fzpoll.io.loop import Poller
+from fzpoll.io.datapath import Datapath
+from fzpoll.io.loop import Loop
 
 log = logging.getLogger("fzpoll.dns.stub")
 
@@ -39,19 +39,20 @@ class _TcpQuery:
 
 
 class DnsForwarder:
-    """Plugs a StubResolver into a Poller and routes proxy addresses through an Engine."""
+    """Plugs a StubResolver into a Loop and a Datapath and routes proxy addresses through its Engine."""
 
-    def __init__(self, stub: StubResolver, poller: Poller, engine: Engine) -> None:
+    def __init__(self, stub: StubResolver, loop: Loop, datapath: Datapath) -> None:
         self.stub = stub
-        self.poller = poller
-        self.engine = engine
+        self.loop = loop
+        self.datapath = datapath
+        self.engine = datapath.engine
         self._udp: dict[int, socket.socket] = {}  # family -> socket
         self._tcp: dict[int, _TcpQuery] = {}  # fd -> query
-        poller.intercept = self._intercept
-        poller.intercept_v4 = frozenset(s.packed for s in stub.sentinels if s.version == 4)
-        poller.intercept_v6 = frozenset(s.packed for s in stub.sentinels if s.version == 6)
-        poller.add_flusher(self.flush)
-        poller.add_timer_source(stub.next_deadline, self._on_timer)
+        datapath.set_intercept(self._intercept,
+                               frozenset(s.packed for s in stub.sentinels if s.version == 4),
+                               frozenset(s.packed for s in stub.sentinels if s.version == 6))
+        loop.add_flusher(self.flush)
+        loop.add_timer_source(stub.next_deadline, self._on_timer)
 
     def _intercept(self, packet: bytes, now: float) -> bool:
         return self.stub.handle_packet(packet, now)
@@ -78,7 +79,7 @@ class DnsForwarder:
                 self._route_proxy(address, resource)
         if stub.to_tun:
             packets, stub.to_tun = stub.to_tun, []
-            self.poller.queue_tun(packets)
+            self.datapath.queue_tun(packets)
 
     def _udp_socket(self, family: int) -> socket.socket:
         sock = self._udp.get(family)
@@ -86,7 +87,7 @@ class DnsForwarder:
             sock = socket.socket(family, socket.SOCK_DGRAM)
             sock.setblocking(False)
             self._udp[family] = sock
-            self.poller.add_reader(sock.fileno(), lambda now, s=sock: self._on_udp_reply(s, now))
+            self.loop.add_reader(sock.fileno(), lambda now, s=sock: self._on_udp_reply(s, now))
         return sock
 
     def _send_udp(self, query: UpstreamQuery, now: float) -> None:
@@ -122,7 +123,7 @@ class DnsForwarder:
             return
         tcp = _TcpQuery(query, sock)
         self._tcp[sock.fileno()] = tcp
-        self.poller.add_writer(sock.fileno(), lambda now, t=tcp: self._tcp_writable(t, now))
+        self.loop.add_writer(sock.fileno(), lambda now, t=tcp: self._tcp_writable(t, now))
 
     def _tcp_writable(self, tcp: _TcpQuery, now: float) -> None:
         try:
@@ -135,8 +136,8 @@ class DnsForwarder:
         tcp.out = tcp.out[sent:]
         if not tcp.out:
             fd = tcp.sock.fileno()
-            self.poller.remove_writer(fd)
-            self.poller.add_reader(fd, lambda now, t=tcp: self._tcp_readable(t, now))
+            self.loop.remove_writer(fd)
+            self.loop.add_reader(fd, lambda now, t=tcp: self._tcp_readable(t, now))
 
     def _tcp_readable(self, tcp: _TcpQuery, now: float) -> None:
         try:
@@ -156,11 +157,7 @@ class DnsForwarder:
                 self._tcp_done(tcp, now, bytes(tcp.inbuf[2 : 2 + need]))
 
     def _tcp_done(self, tcp: _TcpQuery, now: float, answer: bytes | None) -> None:
-        fd = tcp.sock.fileno()
-        self.poller.remove_reader(fd)
-        self.poller.remove_writer(fd)
-        self._tcp.pop(fd, None)
-        tcp.sock.close()
+        self._close_tcp(tcp)
         if answer is None:
             self.stub.upstream_failed(tcp.query.query_id, now)
         else:
@@ -170,11 +167,15 @@ class DnsForwarder:
         self.stub.handle_timer(now)
         for tcp in list(self._tcp.values()):
             if not self.stub.is_pending(tcp.query.query_id):  # timed out: SERVFAIL already sent
-                fd = tcp.sock.fileno()
-                self.poller.remove_reader(fd)
-                self.poller.remove_writer(fd)
-                del self._tcp[fd]
-                tcp.sock.close()
+                self._close_tcp(tcp)
+
+    def _close_tcp(self, tcp: _TcpQuery) -> None:
+        """Take the query's socket out of the loop, then close it."""
+        fd = tcp.sock.fileno()
+        self.loop.remove_reader(fd)
+        self.loop.remove_writer(fd)
+        self._tcp.pop(fd, None)
+        tcp.sock.close()
 
     # ------------------------------------------------------------------ routing proxies
 
@@ -190,9 +191,9 @@ class DnsForwarder:
 
     def close(self) -> None:
         for tcp in list(self._tcp.values()):
-            tcp.sock.close()
+            self._close_tcp(tcp)
         for sock in self._udp.values():
-            self.poller.remove_reader(sock.fileno())
+            self.loop.remove_reader(sock.fileno())
             sock.close()
         self._tcp.clear()
         self._udp.clear()

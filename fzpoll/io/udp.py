@@ -1,0 +1,217 @@
+"""The tunnel's UDP sockets (one per address family) with their segmentation offloads.
+
+UDP GSO (linux/udp.h ``UDP_SEGMENT``): one sendmsg carries up to 64 equal-sized datagrams to one
+address, the last possibly shorter; the kernel (or the NIC) cuts them. UDP GRO (``UDP_GRO``): one
+recvmsg may return a run of datagrams from one sender coalesced, with their size in a control
+message; we cut them again. Each socket is probed for both at start; either is used only where
+the kernel accepts it, and GSO is switched off for good on the first EIO (as wireguard-go does:
+some drivers refuse it at send time only).
+
+Writes that meet EAGAIN wait in a bounded :class:`~fzpoll.io.loop.Outbox` per socket; the
+datapath turns EPOLLOUT on for it and stops feeding it (see :mod:`fzpoll.io.datapath`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import sys
+from typing import Callable
+
+from fzpoll.errors import DropReason as D
+from fzpoll.io.loop import EPOLLIN, MAX_PENDING_WRITES, Loop, Outbox
+
+log = logging.getLogger("fzpoll.io.udp")
+
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+MAX_GSO_SEGMENTS = 64
+MAX_GSO_BYTES = 65000
+READ_SIZE = 65535
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+_ORDER = "little" if sys.byteorder == "little" else "big"
+Datagram = tuple  # (bytes, address)
+
+
+def _probe_gso(sock: socket.socket) -> bool:
+    try:
+        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+        return True
+    except OSError:
+        return False
+
+
+def _enable_gro(sock: socket.socket) -> bool:
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        return True
+    except OSError:
+        return False
+
+
+def gso_run(datagrams: list[Datagram], start: int, count: int) -> int:
+    """End of the run from ``start`` that one GSO send can carry: same address, same size
+    (the last may be shorter), at most MAX_GSO_SEGMENTS and MAX_GSO_BYTES."""
+    data, addr = datagrams[start]
+    size = len(data)
+    total = size
+    end = start + 1
+    limit = min(count, start + MAX_GSO_SEGMENTS)
+    while end < limit:
+        d, a = datagrams[end]
+        n = len(d)
+        if a != addr or n > size or total + n > MAX_GSO_BYTES:
+            break
+        total += n
+        end += 1
+        if n < size:
+            break  # a shorter datagram can only close a run
+    return end
+
+
+class UdpSockets:
+    """The UDP sockets of one device, their offloads and their waiting writes."""
+
+    def __init__(self, loop: Loop, max_pending: int = MAX_PENDING_WRITES) -> None:
+        self.loop = loop
+        self.max_pending = max_pending
+        self.by_fd: dict[int, socket.socket] = {}
+        self.outboxes: dict[int, Outbox] = {}
+        self._by_family: dict[int, socket.socket] = {}
+        self._gso: dict[int, bool] = {}
+        self.gro: dict[int, bool] = {}
+        self.on_blocked: Callable[[], None] = lambda: None  # a write met EAGAIN
+
+    def replace(self, sockets: list[socket.socket], offload: bool = True) -> list[int]:
+        """Take ``sockets`` instead of the current ones (the caller closes those afterwards);
+        returns the fds that left."""
+        gone = list(self.by_fd)
+        for fd in gone:
+            self.loop.unwatch(fd)
+        self.by_fd = {s.fileno(): s for s in sockets}
+        self._by_family = {s.family: s for s in sockets}
+        self.outboxes = {fd: Outbox(self.max_pending) for fd in self.by_fd}
+        disabled = os.environ.get("FZPOLL_DISABLE_OFFLOAD", "").split(",")  # e.g. "gso,gro"
+        self._gso = {fd: offload and "gso" not in disabled and _probe_gso(s) for fd, s in self.by_fd.items()}
+        self.gro = {fd: offload and "gro" not in disabled and _enable_gro(s) for fd, s in self.by_fd.items()}
+        for fd in self.by_fd:
+            self.loop.set_mask(fd, EPOLLIN, force=True)
+        return gone
+
+    def offloads(self) -> dict[str, bool]:
+        return {"gso": any(self._gso.values()), "gro": any(self.gro.values())}
+
+    def pending(self) -> bool:
+        for out in self.outboxes.values():
+            if out.pending:
+                return True
+        return False
+
+    def pending_writes(self) -> dict[str, int]:
+        return {f"udp{'6' if self.by_fd[fd].family == socket.AF_INET6 else '4'}": len(out.pending)
+                for fd, out in self.outboxes.items()}
+
+    # ------------------------------------------------------------------ reads
+
+    @staticmethod
+    def read(sock: socket.socket, batch: list, failures: list[Exception], limit: int) -> int:
+        """Up to ``limit`` datagrams into ``batch``; how many."""
+        recvfrom = sock.recvfrom
+        n = 0
+        try:
+            while n < limit:
+                batch.append(recvfrom(READ_SIZE))
+                n += 1
+        except BlockingIOError:
+            pass
+        except OSError as exc:  # e.g. ECONNREFUSED from an ICMP error: the socket stays usable
+            failures.append(exc)
+        return n
+
+    @staticmethod
+    def read_gro(sock: socket.socket, batch: list, failures: list[Exception], limit: int) -> int:
+        """Like :meth:`read`, but one recvmsg may return a coalesced run of datagrams."""
+        recvmsg = sock.recvmsg
+        n = 0
+        try:
+            while n < limit:
+                data, ancillary, _, addr = recvmsg(READ_SIZE, _GRO_CMSG_SPACE)
+                size = 0
+                if ancillary:  # only a coalesced run carries the segment size
+                    for level, kind, value in ancillary:
+                        if level == SOL_UDP and kind == UDP_GRO:
+                            size = int.from_bytes(value[:4], _ORDER)
+                if size and len(data) > size:
+                    for offset in range(0, len(data), size):
+                        batch.append((data[offset : offset + size], addr))
+                        n += 1
+                else:
+                    batch.append((data, addr))
+                    n += 1
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            failures.append(exc)
+        return n
+
+    # ------------------------------------------------------------------ writes
+
+    def write(self, datagrams: list[Datagram], drops: dict[str, int]) -> None:
+        """Send every datagram, in GSO runs where possible; EAGAIN leaves the rest waiting."""
+        by_family = self._by_family
+        v4 = by_family.get(socket.AF_INET)
+        v6 = by_family.get(socket.AF_INET6)
+        count = len(datagrams)
+        i = 0
+        while i < count:
+            data, addr = datagrams[i]
+            sock = v4 if len(addr) == 2 else v6
+            if sock is None:
+                drops[D.WRITE_FAILED] += 1
+                i += 1
+                continue
+            fd = sock.fileno()
+            out = self.outboxes[fd]
+            if out.pending:
+                if not out.push((data, addr)):
+                    drops[D.BUFFER_FULL] += 1
+                i += 1
+                continue
+            end = i + 1
+            if end < count and self._gso[fd]:
+                end = gso_run(datagrams, i, count)
+            try:
+                if end - i > 1:
+                    sock.sendmsg([d for d, _ in datagrams[i:end]],
+                                 [(SOL_UDP, UDP_SEGMENT, len(data).to_bytes(2, _ORDER))], 0, addr)
+                else:
+                    sock.sendto(data, addr)
+            except BlockingIOError:
+                self.on_blocked()
+                for item in datagrams[i:end]:
+                    if not out.push(item):
+                        drops[D.BUFFER_FULL] += 1
+            except OSError as exc:
+                if end - i > 1 and exc.errno == errno.EIO:
+                    log.warning("UDP GSO failed with EIO: switched off", extra={"fields": {"fd": fd}})
+                    self._gso[fd] = False
+                    continue  # resend this run one datagram at a time
+                drops[D.WRITE_FAILED] += end - i
+            i = end
+
+    def flush(self, fd: int, drops: dict[str, int]) -> None:
+        """Send what waited on ``fd``, until EAGAIN."""
+        sock = self.by_fd[fd]
+        pending = self.outboxes[fd].pending
+        while pending:
+            data, addr = pending[0]
+            try:
+                sock.sendto(data, addr)
+            except BlockingIOError:
+                return
+            except OSError:
+                drops[D.WRITE_FAILED] += 1
+            pending.popleft()
