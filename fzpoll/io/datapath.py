@@ -186,12 +186,10 @@ class Datapath:
         tun_batch: list[bytes] = []
         if not self._tun_out.pending:
             udp = self.udp
-            gro = udp.gro
             stats = self.stats
             for fd, sock in udp.by_fd.items():
                 if ready.get(fd, 0) & EPOLLIN:
-                    read = udp.read_gro if gro[fd] else udp.read
-                    n = read(sock, udp_batch, failures, self._limit(fd, now))
+                    n = udp.read(fd, sock, udp_batch, failures, self._limit(fd, now))
                     stats.udp_packets += n
                     if n > stats.max_udp_batch:
                         stats.max_udp_batch = n

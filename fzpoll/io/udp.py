@@ -72,6 +72,24 @@ def gso_run(datagrams: list[Datagram], start: int, count: int) -> int:
     return end
 
 
+def _recv_gro(sock: socket.socket, batch: list, end: int) -> None:
+    """recvmsg until ``batch`` holds ``end`` datagrams (or EAGAIN), cutting coalesced runs."""
+    recvmsg = sock.recvmsg
+    append = batch.append
+    while len(batch) < end:
+        data, ancillary, _, addr = recvmsg(READ_SIZE, _GRO_CMSG_SPACE)
+        size = 0
+        if ancillary:  # only a coalesced run carries the segment size
+            for level, kind, value in ancillary:
+                if level == SOL_UDP and kind == UDP_GRO:
+                    size = int.from_bytes(value[:4], _ORDER)
+        if size and len(data) > size:
+            for offset in range(0, len(data), size):
+                append((data[offset : offset + size], addr))
+        else:
+            append((data, addr))
+
+
 class UdpSockets:
     """The UDP sockets of one device, their offloads and their waiting writes."""
 
@@ -116,46 +134,23 @@ class UdpSockets:
 
     # ------------------------------------------------------------------ reads
 
-    @staticmethod
-    def read(sock: socket.socket, batch: list, failures: list[Exception], limit: int) -> int:
-        """Up to ``limit`` datagrams into ``batch``; how many."""
-        recvfrom = sock.recvfrom
-        n = 0
+    def read(self, fd: int, sock: socket.socket, batch: list, failures: list[Exception], limit: int) -> int:
+        """Up to ``limit`` datagrams into ``batch`` (with GRO, one recvmsg may bring a run of
+        them, cut here); how many."""
+        start = len(batch)
         try:
-            while n < limit:
-                batch.append(recvfrom(READ_SIZE))
-                n += 1
+            if self.gro[fd]:
+                _recv_gro(sock, batch, start + limit)
+            else:
+                recvfrom = sock.recvfrom
+                append = batch.append
+                for _ in range(limit):
+                    append(recvfrom(READ_SIZE))
         except BlockingIOError:
             pass
         except OSError as exc:  # e.g. ECONNREFUSED from an ICMP error: the socket stays usable
             failures.append(exc)
-        return n
-
-    @staticmethod
-    def read_gro(sock: socket.socket, batch: list, failures: list[Exception], limit: int) -> int:
-        """Like :meth:`read`, but one recvmsg may return a coalesced run of datagrams."""
-        recvmsg = sock.recvmsg
-        n = 0
-        try:
-            while n < limit:
-                data, ancillary, _, addr = recvmsg(READ_SIZE, _GRO_CMSG_SPACE)
-                size = 0
-                if ancillary:  # only a coalesced run carries the segment size
-                    for level, kind, value in ancillary:
-                        if level == SOL_UDP and kind == UDP_GRO:
-                            size = int.from_bytes(value[:4], _ORDER)
-                if size and len(data) > size:
-                    for offset in range(0, len(data), size):
-                        batch.append((data[offset : offset + size], addr))
-                        n += 1
-                else:
-                    batch.append((data, addr))
-                    n += 1
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            failures.append(exc)
-        return n
+        return len(batch) - start
 
     # ------------------------------------------------------------------ writes
 
