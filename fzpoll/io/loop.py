@@ -20,7 +20,8 @@ Each wakeup is one *pass*, in a fixed order (:meth:`Loop.run_pass`):
 
 After the pass, everything that went wrong in it - drops the datapath counted and exceptions
 caught around each packet or callback - is logged once as one aggregate error
-(:mod:`fzpoll.io.report`). Nothing aborts a pass.
+(:mod:`fzpoll.io.report`). A failure never aborts a pass; only an exception meant to end the loop
+does (the datapath's TunGone when the interface is deleted).
 
 The wait's timeout is the earliest deadline of the timer sources; a source may give an O(1) lower
 bound of its deadline (``hint``) for the wait, and its exact deadline is looked at only in a pass
@@ -66,21 +67,17 @@ Deadline = Callable[[], "float | None"]
 class Outbox:
     """Writes to one fd that met EAGAIN, waiting for EPOLLOUT (bounded)."""
 
-    __slots__ = ("pending", "dropped", "high_water", "limit")
+    __slots__ = ("pending", "limit")
 
     def __init__(self, limit: int = MAX_PENDING_WRITES) -> None:
         self.pending: deque = deque()
-        self.dropped = 0
-        self.high_water = 0
         self.limit = limit
 
     def push(self, item) -> bool:
+        """Keep ``item`` for EPOLLOUT; False if the box is full (the caller counts the drop)."""
         if len(self.pending) >= self.limit:
-            self.dropped += 1
             return False
         self.pending.append(item)
-        if len(self.pending) > self.high_water:
-            self.high_water = len(self.pending)
         return True
 
 

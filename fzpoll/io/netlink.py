@@ -1,7 +1,7 @@
 """Interface configuration over rtnetlink (pyroute2): MTU, up, addresses, peer routes.
 
 These run at start-up and when the peer set changes, never per packet, so each call opens and
-closes its own ``IPRoute`` socket: no netlink state to keep consistent with the poller. (pyroute2
+closes its own ``IPRoute`` socket: no netlink state to keep consistent with the loop. (pyroute2
 0.9 drives each request with a private asyncio loop, so do not call these from inside a running
 asyncio loop.)
 

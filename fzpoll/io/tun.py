@@ -2,8 +2,8 @@
 
 Opened with ``IFF_TUN | IFF_NO_PI`` so every read and write is exactly one IP packet with no
 4-byte packet-info header in front (the header would only repeat what the IP version nibble
-already says). The fd is non-blocking because the poller owns all waiting: a read on an empty
-queue raises :class:`BlockingIOError` and the poller goes back to epoll.
+already says). The fd is non-blocking because the loop owns all waiting: a read on an empty
+queue raises :class:`BlockingIOError` and the loop goes back to epoll.
 
 This is a thin IO wrapper: it knows nothing about WireGuard. Errors that a user can fix (no TUN
 driver, no privilege, name taken) become :class:`~fzpoll.errors.LocalError` with a message that
