@@ -184,12 +184,15 @@ class Datapath:
         ready = dict(events)
         udp_batch: list[tuple[bytes, tuple]] = []
         tun_batch: list[bytes] = []
+        last_read = self._last_read  # the limit of each read, as in _limit (inlined: per pass)
         if not self._tun_out.pending:
             udp = self.udp
             stats = self.stats
             for fd, sock in udp.by_fd.items():
                 if ready.get(fd, 0) & EPOLLIN:
-                    n = udp.read(fd, sock, udp_batch, failures, self._limit(fd, now))
+                    limit = self.batch_size if now - last_read.get(fd, now) < SPARSE_GAP else 1
+                    last_read[fd] = now
+                    n = udp.read(fd, sock, udp_batch, failures, limit)
                     stats.udp_packets += n
                     if n > stats.max_udp_batch:
                         stats.max_udp_batch = n
@@ -200,7 +203,9 @@ class Datapath:
                 raise TunGone()
             if tun_events & EPOLLIN and not (self._priority and udp_batch) \
                     and (self._masks_clear or not self.udp.pending()):
-                self._read_tun(tun_fd, tun_batch, failures, self._limit(tun_fd, now))
+                limit = self.batch_size if now - last_read.get(tun_fd, now) < SPARSE_GAP else 1
+                last_read[tun_fd] = now
+                self._read_tun(tun_fd, tun_batch, failures, limit)
         return udp_batch, tun_batch
 
     def _limit(self, fd: int, now: float) -> int:
