@@ -170,22 +170,24 @@ class Loop:
         self._failures.append(OSError(exc.errno, f"fd {fd} dropped from the loop: {exc.strerror}"))
 
     def add_reader(self, fd: int, callback: Callback) -> None:
-        self._readers[fd] = callback
-        self._update_aux_mask(fd)
+        self._set_callback(self._readers, fd, callback)
 
     def remove_reader(self, fd: int) -> None:
-        if self._readers.pop(fd, None) is not None:
-            self._update_aux_mask(fd)
+        self._set_callback(self._readers, fd, None)
 
     def add_writer(self, fd: int, callback: Callback) -> None:
-        self._writers[fd] = callback
-        self._update_aux_mask(fd)
+        self._set_callback(self._writers, fd, callback)
 
     def remove_writer(self, fd: int) -> None:
-        if self._writers.pop(fd, None) is not None:
-            self._update_aux_mask(fd)
+        self._set_callback(self._writers, fd, None)
 
-    def _update_aux_mask(self, fd: int) -> None:
+    def _set_callback(self, table: dict[int, Callback], fd: int, callback: Callback | None) -> None:
+        """Add (or, with None, remove) a reader or writer, and watch ``fd`` for what is left. An
+        addition always asks epoll (the number may be a reused one: see the theory of operation)."""
+        if callback is not None:
+            table[fd] = callback
+        elif table.pop(fd, None) is None:
+            return
         mask = (EPOLLIN if fd in self._readers else 0) | (EPOLLOUT if fd in self._writers else 0)
         if mask:
             self.set_mask(fd, mask, force=True)
