@@ -151,7 +151,9 @@ class Datapath:
         """Steps 1-3: flush what waited, read a batch from every ready data fd, process it."""
         if not self._masks_clear:
             self._flush_waiting(events, drops)
-        udp_batch, tun_batch = self._read(events, now, failures)
+        udp_batch: list[tuple[bytes, tuple]] = []
+        tun_batch: list[bytes] = []
+        self._read(events, now, udp_batch, tun_batch, failures)
         self._tun_taken = len(tun_batch)
         if udp_batch:
             self._receive(udp_batch, now, drops, failures)
@@ -178,13 +180,11 @@ class Datapath:
                 elif fd in udp.by_fd:
                     udp.flush(fd, drops)
 
-    def _read(self, events: list[tuple[int, int]], now: float,
-              failures: list[Exception]) -> tuple[list[tuple[bytes, tuple]], list[bytes]]:
+    def _read(self, events: list[tuple[int, int]], now: float, udp_batch: list[tuple[bytes, tuple]],
+              tun_batch: list[bytes], failures: list[Exception]) -> None:
         """A batch from every ready data fd (strict priority: TUN only if UDP had nothing)."""
         ready = dict(events)
-        udp_batch: list[tuple[bytes, tuple]] = []
-        tun_batch: list[bytes] = []
-        last_read = self._last_read  # the limit of each read, as in _limit (inlined: per pass)
+        last_read = self._last_read  # each read's limit: a batch, or one if the fd was sparse (SPARSE_GAP)
         if not self._tun_out.pending:
             udp = self.udp
             stats = self.stats
@@ -206,14 +206,6 @@ class Datapath:
                 limit = self.batch_size if now - last_read.get(tun_fd, now) < SPARSE_GAP else 1
                 last_read[tun_fd] = now
                 self._read_tun(tun_fd, tun_batch, failures, limit)
-        return udp_batch, tun_batch
-
-    def _limit(self, fd: int, now: float) -> int:
-        """How many packets to read from ``fd``: a batch, or one if it was sparse (SPARSE_GAP)."""
-        last_read = self._last_read
-        limit = self.batch_size if now - last_read.get(fd, now) < SPARSE_GAP else 1
-        last_read[fd] = now
-        return limit
 
     def _receive(self, batch: list[tuple[bytes, tuple]], now: float, drops: dict[str, int],
                  failures: list[Exception]) -> None:
@@ -273,8 +265,11 @@ class Datapath:
         if taken < self.batch_size and \
                 (self._masks_clear or not (self._tun_out.pending or self.udp.pending())):
             fd: int = self._tun_fd  # type: ignore[assignment]
-            again: list[bytes] = []  # within the TUN fd's batch for this pass
-            self._read_tun(fd, again, failures, min(self._limit(fd, now), self.batch_size - taken))
+            last_read = self._last_read  # the limit as in _read, within the TUN fd's batch for this pass
+            limit = self.batch_size - taken if now - last_read.get(fd, now) < SPARSE_GAP else 1
+            last_read[fd] = now
+            again: list[bytes] = []
+            self._read_tun(fd, again, failures, limit)
             if again:
                 self._send(again, now, drops, failures)
                 self.loop.run_flushers(now, failures)
