@@ -31,7 +31,7 @@ def test_a_gso_run_is_one_address_one_size_and_may_end_shorter():
 
 
 @pytest.fixture
-def pair():
+def sockets():
     loop = Loop()
     tx, rx = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
     for s in (tx, rx):
@@ -58,9 +58,9 @@ def _receive_all(receiver: UdpSockets, rx: socket.socket, want: int) -> list[byt
     return [data for data, _ in got]
 
 
-def test_datagrams_sent_in_gso_runs_arrive_one_by_one_in_order(pair):
+def test_datagrams_sent_in_gso_runs_arrive_one_by_one_in_order(sockets):
     """On loopback the kernel hands a GSO run to a UDP_GRO socket coalesced: the read cuts it."""
-    sender, receiver, rx = pair
+    sender, receiver, rx = sockets
     datagrams = [(bytes([i]) * 1000, rx.getsockname()) for i in range(20)] + [(b"end", rx.getsockname())]
     drops = Drops()
     sender.write(datagrams, drops)
@@ -83,8 +83,8 @@ class EioOnGso:
         raise OSError(errno.EIO, "Input/output error")
 
 
-def test_eio_on_a_gso_send_switches_gso_off_and_resends_one_by_one(pair):
-    sender, receiver, rx = pair
+def test_eio_on_a_gso_send_switches_gso_off_and_resends_one_by_one(sockets):
+    sender, receiver, rx = sockets
     if not sender.offloads()["gso"]:
         pytest.skip("this kernel has no UDP GSO")
     (sock,) = sender.by_fd.values()
@@ -99,8 +99,8 @@ def test_eio_on_a_gso_send_switches_gso_off_and_resends_one_by_one(pair):
     assert eio.gso_sends == 1 and _receive_all(receiver, rx, 5) == [d for d, _ in datagrams]
 
 
-def test_a_datagram_for_a_family_without_a_socket_is_a_counted_write_failure(pair):
-    sender, _, _ = pair
+def test_a_datagram_for_a_family_without_a_socket_is_a_counted_write_failure(sockets):
+    sender, _, _ = sockets
     drops = Drops()
     sender.write([(b"x", ("::1", 9, 0, 0))], drops)
     assert drops == {D.WRITE_FAILED: 1}
