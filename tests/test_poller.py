@@ -217,3 +217,17 @@ def test_under_load_a_pass_sheds_handshakes_beyond_its_budget_but_keeps_data(rig
     rig.loop.run_once(max_timeout=1)
     assert rig.tun_packets() == [ip4(TUN_A, TUN_B, b"data")]
     assert p.b.drops[D.HANDSHAKE_SHED] == 30 - MAX_HANDSHAKES_PER_PASS
+
+
+def test_packets_queued_for_tun_by_another_source_are_written_once(rig):
+    """queue_tun (the DNS stub's answers) has its own outbox: a pass in which the engine produced
+    nothing writes them once, and the next pass does not write them again."""
+    rig.handshake()
+    answer = ip4(TUN_B, TUN_A, b"dns answer")
+    sent: list[int] = []
+    rig.loop.add_flusher(lambda now: rig.datapath.queue_tun([answer]) if not sent else None)
+    rig.loop.run_pass([], rig.pair.now)
+    sent.append(1)
+    assert rig.tun_packets() == [answer]
+    rig.loop.run_pass([], rig.pair.now)
+    assert rig.tun_packets() == []
