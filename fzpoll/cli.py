@@ -126,7 +126,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
-    from fzpoll.down import down
+    from fzpoll.wgquick.down import down
 
     return down(args.target)
 

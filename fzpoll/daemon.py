@@ -26,8 +26,8 @@ from fzpoll.device import Device
 from fzpoll.dns.stub import PROXY_V4, PROXY_V6, Resource
 from fzpoll.dns.forwarder import DnsForwarder, make_stub, write_resolv_conf
 from fzpoll.errors import LocalError
-from fzpoll.hooks import HookError, run_hooks
-from fzpoll.policyrouting import PolicyRouting
+from fzpoll.wgquick.hooks import HookError, run_hooks
+from fzpoll.wgquick.routing import PolicyRouting
 from fzpoll.jsonlog import register_secret
 from fzpoll.io.datapath import TunGone
 from fzpoll.sdnotify import Notifier

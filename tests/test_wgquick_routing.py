@@ -9,7 +9,7 @@ import pytest
 
 from fzpoll.errors import LocalError
 from fzpoll.io.rules import RT_TABLE_MAIN, Rule
-from fzpoll.policyrouting import parse_rt_tables, plan_routes, resolve_table, route_order, rule_pair, wants_policy_rules
+from fzpoll.wgquick.routing import parse_rt_tables, plan_routes, resolve_table, route_order, rule_pair, wants_policy_rules
 
 NETS = [ipaddress.ip_network(n) for n in ("0.0.0.0/0", "::/0", "10.0.0.0/8", "fd00::/64", "100.64.0.2/32")]
 
