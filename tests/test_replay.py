@@ -1,7 +1,7 @@
 """ReplayWindow edge cases (the situations of the kernel's counter selftest)."""
 
 from fzpoll.wireguard.constants import REJECT_AFTER_MESSAGES, REPLAY_WINDOW_SIZE
-from fzpoll.wireguard.replay import ReplayWindow
+from fzpoll.wireguard.session import ReplayWindow
 
 
 def accept(w: ReplayWindow, n: int) -> bool:

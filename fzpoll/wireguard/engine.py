@@ -12,8 +12,8 @@ returned. A datagram that fails authentication (unknown index, bad tag, replay, 
 MAC) changes no state; one that authenticates counts for the session, the endpoint (roaming) and
 the timers even when cryptokey routing then refuses its inner packet, as in the kernel and
 wireguard-go. Timers follow wireguard-go's timers.go (whitepaper section 6); the parts live in
-:mod:`.session` (keypairs and indices), :mod:`.timers` (the heap), :mod:`.underload` (cookies
-and rate limits under load) and :mod:`.allowedips` (cryptokey routing).
+:mod:`.session` (keypairs and indices), :mod:`.timers` (the heap), :mod:`.handshake` (messages,
+cookies and rate limits under load) and :mod:`.allowedips` (cryptokey routing).
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ from fzpoll.errors import DropReason as D
 from fzpoll.errors import LocalError
 from fzpoll.wireguard.keys import PresharedKey, PrivateKey, PublicKey
 from fzpoll.wireguard.events import Event, HandshakeCompleted, HandshakeGaveUp, HandshakeInitiated, KeysZeroed
-from fzpoll.wireguard.peer import Endpoint, HandshakeState, Keypair, Peer
-from fzpoll.wireguard.session import Sessions
+from fzpoll.wireguard.handshake import LoadGuard
+from fzpoll.wireguard.peer import Endpoint, HandshakeState, Peer
+from fzpoll.wireguard.session import Keypair, Sessions
 from fzpoll.wireguard.timers import PeerTimer, TimerHeap
-from fzpoll.wireguard.underload import LoadGuard
 
 from nacl._sodium import ffi as _ffi
 from nacl._sodium import lib as _lib

@@ -1,26 +1,37 @@
 """WireGuard's handshake messages (whitepaper 5.4.2 - 5.4.7) on top of the Noise core.
 
 Builds and parses initiation (type 1), response (type 2) and cookie reply (type 3), and the MAC1 /
-MAC2 / cookie machinery of 5.4.4 and 5.4.7. Pure functions and small objects; the engine decides
-what to do with them.
+MAC2 / cookie machinery of 5.4.4 and 5.4.7, and the under-load guard that decides when a MAC2 is
+required. Pure functions and small objects; the engine decides what to do with them.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import struct
+from typing import Any
 
+from fzpoll.errors import DropReason as D
 from fzpoll.wireguard import noise
 from fzpoll.wireguard.constants import (
     COOKIE_REFRESH_TIME,
     COOKIE_REPLY_SIZE,
+    HANDSHAKE_BURST_PER_SOURCE,
+    HANDSHAKE_RATE_PER_SOURCE,
     LABEL_COOKIE,
     LABEL_MAC1,
     MESSAGE_HANDSHAKE_COOKIE,
     MESSAGE_HANDSHAKE_INITIATION,
     MESSAGE_HANDSHAKE_RESPONSE,
+    MAX_RATE_LIMITER_SOURCES,
+    UNDER_LOAD_AFTER_TIME,
+    UNDER_LOAD_HANDSHAKES_PER_WINDOW,
+    UNDER_LOAD_WINDOW,
 )
 from fzpoll.wireguard.crypto import hash_, mac, tai64n, xaead_decrypt, xaead_encrypt
+
+Endpoint = tuple[Any, ...]  # a socket address as recvfrom returns it: (host, port) or (host, port, flow, scope)
 
 _INITIATION_HEADER = struct.Struct("<I I")  # type (with 3 reserved zero bytes), sender index
 _RESPONSE_HEADER = struct.Struct("<I I I")  # type, sender index, receiver index
@@ -168,4 +179,74 @@ class CookieGenerator:
             return False
         self._cookie = cookie
         self._cookie_at = now
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Under load
+#
+# Denial-of-service mitigation for handshakes (whitepaper 5.3, wireguard-go's ratelimiter).
+# 
+# Every handshake message must carry a valid MAC1. When more handshake messages arrive than one
+# core should spend DH on, the responder is *under load* for UNDER_LOAD_AFTER_TIME: then a message
+# must also carry a MAC2 proving a recent cookie (else it is answered with a cookie reply and
+# dropped), and each source IP gets a token bucket of HANDSHAKE_RATE_PER_SOURCE per second.
+
+
+def source_bytes(addr: Endpoint) -> bytes:
+    """Packed IP and port of a socket address: what a cookie is bound to."""
+    try:
+        ip = ipaddress.ip_address(addr[0]).packed
+    except ValueError:
+        ip = str(addr[0]).encode()
+    return ip + int(addr[1]).to_bytes(2, "big")
+
+
+class LoadGuard:
+    """Decides, per handshake message, whether the engine may spend a DH on it."""
+
+    __slots__ = ("under_load_until", "_window_start", "_window_count", "_buckets")
+
+    def __init__(self) -> None:
+        self.under_load_until = float("-inf")
+        self._window_start = float("-inf")
+        self._window_count = 0
+        self._buckets: dict[bytes, list[float]] = {}
+
+    def is_under_load(self, now: float) -> bool:
+        return now < self.under_load_until
+
+    def check(self, cookies: CookieChecker, data: bytes, addr: Endpoint, now: float,
+              replies: list[tuple[bytes, Endpoint]]) -> D | None:
+        """MAC1 always; under load MAC2 (else a cookie reply is added to ``replies``) and the
+        per-source rate limit. None means: go ahead."""
+        if not cookies.check_mac1(data):
+            return D.BAD_MAC1
+        if now - self._window_start >= UNDER_LOAD_WINDOW:
+            self._window_start = now
+            self._window_count = 0
+        self._window_count += 1
+        if self._window_count > UNDER_LOAD_HANDSHAKES_PER_WINDOW:
+            self.under_load_until = now + UNDER_LOAD_AFTER_TIME
+        if now >= self.under_load_until:
+            return None
+        source = source_bytes(addr)
+        if not cookies.check_mac2(data, source, now):
+            replies.append((cookies.make_reply(data, source, now), addr))
+            return D.BAD_MAC2
+        return None if self._allow_source(source[:-2], now) else D.RATE_LIMITED
+
+    def _allow_source(self, ip: bytes, now: float) -> bool:
+        """Token bucket per source IP: HANDSHAKE_RATE_PER_SOURCE per second, small burst."""
+        bucket = self._buckets.get(ip)
+        if bucket is None:
+            if len(self._buckets) >= MAX_RATE_LIMITER_SOURCES:
+                self._buckets.clear()  # bounded memory; a flood resets to a fresh table
+            bucket = self._buckets[ip] = [float(HANDSHAKE_BURST_PER_SOURCE), now]
+        tokens = min(HANDSHAKE_BURST_PER_SOURCE, bucket[0] + (now - bucket[1]) * HANDSHAKE_RATE_PER_SOURCE)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1.0
         return True

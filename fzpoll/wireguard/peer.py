@@ -1,4 +1,4 @@
-"""Per-peer state: keypairs (previous/current/next), handshake progress, timers, staged packets.
+"""Per-peer state: its keypairs (previous/current/next), handshake progress, timers, staged packets.
 
 Plain slotted objects the engine mutates; they hold no logic beyond what reads better next to the
 data. Keys are never shown by repr.
@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fzpoll.wireguard.constants import MAX_STAGED_PACKETS, MESSAGE_TRANSPORT_DATA
-from fzpoll.wireguard.handshake import CookieGenerator
+from fzpoll.wireguard.constants import MAX_STAGED_PACKETS
+from fzpoll.wireguard.handshake import CookieGenerator, Endpoint
 from fzpoll.wireguard.keys import PresharedKey, PublicKey
-from fzpoll.wireguard.replay import ReplayWindow
 
-Endpoint = tuple[Any, ...]  # a socket address as recvfrom returns it: (host, port) or (host, port, flow, scope)
+if TYPE_CHECKING:
+    from fzpoll.wireguard.session import Keypair
+
+__all__ = ["Endpoint", "HandshakeState", "Peer"]
 
 
 
@@ -25,32 +27,6 @@ class HandshakeState(enum.Enum):
 
     NONE = enum.auto()
     INITIATION_SENT = enum.auto()
-
-
-class Keypair:
-    """One session's transport keys, counters and replay window (whitepaper 5.4.6)."""
-
-    __slots__ = (
-        "peer", "send_key", "recv_key", "local_index", "remote_index", "send_counter",
-        "replay", "created_at", "is_initiator", "header",
-    )
-
-    def __init__(self, peer: "Peer", send_key: bytes, recv_key: bytes, local_index: int,
-                 remote_index: int, created_at: float, is_initiator: bool) -> None:
-        self.peer = peer
-        self.send_key = send_key
-        self.recv_key = recv_key
-        self.local_index = local_index
-        self.remote_index = remote_index
-        self.send_counter = 0
-        self.replay = ReplayWindow()
-        self.created_at = created_at
-        self.is_initiator = is_initiator
-        # The first 8 bytes of every transport message we send with this keypair.
-        self.header = bytes([MESSAGE_TRANSPORT_DATA, 0, 0, 0]) + remote_index.to_bytes(4, "little")
-
-    def __repr__(self) -> str:
-        return f"<Keypair local={self.local_index} sent={self.send_counter} initiator={self.is_initiator}>"
 
 
 class Peer:
