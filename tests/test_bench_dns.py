@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
-import netns
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "bench_dns.py"
 SCENARIOS = {"local-fixed", "recursive", "dnsmasq", "local-new"}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 
-import netns
 from netns import Fzpoll, Namespace, WireguardGo, transfer, veth_pair, wg_pair
 
 pytestmark = [pytest.mark.netns, pytest.mark.needs("wireguard-go")]

@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-import netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.needs("netns")]
 

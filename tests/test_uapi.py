@@ -10,7 +10,6 @@ import errno
 import ipaddress
 import logging
 import os
-import selectors
 import socket
 import stat
 

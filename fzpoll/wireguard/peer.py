@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fzpoll.wireguard.constants import MAX_STAGED_PACKETS
 from fzpoll.wireguard.handshake import CookieGenerator, Endpoint
@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from fzpoll.wireguard.session import Keypair
 
 __all__ = ["Endpoint", "HandshakeState", "Peer"]
-
 
 
 class HandshakeState(enum.Enum):
