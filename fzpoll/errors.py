@@ -1,7 +1,7 @@
 """fzpoll's error model.
 
 Remote input never raises: the engine drops it with a :class:`DropReason` and counts it. Local
-misuse raises :class:`LocalError`. The poller gathers everything that went wrong in one pass into
+misuse raises :class:`LocalError`. The loop gathers everything that went wrong in one pass into
 one :class:`TunnelError`, logged after the pass, so a bad packet never aborts a batch.
 """
 

@@ -7,7 +7,7 @@
   a :class:`UapiHost` (the engine plus the host's UDP port and fwmark), and :class:`UapiConnection`
   frames the byte stream of one client into requests. They touch no socket and no clock.
 - **IO** lives in :mod:`fzpoll.uapi.server`: the listening socket and the client sockets,
-  non-blocking, plugged into the poller.
+  non-blocking, plugged into the loop.
 
 Behaviour follows wireguard-go v0.0.20220316 (``device/uapi.go``), checked against Debian's binary:
 
@@ -106,7 +106,7 @@ class UapiHost(Protocol):
 
 
 class UapiLoop(Protocol):
-    """The four poller methods :class:`UapiServer` uses; callbacks receive ``now``."""
+    """The four loop methods :class:`UapiServer` uses; callbacks receive ``now``."""
 
     def add_reader(self, fd: int, callback: Callable[[float], None]) -> None: ...
 

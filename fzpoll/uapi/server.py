@@ -1,7 +1,7 @@
-"""The UAPI server: ``/var/run/wireguard/IFACE.sock``, served from inside the poller.
+"""The UAPI server: ``/var/run/wireguard/IFACE.sock``, served from inside the loop.
 
 The protocol itself (framing, ``get``, ``set``) is sans-IO in :mod:`fzpoll.uapi.protocol`; this module owns
-the listening socket and the client sockets, non-blocking, plugged into the poller through
+the listening socket and the client sockets, non-blocking, plugged into the loop through
 ``add_reader`` / ``add_writer`` (callbacks receive ``now``).
 """
 
@@ -56,7 +56,7 @@ def _probe(path: str) -> str:
 
 
 class UapiServer:
-    """Serves the UAPI on ``SOCKET_DIR/IFACE.sock`` from inside the poller; never blocks.
+    """Serves the UAPI on ``SOCKET_DIR/IFACE.sock`` from inside the loop; never blocks.
 
     At most ``max_clients`` clients at once (more are accepted and closed at once); a client
     silent (or not reading) for ``idle_timeout`` seconds is dropped by :meth:`expire_idle`, which
