@@ -112,6 +112,24 @@ def split_frame(frame: bytes) -> list[bytes] | None:
     return None
 
 
+def _fixed_sums(template: bytearray, version: int, proto: int, offset: int) -> tuple[int, int]:
+    """Zero the fields of ``template`` that differ per segment and return the sums of what is
+    left: the transport header with the pseudo header's addresses and protocol, and the IPv4
+    header (0 for IPv6)."""
+    if proto == PROTO_TCP:
+        template[offset + 4:offset + 8] = b"\0\0\0\0"  # sequence number
+        template[offset + 13] = 0  # flags
+        template[offset + 16:offset + 18] = b"\0\0"  # checksum
+    else:
+        template[offset + 4:offset + 8] = b"\0\0\0\0"  # length and checksum
+    fixed = ones_complement_sum(memoryview(template)[offset:]) + _pseudo_sum(template, version, proto, 0)
+    if version != 4:
+        return fixed, 0
+    template[2:6] = b"\0\0\0\0"  # total length, identification
+    template[10:12] = b"\0\0"  # header checksum
+    return fixed, ones_complement_sum(memoryview(template)[:offset])
+
+
 def _split(packet: bytes, version: int, proto: int, offset: int, gso_size: int) -> list[bytes] | None:
     """Cut a TCP or UDP super-packet into segments of ``gso_size`` payload bytes.
 
@@ -130,24 +148,10 @@ def _split(packet: bytes, version: int, proto: int, offset: int, gso_size: int) 
     template = bytearray(packet[:header_len])
     payload = memoryview(packet)[header_len:]
     tcp = proto == PROTO_TCP
-    if tcp:
-        seq = _U32.unpack_from(template, offset + 4)[0]
-        flags = template[offset + 13]
-        template[offset + 4:offset + 8] = b"\0\0\0\0"  # the fields that vary are summed apart
-        template[offset + 13] = 0
-        template[offset + 16:offset + 18] = b"\0\0"
-        fixed = ones_complement_sum(memoryview(template)[offset:])
-        checksum_at = offset + 16
-    else:
-        template[offset + 4:offset + 8] = b"\0\0\0\0"  # length and checksum
-        fixed = ones_complement_sum(memoryview(template)[offset:])
-        checksum_at = offset + 6
-    fixed += _pseudo_sum(packet, version, proto, 0)
-    if version == 4:
-        ip_id = _U16.unpack_from(template, 4)[0]
-        template[2:6] = b"\0\0\0\0"
-        template[10:12] = b"\0\0"
-        ip_fixed = ones_complement_sum(memoryview(template)[:offset])
+    seq, flags = (_U32.unpack_from(packet, offset + 4)[0], packet[offset + 13]) if tcp else (0, 0)
+    ip_id = _U16.unpack_from(packet, 4)[0] if version == 4 else 0
+    fixed, ip_fixed = _fixed_sums(template, version, proto, offset)
+    checksum_at = offset + (16 if tcp else 6)
     starts = range(0, len(payload), gso_size) if payload else range(1)
     last = len(starts) - 1
     segments = []
