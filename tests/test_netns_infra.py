@@ -118,6 +118,13 @@ with TunDevice("fzt1"):
         netlink.add_route("fzt1", "10.99.0.0/24")
     except LocalError as e:
         out["route_conflict"] = str(e)
+    for cidr in ("0.0.0.0/0", "0.0.0.0/0", "::/0", "::/0"):  # no RTA_DST: the default route
+        netlink.add_route("fzt1", cidr)
+    out["defaults"] = [ip_json(f, "route", "show", "default", "dev", "fzt1") for f in ("-4", "-6")]
+    try:
+        netlink.add_route("fzt0", "0.0.0.0/0")
+    except LocalError as e:
+        out["default_conflict"] = str(e)
 try:
     netlink.set_mtu("nope0", 1380)
 except LocalError as e:
@@ -192,6 +199,9 @@ def test_tun_device_and_netlink_in_namespace() -> None:
     assert {r["dst"] for r in out["routes6"]} >= {"fd99::/64"}
     assert "no network interface named 'nope0'" in out["missing_link"]
     assert "already exists through another interface" in out["route_conflict"]
+    assert [[r["dst"] for r in routes] for routes in out["defaults"]] == [["default"], ["default"]]
+    assert out["default_conflict"] == ("cannot add route 0.0.0.0/0 via fzt0: a route for it "
+                                       "already exists through another interface")
     assert "EINVAL" in out["bad_mtu"]
     probe4 = bytes.fromhex(out["probe4"])
     assert probe4[0] >> 4 == 4 and probe4[9] == 17 and probe4.endswith(b"fzpoll-probe")

@@ -122,12 +122,17 @@ def _parse_net(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 
 def _existing_oifs(ipr: IPRoute, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> set[int]:
-    """Output interfaces of main-table routes for exactly ``net``."""
+    """Output interfaces of main-table routes for exactly ``net``.
+
+    Attributes are read by their netlink names (``RTA_DST``, ``RTA_OIF``): ``msg.get("dst")``
+    resolves them on the pyroute2 of PyPI (0.9) but returns None on Debian 12's 0.7.2.
+    A route without ``RTA_DST`` is the default route; a multipath route has no ``RTA_OIF``.
+    """
     oifs: set[int] = set()
     for route in ipr.route("dump", table=_MAIN_TABLE, family=_family(net)):
-        dst = route.get("dst") or ("0.0.0.0" if net.version == 4 else "::")
+        dst = route.get_attr("RTA_DST") or ("0.0.0.0" if net.version == 4 else "::")
         if route["dst_len"] == net.prefixlen and ipaddress.ip_address(dst) == net.network_address:
-            oif = route.get("oif")
+            oif = route.get_attr("RTA_OIF")
             if oif is not None:
                 oifs.add(int(oif))
     return oifs
