@@ -4,9 +4,10 @@
 # TCP through the tunnel).
 #   bash tools/deb-chroot-test.sh [dist/fzpoll_VERSION_all.deb]
 # The root is made by debootstrap (minbase) from the Debian mirror this machine's apt uses; the
-# downloaded base system is cached in /var/cache/fzpoll-ci (refreshed after 30 days), so a run
-# costs an unpack, an `apt-get update` and the install. Everything runs in a private mount
-# namespace (proc, sysfs, /dev, a tmpfs /run), so nothing stays mounted and the root is deleted.
+# downloaded base system and the root debootstrap made from it are cached in /var/cache/fzpoll-ci
+# (refreshed after 30 days), so a run costs an extraction, an `apt-get update` and the install.
+# Everything runs in a private mount namespace (proc, sysfs, /dev, a tmpfs /run), so nothing stays
+# mounted, and the root is deleted.
 # Exits 77 with "SKIP: reason" without root, /dev/net/tun, debootstrap or a reachable mirror.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,10 +45,19 @@ root=$(mktemp -d /var/tmp/fzpoll-chroot.XXXXXX)
 chmod 0755 "$root"  # it is /: apt's _apt user and the daemons must be able to traverse it
 [ -n "${FZPOLL_KEEP_ROOT:-}" ] || trap 'rm -rf --one-file-system "$root"' EXIT
 t0=$SECONDS
-debootstrap --variant=minbase --unpack-tarball="$tarball" bookworm "$root" "$mirror" > "$root.log" 2>&1 \
-    || { tail -20 "$root.log" >&2; rm -f "$root.log"; exit 1; }
-rm -f "$root.log"
-echo "debootstrap (minbase, cached download): $((SECONDS - t0)) s"
+# debootstrap's second stage (dpkg unpacking and configuring ~90 packages) costs 30-100 s here;
+# the pristine result is kept as a tarball next to the download, so later runs only extract it.
+rootcache="$cache/root-bookworm-minbase-$(dpkg --print-architecture).tar.gz"
+if [ "$rootcache" -nt "$tarball" ]; then
+    tar -xzpf "$rootcache" --numeric-owner -C "$root"
+    echo "clean Debian 12 root extracted from $rootcache (made by debootstrap): $((SECONDS - t0)) s"
+else
+    debootstrap --variant=minbase --unpack-tarball="$tarball" bookworm "$root" "$mirror" > "$root.log" 2>&1 \
+        || { tail -20 "$root.log" >&2; rm -f "$root.log"; exit 1; }
+    rm -f "$root.log"
+    echo "debootstrap (minbase, cached download): $((SECONDS - t0)) s"
+    tar -czf "$rootcache.tmp" --numeric-owner -C "$root" . && mv "$rootcache.tmp" "$rootcache"
+fi
 cp "$deb" "$root/tmp/"
 cp -L /etc/resolv.conf "$root/etc/resolv.conf"
 debname=$(basename "$deb")
@@ -57,10 +67,14 @@ export DEBIAN_FRONTEND=noninteractive PATH=/usr/sbin:/usr/bin:/sbin:/bin
 footprint() { du -sxk --exclude=/var/lib/apt/lists --exclude=/var/cache/apt --exclude=/tmp / | cut -f1; }
 t=\$(date +%s)
 apt-get update -qq
-before=\$(footprint)
+base=\$(footprint)
+# python3 first, alone, so the footprint splits into the interpreter and what fzpoll adds to it.
+apt-get install -y -qq --no-install-recommends python3 >/tmp/apt.log 2>&1 || { cat /tmp/apt.log; exit 1; }
+python=\$(footprint)
 apt-get install -y -qq --no-install-recommends ./tmp/$debname >/tmp/apt.log 2>&1 || { cat /tmp/apt.log; exit 1; }
-echo "apt-get update + install ./$debname: \$((\$(date +%s) - t)) s"
-echo "on disk: fzpoll \$(dpkg-query -W -f '\${Installed-Size}' fzpoll) KiB; with python3 and the dependencies apt added: \$(( (\$(footprint) - before) / 1024 )) MiB"
+echo "apt-get update + install python3 ./$debname: \$((\$(date +%s) - t)) s"
+grep -o '^Setting up [^ ]*' /tmp/apt.log | cut -d' ' -f3 | tr '\n' ' ' | sed 's/^/installed with it: /'; echo
+echo "on disk (du): python3 \$(( (python - base) / 1024 )) MiB, then fzpoll and its dependencies \$(( (\$(footprint) - python) / 1024 )) MiB; fzpoll alone \$(dpkg-query -W -f '\${Installed-Size}' fzpoll) KiB"
 # The demo also needs ip and ping (Suggests of the package, not dependencies of the daemon).
 apt-get install -y -qq --no-install-recommends iproute2 iputils-ping >/tmp/apt.log 2>&1 || { cat /tmp/apt.log; exit 1; }
 dpkg-query -W -f '\${Package} \${Version}\n' fzpoll python3 python3-nacl python3-pyroute2 python3-dnslib
