@@ -11,4 +11,11 @@ export PYTHONPATH="$PWD:/usr/lib/python3/dist-packages"
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
 /usr/bin/python3 tools/deps-versions.py --from /usr/lib/python3/dist-packages \
     || { echo "bash tools/install-deps.sh --debian installs them" >&2; exit 1; }
-exec /usr/bin/python3 -m pytest -p _hypothesis_pytestplugin -p no:cacheprovider "$@"
+# wg-quick runs `fzpoll` from PATH: make it this tree under Debian's python3, as /usr/bin/fzpoll of
+# the .deb would be, not whatever pip or pyenv put on PATH.
+bin=$(mktemp -d)
+trap 'rm -rf "$bin"' EXIT
+printf '#!/bin/sh\nexec /usr/bin/python3 -m fzpoll "$@"\n' > "$bin/fzpoll"
+chmod 0755 "$bin/fzpoll"
+export PATH="$bin:$PATH"
+/usr/bin/python3 -m pytest -p _hypothesis_pytestplugin -p no:cacheprovider "$@"
