@@ -562,7 +562,7 @@ def test_an_unencodable_answer_is_dropped_not_raised(monkeypatch):
 
 # -- fuzz -----------------------------------------------------------------------------------
 
-@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=600), st.sampled_from([CLIENT4, CLIENT6]))
 def test_arbitrary_query_payloads_never_raise(payload, client):
     r = make()
@@ -575,7 +575,7 @@ def test_arbitrary_query_payloads_never_raise(payload, client):
 labels = st.lists(st.binary(min_size=1, max_size=63), min_size=0, max_size=6)
 
 
-@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(labels, st.sampled_from([b"example", b"EXAMPLE", b"one", b"arpa", b"net"]),
        st.sampled_from([b"com", b"test", b"in-addr", b"use-application-dns"]),
        st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.integers(0, 0xFFFF))
@@ -593,7 +593,7 @@ def test_well_formed_queries_with_arbitrary_names_never_raise(head, mid, tail, q
     assert sum(r.drops.values()) + len(r.to_tun) + len(r.udp_queries) == 1
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 @given(st.integers(0, 400), st.binary(min_size=1, max_size=3), st.booleans())
 def test_mutated_upstream_answers_never_raise(position, insert, tc):
     r = make()
@@ -610,7 +610,7 @@ def test_mutated_upstream_answers_never_raise(position, insert, tc):
     assert r.in_flight == 0
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_arbitrary_tun_packets_never_raise(data):
     r = make()

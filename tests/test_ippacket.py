@@ -197,7 +197,7 @@ addresses6 = st.integers(0, 2**128 - 1).map(IPv6Address)
 ports = st.integers(0, 0xFFFF)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(
     st.one_of(st.tuples(addresses4, addresses4), st.tuples(addresses6, addresses6)),
     ports, ports, st.binary(max_size=2000),
@@ -211,7 +211,7 @@ def test_round_trip_property(pair, sport, dport, payload):
     assert int.from_bytes(packet[offset + 6:offset + 8], "big") == naive_udp_checksum(packet)
 
 
-@settings(max_examples=1000)
+@settings(max_examples=1000, deadline=None)
 @given(st.binary(max_size=120))
 def test_arbitrary_bytes_never_raise(data):
     for variant in (data, b"\x45" + data, b"\x60" + data, bytearray(data)):
@@ -220,7 +220,7 @@ def test_arbitrary_bytes_never_raise(data):
         checksum_ok(variant)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=60), st.integers(0, 80), st.binary(min_size=1, max_size=1))
 def test_mutated_packets_never_raise(payload, position, byte):
     for packet in (build_udp(A4, B4, 1, 53, payload), build_udp(A6, B6, 1, 53, payload)):
