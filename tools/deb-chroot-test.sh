@@ -25,10 +25,14 @@ fi
 mirror=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE) $(COMPONENT)' 'Identifier: Packages' \
          | awk '$2 == "bookworm" && $3 == "main" { print $1; exit }')
 [ -n "$mirror" ] || skip "apt has no Debian bookworm main source (run apt-get update)"
-python3 - "$mirror" <<'PY' || skip "the mirror $mirror is not reachable"
+why=$(python3 - "$mirror" 2>&1 <<'PY'
 import sys, urllib.request
-urllib.request.urlopen(sys.argv[1].rstrip("/") + "/dists/bookworm/InRelease", timeout=10).read(1)
+try:
+    urllib.request.urlopen(sys.argv[1].rstrip("/") + "/dists/bookworm/InRelease", timeout=10).read(1)
+except OSError as exc:
+    sys.exit(str(exc))
 PY
+) || skip "the mirror $mirror is not reachable ($why)"
 cache=/var/cache/fzpoll-ci
 tarball="$cache/debootstrap-bookworm-minbase-$(dpkg --print-architecture).tgz"
 mkdir -p "$cache"
