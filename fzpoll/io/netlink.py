@@ -121,15 +121,23 @@ def _parse_net(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise LocalError(f"invalid route {cidr!r}: expected NETWORK/PREFIXLEN") from None
 
 
-def _existing_oifs(ipr: IPRoute, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> set[int]:
-    """Output interfaces of main-table routes for exactly ``net``.
+def route_table(route: Any) -> int:
+    """A route's table: RTA_TABLE (the header field says 252 for tables above 255)."""
+    return int(route.get_attr("RTA_TABLE") or route["table"])
 
-    Attributes are read by their netlink names (``RTA_DST``, ``RTA_OIF``): ``msg.get("dst")``
-    resolves them on the pyroute2 of PyPI (0.9) but returns None on Debian 12's 0.7.2.
-    A route without ``RTA_DST`` is the default route; a multipath route has no ``RTA_OIF``.
+
+def route_oifs(ipr: IPRoute, net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+               table: int = _MAIN_TABLE) -> set[int]:
+    """Output interfaces of the routes for exactly ``net`` in ``table``.
+
+    Attributes are read by their netlink names with ``get_attr``: ``msg.get("dst")`` (and
+    ``msg.get("RTA_DST")``) resolve them on the pyroute2 of PyPI (0.9) but return None on Debian
+    12's 0.7.2. A route without ``RTA_DST`` is the default route; a multipath one has no ``RTA_OIF``.
     """
     oifs: set[int] = set()
-    for route in ipr.route("dump", table=_MAIN_TABLE, family=_family(net)):
+    for route in ipr.route("dump", table=table, family=_family(net)):
+        if route_table(route) != table:
+            continue
         dst = route.get_attr("RTA_DST") or ("0.0.0.0" if net.version == 4 else "::")
         if route["dst_len"] == net.prefixlen and ipaddress.ip_address(dst) == net.network_address:
             oif = route.get_attr("RTA_OIF")
@@ -153,7 +161,7 @@ def add_route(ifname: str, cidr: str) -> None:
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise _fail(f"cannot add route {net} via {ifname}", exc) from None
-            if index not in _existing_oifs(ipr, net):
+            if index not in route_oifs(ipr, net):
                 raise LocalError(
                     f"cannot add route {net} via {ifname}: a route for it already exists "
                     "through another interface"

@@ -25,6 +25,7 @@ from typing import Any
 from pyroute2 import IPRoute, NetlinkError
 
 from fzpoll.errors import LocalError
+from fzpoll.io.netlink import route_oifs, route_table
 
 RT_TABLE_MAIN = 254
 RTPROT_BOOT = 3  # what `ip route add` sets when no `proto` is given
@@ -74,7 +75,8 @@ def family_of(net: Network) -> int:
 
 def default_rule_priority(ipr: IPRoute, family: int) -> int:
     """The priority the kernel would give a rule added without one (``fib_default_rule_pref``)."""
-    prefs = sorted(int(r.get("FRA_PRIORITY") or 0) for r in ipr.get_rules(family=family))
+    # get_attr: r.get("FRA_PRIORITY") is None on pyroute2 0.7 (Debian 12), as route_oifs explains.
+    prefs = sorted(int(r.get_attr("FRA_PRIORITY") or 0) for r in ipr.get_rules(family=family))
     if len(prefs) >= 2 and prefs[1]:
         return prefs[1] - 1
     return 0
@@ -130,24 +132,6 @@ def _route_args(net: Network, index: int, table: int) -> dict[str, Any]:
     return args
 
 
-def _table_of(route: Any) -> int:
-    """A route's table: RTA_TABLE (the header field says 252 for tables above 255)."""
-    return int(route.get_attr("RTA_TABLE") or route["table"])
-
-
-def _oifs(ipr: IPRoute, net: Network, table: int) -> set[int]:
-    """Output interfaces of the routes for exactly ``net`` in ``table``."""
-    oifs: set[int] = set()
-    for route in ipr.route("dump", table=table, family=family_of(net)):
-        if _table_of(route) != table:
-            continue
-        dst = route.get("dst") or ("0.0.0.0" if net.version == 4 else "::")
-        if route["dst_len"] == net.prefixlen and ipaddress.ip_address(dst) == net.network_address:
-            if route.get("oif") is not None:
-                oifs.add(int(route.get("oif")))
-    return oifs
-
-
 def add_route(ifname: str, net: Network, table: int) -> None:
     """``ip route add NET dev IFNAME table TABLE``. Already there through ``ifname``: fine;
     there through another interface: an error naming it (wg-quick's ``ip`` fails the same way)."""
@@ -160,7 +144,7 @@ def add_route(ifname: str, net: Network, table: int) -> None:
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise _fail(f"cannot add route {net} dev {ifname} table {table}", exc) from None
-            if index not in _oifs(ipr, net, table):
+            if index not in route_oifs(ipr, net, table):
                 raise LocalError(f"cannot add route {net} dev {ifname} table {table}: a route for it "
                                  "already exists through another interface") from None
 
@@ -192,7 +176,7 @@ def table_in_use(table: int) -> bool:
     with IPRoute() as ipr:
         for family in (socket.AF_INET, socket.AF_INET6):
             try:
-                if any(_table_of(r) == table for r in ipr.route("dump", table=table, family=family)):
+                if any(route_table(r) == table for r in ipr.route("dump", table=table, family=family)):
                     return True
             except NetlinkError as exc:
                 if exc.code != errno.EAFNOSUPPORT:
