@@ -134,6 +134,9 @@ def demo(seconds: float = 3.0) -> int:
 
 def _demo_locked(seconds: float) -> int:
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C cleans up even when started from a script in the background (where SIGINT arrives
+    # ignored, and Python would keep ignoring it).
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     workdir = tempfile.mkdtemp(prefix="fzpoll-demo-")
     daemons: list[subprocess.Popen] = []
     try:
@@ -160,6 +163,7 @@ def _demo_locked(seconds: float) -> int:
         cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         _say("removed the namespaces, interfaces and sockets the demo created")
 
 
