@@ -46,12 +46,18 @@ class DropReason(enum.StrEnum):
     NOT_ALLOWED_SOURCE = "not_allowed_source"  # inner source address not in the peer's allowed IPs
     BAD_INNER_PACKET = "bad_inner_packet"
     NO_PRIVATE_KEY = "no_private_key"
+    CONTROL_MALFORMED = "control_malformed"  # in-tunnel control packet that does not parse
+    CONTROL_UNEXPECTED = "control_unexpected"  # a control event this side does not take
+    NAT_TABLE_FULL = "nat_table_full"  # gateway: a packet from a client needing a new session
+    NAT_UNSUPPORTED = "nat_unsupported"  # gateway: not TCP, UDP or ICMP echo, or too short
+    NAT_NO_MAPPING = "nat_no_mapping"  # gateway: to a proxy address with no (same-family) real one
     # outbound
     NO_ROUTE = "no_route"  # outgoing packet with no peer for its destination
     MULTICAST = "multicast"  # outgoing multicast with no peer (the kernel's own IPv6 chatter)
     NO_ENDPOINT = "no_endpoint"
     STAGED_QUEUE_FULL = "staged_queue_full"
     HANDSHAKE_GAVE_UP = "handshake_gave_up"  # staged packets dropped after REKEY_ATTEMPT_TIME
+    RESOURCE_BUFFER_FULL = "resource_buffer_full"  # client: packets waiting for DomainStatus Active
     # io
     BUFFER_FULL = "buffer_full"  # a bounded write buffer was full
     WRITE_FAILED = "write_failed"
@@ -63,6 +69,7 @@ class DropReason(enum.StrEnum):
     DNS_REPLY_WRONG_SOURCE = "dns_reply_wrong_source"
     DNS_REPLY_QUESTION_MISMATCH = "dns_reply_question_mismatch"
     DNS_UNENCODABLE_REPLY = "dns_unencodable_reply"
+    DNS_UPSTREAM_MISMATCH = "dns_upstream_mismatch"  # gateway lookup: wrong address/port, ID or question
 
     @property
     def kind(self) -> DropKind:
