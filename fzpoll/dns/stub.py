@@ -72,6 +72,7 @@ from dnslib import (
 from dnslib.buffer import BufferError as DNSBufferError
 from dnslib.label import DNSLabelError
 
+from fzpoll.dns.upstream import check_reply, labels_of, parse_message, same_address
 from fzpoll.errors import DropReason as D
 from fzpoll.errors import LocalError
 from fzpoll.ippacket import (
@@ -146,10 +147,6 @@ class _Pending:
     via_tcp: bool = False
 
 
-def _labels(name: DNSLabel) -> Labels:
-    return tuple(label.lower() for label in name.label)
-
-
 def _compile_pattern(pattern: str) -> tuple[str, Labels]:
     """(kind, base labels) of a resource pattern; kind is "exact", "*" or "?"."""
     try:
@@ -167,7 +164,7 @@ def _compile_pattern(pattern: str) -> tuple[str, Labels]:
     return kind, labels
 
 
-class _ResourceTable:
+class ResourceTable:
     """Name -> resource. The longest matching base wins; at equal length exact beats ``*``."""
 
     def __init__(self, resources: list[Resource]) -> None:
@@ -199,18 +196,6 @@ def _reverse_address(labels: Labels) -> bytes | None:
         if all(len(n) == 1 and n[0] in _HEX_NIBBLES for n in nibbles):
             return bytes.fromhex(b"".join(nibbles).decode())
     return None
-
-
-def _same_address(source: object, server: Server) -> bool:
-    """Whether a socket address (host, port, ...) is ``server`` (IPv4-mapped IPv6 unmapped)."""
-    try:
-        host, port = source[0], source[1]  # type: ignore[index]
-        ip = ip_address(host)
-    except (TypeError, ValueError, IndexError, KeyError):
-        return False
-    if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return port == server[1] and str(ip) == server[0]
 
 
 def _query_problem(query: DNSRecord | None) -> str | None:
@@ -261,7 +246,7 @@ class StubResolver:
         self.stats: Counter[str] = Counter()
         self._rng = rng if rng is not None else random.SystemRandom()
         self._max_proxy_names = min(max_proxy_names, MAX_PROXY_NAMES)
-        self._resources = _ResourceTable(resources)
+        self._resources = ResourceTable(resources)
         # Insertion order is deadline order; OrderedDict keeps the front O(1) under deletions.
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
         self._proxies: OrderedDict[tuple[Labels, Resource], tuple[IPv4Address, IPv6Address]] = OrderedDict()
@@ -291,7 +276,7 @@ class StubResolver:
 
     def set_resources(self, resources: list[Resource]) -> None:
         """Replace the DNS resources; proxy addresses already handed out stay valid."""
-        self._resources = _ResourceTable(resources)
+        self._resources = ResourceTable(resources)
 
     # -- queries for the tunnel -------------------------------------------------------------
 
@@ -362,11 +347,11 @@ class StubResolver:
         if pending.via_tcp != via_tcp:
             self.drops[D.DNS_REPLY_WRONG_TRANSPORT] += 1
             return
-        if source is not None and not _same_address(source, pending.server):
+        if source is not None and not same_address(source, pending.server):
             self.drops[D.DNS_REPLY_WRONG_SOURCE] += 1
             return
-        reply = self._parse(data)
-        verdict = self._check_reply(reply, pending)
+        reply = parse_message(data)
+        verdict = check_reply(reply, pending.query.questions[0])
         if verdict == "mismatch":
             self.drops[D.DNS_REPLY_QUESTION_MISMATCH] += 1  # keep waiting for the real one
             return
@@ -414,15 +399,8 @@ class StubResolver:
             return packet[6] == PROTO_UDP and bytes(packet[24:40]) in self._upstream_for
         return False
 
-    @staticmethod
-    def _parse(data: bytes) -> DNSRecord | None:
-        try:
-            return DNSRecord.parse(data)
-        except Exception:  # dnslib raises assorted exceptions on garbage; all mean "unparsable"
-            return None
-
     def _on_query(self, datagram: UdpDatagram, now: float) -> None:
-        query = self._parse(datagram.payload)
+        query = parse_message(datagram.payload)
         problem = _query_problem(query)
         if problem is not None:
             self.drops[D.DNS_MALFORMED] += 1
@@ -444,7 +422,7 @@ class StubResolver:
             self.stats["dns_formerr"] += 1
             return _response(query, RCODE.FORMERR, aa=0)
         question = query.questions[0]
-        labels = _labels(question.qname)
+        labels = labels_of(question.qname)
         if labels == CANARY:
             self.stats["dns_canary"] += 1
             return _response(query, RCODE.NXDOMAIN, aa=1)
@@ -539,23 +517,6 @@ class StubResolver:
                 return query_id
 
     # -- the answer path ----------------------------------------------------------------------
-
-    @staticmethod
-    def _check_reply(reply: DNSRecord | None, pending: _Pending) -> str:
-        """"ok", "garbage" (SERVFAIL) or "mismatch" (another question: ignore, keep waiting)."""
-        if reply is None or not reply.header.qr:
-            return "garbage"
-        if not reply.questions:
-            # Some servers omit the question in error answers; a NOERROR without one is junk.
-            return "ok" if reply.header.rcode != RCODE.NOERROR else "garbage"
-        ours, theirs = pending.query.questions[0], reply.questions[0]
-        if (
-            _labels(ours.qname) != _labels(theirs.qname)
-            or ours.qtype != theirs.qtype
-            or ours.qclass != theirs.qclass
-        ):
-            return "mismatch"
-        return "ok"
 
     def _retry_over_tcp(self, query_id: int, pending: _Pending, now: float) -> None:
         pending.via_tcp = True

@@ -35,10 +35,10 @@ PROTO_ICMPV6 = 58
 
 ICMP_ECHO_REPLY, ICMP_DEST_UNREACH, ICMP_ECHO_REQUEST = 0, 3, 8
 ICMP_TIME_EXCEEDED, ICMP_PARAMETER_PROBLEM = 11, 12
-ICMP_HOST_UNREACH = 1  # code of ICMP_DEST_UNREACH
+ICMP_HOST_UNREACH, ICMP_PKT_FILTERED = 1, 13  # codes of ICMP_DEST_UNREACH (RFC 1812 5.2.7.1)
 ICMPV6_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG, ICMPV6_TIME_EXCEEDED, ICMPV6_PARAM_PROB = 1, 2, 3, 4
 ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY = 128, 129
-ICMPV6_ADDR_UNREACH = 3  # code of ICMPV6_DEST_UNREACH
+ICMPV6_ADM_PROHIBITED, ICMPV6_ADDR_UNREACH = 1, 3  # codes of ICMPV6_DEST_UNREACH
 
 ICMP_ERRORS = {PROTO_ICMP: frozenset({ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, ICMP_PARAMETER_PROBLEM}),
                PROTO_ICMPV6: frozenset({ICMPV6_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG,
@@ -252,9 +252,20 @@ def checksums_ok(packet: bytes) -> bool:
 # ------------------------------------------------------------------------------- our own errors
 
 
-def destination_unreachable(packet: bytes, source: bytes) -> bytes | None:
-    """An ICMP destination unreachable (host / address unreachable) from ``source`` to the
-    sender of ``packet``, quoting it; None if ``packet`` is itself an ICMP error or not a whole
+def is_prohibited(packet: bytes) -> bool:
+    """Whether ``packet`` is an ICMP destination unreachable "administratively prohibited"."""
+    header = ip_header(packet)
+    if header is None or len(header[3]) < ICMP_HEADER_SIZE:
+        return False
+    kind, code = header[3][0], header[3][1]
+    if header[2] == PROTO_ICMP:
+        return kind == ICMP_DEST_UNREACH and code == ICMP_PKT_FILTERED
+    return header[2] == PROTO_ICMPV6 and kind == ICMPV6_DEST_UNREACH and code == ICMPV6_ADM_PROHIBITED
+
+
+def destination_unreachable(packet: bytes, source: bytes, *, prohibited: bool = False) -> bytes | None:
+    """An ICMP destination unreachable (host / address unreachable, or "administratively
+    prohibited") from ``source`` to the sender of ``packet``, quoting it; None if ``packet`` is itself an ICMP error or not a whole
     IP packet of ``source``'s family (RFC 1122 3.2.2: never an error about an error)."""
     header = ip_header(packet)
     if header is None:
@@ -268,13 +279,15 @@ def destination_unreachable(packet: bytes, source: bytes) -> bytes | None:
     limit = MAX_ICMP_ERROR[version] - (IPV4_HEADER_SIZE if version == 4 else IPV6_HEADER_SIZE) - ICMP_HEADER_SIZE
     quote = bytes(packet[:limit])
     if version == 4:
-        icmp = bytearray(bytes((ICMP_DEST_UNREACH, ICMP_HOST_UNREACH)) + bytes(6) + quote)
+        code = ICMP_PKT_FILTERED if prohibited else ICMP_HOST_UNREACH
+        icmp = bytearray(bytes((ICMP_DEST_UNREACH, code)) + bytes(6) + quote)
         icmp[2:4] = internet_checksum(icmp).to_bytes(2, "big")
         total = IPV4_HEADER_SIZE + len(icmp)
         ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0x4000, ERROR_TTL, PROTO_ICMP, 0, source, src))
         ip[10:12] = internet_checksum(ip).to_bytes(2, "big")
         return bytes(ip) + bytes(icmp)
-    icmp = bytearray(bytes((ICMPV6_DEST_UNREACH, ICMPV6_ADDR_UNREACH)) + bytes(6) + quote)
+    code = ICMPV6_ADM_PROHIBITED if prohibited else ICMPV6_ADDR_UNREACH
+    icmp = bytearray(bytes((ICMPV6_DEST_UNREACH, code)) + bytes(6) + quote)
     icmp[2:4] = internet_checksum(icmp, _pseudo_sum(source, src, PROTO_ICMPV6, len(icmp))).to_bytes(2, "big")
     ip = struct.pack("!IHBB16s16s", 6 << 28, len(icmp), PROTO_ICMPV6, ERROR_TTL, source, src)
     return ip + bytes(icmp)
