@@ -146,3 +146,26 @@ def test_fuzz_mutations_of_a_valid_packet(position: int, value: int) -> None:
     packet[position] = value
     result = decode(packet)
     assert result == D.CONTROL_MALFORMED or isinstance(result, (AssignedIps, DomainStatus, Goodbye))
+
+
+# ------------------------------------------------------------------------------- the engine's hook
+
+
+def test_engine_hands_control_packets_out_and_never_to_tun() -> None:
+    from enginepair import Pair, ip6
+
+    p = Pair()
+    p.handshake()
+    packet = encode(AssignedIps(RID, "app.corp.test", IPS))
+    assert p.a.send_to_peer(p.peer_b, packet, p.now) is None
+    p.deliver()
+    assert p.b.packets_for_tun() == []
+    assert p.b.control_packets_received() == [(p.key_a.public_key, packet)]
+    assert p.b.control_packets_received() == []
+    # an ordinary IPv6 packet from :: (not control) is still checked against the allowed IPs
+    p.a.send_to_peer(p.peer_b, ip6("::", "fd00::2"), p.now)
+    p.deliver()
+    assert p.b.packets_for_tun() == [] and p.b.drops[D.NOT_ALLOWED_SOURCE] == 1
+    p.a.send(ip6("fd00::1", "fd00::2"), p.now)
+    p.deliver()
+    assert len(p.b.packets_for_tun()) == 1 and p.b.control_packets_received() == []

@@ -32,8 +32,9 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from fzpoll.errors import DropReason as D
 from fzpoll.errors import LocalError
 from fzpoll.ippacket import IPV6_HEADER_SIZE
+from fzpoll.wireguard.constants import FZ_P2P_CONTROL_NEXT_HEADER
 
-CONTROL_NEXT_HEADER = 0xFF  # IANA "reserved": never a real transport
+CONTROL_NEXT_HEADER = FZ_P2P_CONTROL_NEXT_HEADER  # IANA "reserved": never a real transport
 CONTROL_HOP_LIMIT = 0
 CONTROL_ADDRESS = bytes(16)  # "::" as source and destination
 CONTROL_HEADER_SIZE = 8

@@ -61,3 +61,7 @@ MAX_HANDSHAKES_PER_PASS = 8  # under load, handshake messages a pass may process
 MAX_RATE_LIMITER_SOURCES = 4096  # per-source token buckets kept at once
 DEFAULT_MTU = 1420
 DEFAULT_BATCH_SIZE = 64  # packets read per ready fd per wakeup of the loop
+
+# Firezone connlib's in-tunnel control packets ("p2p control", fzpoll.gateway.control): IPv6 from
+# :: to :: with this next header (IANA "reserved"); the engine hands them out instead of to TUN.
+FZ_P2P_CONTROL_NEXT_HEADER = 0xFF

@@ -57,6 +57,7 @@ from fzpoll.wireguard.handshake import LoadGuard
 from fzpoll.wireguard.peer import Endpoint, HandshakeState, Peer
 from fzpoll.wireguard.session import Keypair, Sessions
 from fzpoll.wireguard.timers import PeerTimer, TimerHeap
+from fzpoll.wireguard.constants import FZ_P2P_CONTROL_NEXT_HEADER
 
 from nacl._sodium import ffi as _ffi
 from nacl._sodium import lib as _lib
@@ -80,6 +81,12 @@ _KEEPALIVE = PeerTimer.SEND_KEEPALIVE
 _NEW_HANDSHAKE = PeerTimer.NEW_HANDSHAKE
 _ZERO_KEYS = PeerTimer.ZERO_KEY_MATERIAL
 _PERSISTENT = PeerTimer.PERSISTENT_KEEPALIVE
+_UNSPECIFIED_V6 = bytes(16)
+
+
+def _is_control(plain: bytes) -> bool:
+    """An in-tunnel control packet: IPv6, next header 0xFF, source :: (fzpoll.gateway.control)."""
+    return plain[0] >> 4 == 6 and plain[6] == FZ_P2P_CONTROL_NEXT_HEADER and plain[8:24] == _UNSPECIFIED_V6
 
 
 class Engine:
@@ -110,6 +117,7 @@ class Engine:
         self._keypairs = self._sessions.keypairs  # the transport path's one dict probe
         self._timers = TimerHeap()
         self._load = LoadGuard()
+        self._control: list[tuple[PublicKey, bytes]] = []  # in-tunnel control packets (never to TUN)
         self._private: bytes | None = None
         self._public: bytes = b""
         self._cookies: handshake.CookieChecker | None = None
@@ -245,6 +253,15 @@ class Engine:
         """Take the events (:mod:`fzpoll.wireguard.events`) produced since the last call."""
         events, self._events = self._events, []
         return events
+
+    def control_packets_received(self) -> list[tuple[PublicKey, bytes]]:
+        """Take the in-tunnel control packets (Firezone's p2p control: IPv6 from ``::`` with
+        next header 0xFF) decrypted since the last call, with the peer each came from. They are
+        exempt from the allowed-IPs source check and never reach :meth:`packets_for_tun`."""
+        packets = self._control
+        if packets:
+            self._control = []
+        return packets
 
     def count_drop(self, reason: D, count: int = 1) -> None:
         """Count drops the IO shell decided on the engine's behalf (e.g. handshakes shed under load)."""
@@ -434,6 +451,9 @@ class Engine:
             return reason
         n = len(plain)
         length = ((plain[2] << 8) | plain[3]) if plain[0] >> 4 == 4 else ((plain[4] << 8) | plain[5]) + 40
+        if _is_control(plain):
+            self._control.append((peer.public_key, plain[:length]))
+            return None
         self._to_tun.append(plain if length == n else plain[:length])  # without the padding
         return None
 
@@ -451,7 +471,7 @@ class Engine:
             return D.BAD_INNER_PACKET
         if length > n or length < 20:
             return D.BAD_INNER_PACKET
-        if source_peer is not peer:
+        if source_peer is not peer and not _is_control(plain):
             return D.NOT_ALLOWED_SOURCE
         return None
 
