@@ -27,6 +27,10 @@
     Peer = <public key of a [Peer] above or below>
     Address = 10.0.0.0/24               # optional, repeatable
 
+    [Gateway]                           # at most one: this host is the gateway of DNS resources
+    Resources = *.corp.example, db.internal.example   # repeatable; the patterns of [Resource] Name
+    DNS = 10.97.1.10                    # the resolver for those names (default: /etc/resolv.conf's)
+
 Keys and section names are case-insensitive; ``#`` starts a comment anywhere on a line. Every
 problem raises :class:`ConfigError` naming file, line and key; error messages never echo the value
 of a key field. Hostnames in ``Endpoint`` are kept as written: resolving them is the daemon's job.
@@ -51,6 +55,7 @@ __all__ = [
     "InterfaceConfig",
     "PeerConfig",
     "ResourceConfig",
+    "GatewayConfig",
     "load_config",
     "parse_config",
 ]
@@ -135,11 +140,18 @@ class ResourceConfig:
 
 
 @dataclass(frozen=True)
+class GatewayConfig:
+    resources: tuple[str, ...]  # patterns as [Resource] Name
+    dns: IPAddress | None = None  # None: the system's resolver
+
+
+@dataclass(frozen=True)
 class Config:
     interface: InterfaceConfig
     peers: tuple[PeerConfig, ...] = ()
     resources: tuple[ResourceConfig, ...] = ()
     warnings: tuple[str, ...] = ()  # "path:line: Key: ignored ..." for wg-quick-only keys
+    gateway: GatewayConfig | None = None
 
     def secrets(self) -> tuple[bytes, ...]:
         """Raw private and preshared keys, for :func:`fzpoll.jsonlog.register_secret`."""
@@ -321,6 +333,17 @@ def _resource_name(text: str) -> str:
     return name
 
 
+def _resource_names(text: str) -> list[str]:
+    return [_resource_name(item) for item in _items(text)]
+
+
+def _gateway_dns(text: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise _Bad(f"expected the IP address of a DNS server, not {text!r}") from None
+
+
 def _network(text: str) -> IPNetwork:
     return ipaddress.ip_network(text, strict=False)
 
@@ -375,9 +398,17 @@ _SECTIONS: dict[str, tuple[str, dict[str, _KeySpec]]] = {
             _KeySpec("Address", _ip(_network, "IP address or network"), True),
         ),
     ),
+    "gateway": (
+        "Gateway",
+        _table(
+            _KeySpec("Resources", _resource_names, True),
+            _KeySpec("DNS", _gateway_dns),
+        ),
+    ),
 }
 
-_REQUIRED = {"Interface": ("PrivateKey",), "Peer": ("PublicKey",), "Resource": ("Name", "Peer")}
+_REQUIRED = {"Interface": ("PrivateKey",), "Peer": ("PublicKey",), "Resource": ("Name", "Peer"),
+             "Gateway": ("Resources",)}
 
 
 class _Section:
@@ -540,11 +571,19 @@ def parse_config(text: str, path: str = "<string>") -> Config:
             )
         names[name] = section.line
 
+    gateways = [s for s in sections if s.kind == "Gateway"]
+    if len(gateways) > 1:
+        raise ConfigError(path, gateways[1].line, "[Gateway]", "section given twice")
+    gateway = None
+    if gateways:
+        gateway = GatewayConfig(_unique(gateways[0].values["Resources"]), gateways[0].get("DNS"))
+
     return Config(
         interface=_build_interface(interfaces[0]),
         peers=tuple(_build_peer(s) for s in peers.values()),
         resources=tuple(_build_resource(s) for s in sections if s.kind == "Resource"),
         warnings=tuple(warnings),
+        gateway=gateway,
     )
 
 
@@ -577,5 +616,6 @@ def load_config(path: str | os.PathLike[str]) -> Config:
                           f"{owner}, who could make us run any command; chown root")
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         warning = f"{name}:0: -: readable by group or others but holds a private key (chmod 600)"
-        config = Config(config.interface, config.peers, config.resources, config.warnings + (warning,))
+        config = Config(config.interface, config.peers, config.resources, config.warnings + (warning,),
+                        config.gateway)
     return config

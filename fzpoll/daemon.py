@@ -24,7 +24,11 @@ from fzpoll.config import Config, load_config
 from fzpoll.wireguard.constants import DEFAULT_BATCH_SIZE, DEFAULT_MTU
 from fzpoll.device import Device
 from fzpoll.dns.stub import PROXY_V4, PROXY_V6, Resource
-from fzpoll.dns.forwarder import DnsForwarder, make_stub, write_resolv_conf
+from fzpoll.dns.forwarder import DnsForwarder, make_stub, upstreams_from, write_resolv_conf
+from fzpoll.dns.lookup import Lookups
+from fzpoll.gateway.client import ResourceClient
+from fzpoll.gateway.gateway import Gateway
+from fzpoll.io.resources import ResourcesIO
 from fzpoll.errors import LocalError
 from fzpoll.wgquick.hooks import HookError, run_hooks
 from fzpoll.wgquick.routing import PolicyRouting
@@ -79,6 +83,7 @@ class Daemon:
         self.hooks_armed = False  # PostUp done: PreDown/PostDown run when we stop
         self._addresses: set[str] = set()
         self.dns: DnsForwarder | None = None
+        self.resources: ResourcesIO | None = None
         self._last_status = float("-inf")
         self._watchdog_interval = self.notifier.watchdog_interval()
         self._notify_enabled = self.notifier.enabled  # fixed: the environment is read once
@@ -120,6 +125,7 @@ class Daemon:
             raise LocalError(f"applying {self.options.config_path}: errno {err} ({os.strerror(abs(err))})")
         self._resolve_hostname_endpoints(config)
         self._sync_dns(config)
+        self._sync_resources(config)
         self._sync_network(config)
         self.config = config
 
@@ -140,6 +146,27 @@ class Daemon:
         }})
         if self.options.resolv_conf:
             write_resolv_conf(stub, self.options.resolv_conf, config.interface.dns_search)
+
+    def _sync_resources(self, config: Config) -> None:
+        """The client side of DNS resources runs with ``[Resource]``s, the gateway side with
+        ``[Gateway]``; both are set up once (the gateway's patterns follow a reload)."""
+        gateway_config = config.gateway
+        if self.resources is not None:
+            if self.resources.gateway is not None and gateway_config is not None:
+                self.resources.gateway.set_patterns(list(gateway_config.resources))
+            return
+        if not config.resources and gateway_config is None:
+            return
+        client = ResourceClient() if config.resources else None
+        gateway = None
+        if gateway_config is not None:
+            servers = upstreams_from([gateway_config.dns] if gateway_config.dns is not None else [])
+            if not servers:
+                raise LocalError("[Gateway]: no DNS server (set DNS = or a nameserver in /etc/resolv.conf)")
+            gateway = Gateway(list(gateway_config.resources), Lookups(servers[0]))
+            log.info("gateway of DNS resources", extra={"fields": {
+                "resources": list(gateway_config.resources), "resolver": servers[0][0]}})
+        self.resources = ResourcesIO(self.poller, self.device.engine, dns=self.dns, client=client, gateway=gateway)
 
     def _dns_routes(self, config: Config) -> set[str]:
         """Sentinels, and the proxy ranges when resources exist, are routed into the tunnel."""
@@ -298,6 +325,8 @@ class Daemon:
         if self.dns is not None:
             stub = self.dns.stub
             stats["dns"] = {"in_flight": stub.in_flight, "drops": dict(stub.drops), "stats": dict(stub.stats)}
+        if self.resources is not None:
+            stats["resources"] = self.resources.stats()
         return stats
 
     def _down_hooks(self, phase: str) -> None:
@@ -313,6 +342,8 @@ class Daemon:
     def close(self) -> None:
         signal.set_wakeup_fd(-1)
         self._down_hooks("PreDown")
+        if self.resources is not None:
+            self.resources.close()
         if self.dns is not None:
             self.dns.close()
         self.uapi.close()

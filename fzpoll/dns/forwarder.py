@@ -1,9 +1,9 @@
 """The IO shell of the DNS stub: its upstream sockets, served by the same loop as the tunnel.
 
 The sans-IO :class:`~fzpoll.dns.stub.StubResolver` decides everything; this module only moves bytes:
-queries to sentinels are intercepted from the TUN batch, recursive queries go out on one
-non-blocking UDP socket per address family (answers are "DNS server replies", a source of the
-loop), truncated answers are retried over non-blocking TCP, and answers go back to TUN in the
+queries to sentinels are intercepted from the TUN batch, recursive queries go out each from its
+own fresh UDP socket, i.e. a random source port (:mod:`fzpoll.dns.sockets`; answers are "DNS
+server replies", a source of the loop), truncated answers are retried over non-blocking TCP, and answers go back to TUN in the
 same pass. Proxy addresses handed out for resources are routed to the resource's peer.
 """
 
@@ -14,6 +14,9 @@ import ipaddress
 import logging
 import socket
 
+from typing import Callable
+
+from fzpoll.dns.sockets import QuerySockets
 from fzpoll.dns.stub import Resource, StubResolver, UpstreamQuery
 from fzpoll.errors import LocalError
 from fzpoll.wireguard.keys import PublicKey
@@ -22,7 +25,6 @@ from fzpoll.io.loop import Loop
 
 log = logging.getLogger("fzpoll.dns.stub")
 
-MAX_REPLIES_PER_PASS = 64  # answers read from one upstream socket per wakeup (fairness)
 MAX_TCP_ANSWER = 65535
 
 
@@ -46,7 +48,9 @@ class DnsForwarder:
         self.loop = loop
         self.datapath = datapath
         self.engine = datapath.engine
-        self._udp: dict[int, socket.socket] = {}  # family -> socket
+        self._udp = QuerySockets(loop, on_reply=self._on_udp_reply, is_pending=stub.is_pending)
+        # Called with (name, resource, proxy addresses) for every answer to a resource name.
+        self.on_resource_answer: Callable[[str, Resource, tuple, float], None] | None = None
         self._tcp: dict[int, _TcpQuery] = {}  # fd -> query
         datapath.set_intercept(self._intercept,
                                frozenset(s.packed for s in stub.sentinels if s.version == 4),
@@ -77,37 +81,22 @@ class DnsForwarder:
             proxies, stub.new_proxies = stub.new_proxies, []
             for address, resource in proxies:
                 self._route_proxy(address, resource)
+        if stub.resource_answers:
+            answers, stub.resource_answers = stub.resource_answers, []
+            if self.on_resource_answer is not None:
+                for name, resource, addresses in answers:
+                    self.on_resource_answer(name, resource, addresses, now)
         if stub.to_tun:
             packets, stub.to_tun = stub.to_tun, []
             self.datapath.queue_tun(packets)
 
-    def _udp_socket(self, family: int) -> socket.socket:
-        sock = self._udp.get(family)
-        if sock is None:
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            sock.setblocking(False)
-            self._udp[family] = sock
-            self.loop.add_reader(sock.fileno(), lambda now, s=sock: self._on_udp_reply(s, now))
-        return sock
-
     def _send_udp(self, query: UpstreamQuery, now: float) -> None:
-        host, port = query.server
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            self._udp_socket(family).sendto(query.data, (host, port))
-        except OSError as exc:  # EAGAIN included: the query fails now rather than waiting unbounded
-            log.debug("upstream query not sent", extra={"fields": {"server": host, "error": exc.strerror}})
+        # EAGAIN included: a query that cannot leave now fails now rather than waiting unbounded
+        if not self._udp.send(query.query_id, query.data, query.server):
             self.stub.upstream_failed(query.query_id, now)
 
-    def _on_udp_reply(self, sock: socket.socket, now: float) -> None:
-        for _ in range(MAX_REPLIES_PER_PASS):
-            try:
-                data, addr = sock.recvfrom(65535)
-            except BlockingIOError:
-                return
-            except OSError:  # e.g. ECONNREFUSED from an ICMP error: keep serving
-                continue
-            self.stub.handle_upstream_reply(data, now, source=addr)
+    def _on_udp_reply(self, data: bytes, addr: tuple, now: float) -> None:
+        self.stub.handle_upstream_reply(data, now, source=addr)
 
     # ------------------------------------------------------------------ TCP fallback
 
@@ -165,6 +154,7 @@ class DnsForwarder:
 
     def _on_timer(self, now: float) -> None:
         self.stub.handle_timer(now)
+        self._udp.sweep()
         for tcp in list(self._tcp.values()):
             if not self.stub.is_pending(tcp.query.query_id):  # timed out: SERVFAIL already sent
                 self._close_tcp(tcp)
@@ -192,11 +182,8 @@ class DnsForwarder:
     def close(self) -> None:
         for tcp in list(self._tcp.values()):
             self._close_tcp(tcp)
-        for sock in self._udp.values():
-            self.loop.remove_reader(sock.fileno())
-            sock.close()
+        self._udp.close()
         self._tcp.clear()
-        self._udp.clear()
 
 
 def upstreams_from(dns: list[str] | tuple, resolv_conf: str = "/etc/resolv.conf") -> list[tuple[str, int]]:

@@ -242,6 +242,9 @@ class StubResolver:
         self.new_proxies: list[tuple[IPAddress, Resource]] = []
         # ... and proxy addresses taken back from evicted names: the IO shell unroutes them first.
         self.expired_proxies: list[IPAddress] = []
+        # Every answer given for a resource name, (name, resource, its proxy addresses): the
+        # client tells the resource's gateway each time (fzpoll.gateway.client).
+        self.resource_answers: list[tuple[str, Resource, tuple[IPv4Address, IPv6Address]]] = []
         self.drops: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
         self._rng = rng if rng is not None else random.SystemRandom()
@@ -438,9 +441,12 @@ class StubResolver:
     def _resource_reply(
         self, query: DNSRecord, question: DNSQuestion, labels: Labels, resource: Resource
     ) -> DNSRecord:
-        if self._proxy_addresses(labels, resource) is None:
+        addresses = self._proxy_addresses(labels, resource)
+        if addresses is None:
             self.stats["dns_servfail_proxy_pool_exhausted"] += 1
             return _response(query, RCODE.SERVFAIL, aa=0)
+        name = b".".join(labels).decode("ascii", "backslashreplace")
+        self.resource_answers.append((name, resource, addresses))
         reply = _response(query, RCODE.NOERROR, aa=1)
         answer = self._local.get(question.qtype)
         if answer is not None:  # A, AAAA; everything else (HTTPS too) is an empty NOERROR

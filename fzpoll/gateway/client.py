@@ -62,6 +62,9 @@ class ResourceClient:
         self._names: dict[str, _Name] = {}
         self._by_proxy: dict[bytes, _Name] = {}
 
+    def is_proxy(self, packed: bytes) -> bool:
+        return packed in self._by_proxy
+
     def status(self, domain: str) -> NatStatus | None:
         name = self._names.get(domain)
         return name.status if name is not None else None
@@ -79,6 +82,9 @@ class ResourceClient:
             name = _Name(domain, resource_id(pattern), peer, proxies)
             self._names[domain] = name
             for proxy in proxies:
+                previous = self._by_proxy.get(proxy.packed)
+                if previous is not None:
+                    self.forget(previous.domain)  # the stub gave the address to this name
                 self._by_proxy[proxy.packed] = name
         if name.status == NatStatus.INACTIVE:
             name.status = None  # ask again: the gateway may serve it now

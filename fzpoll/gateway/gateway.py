@@ -82,6 +82,10 @@ class Gateway:
         self._peers: dict[str, _PeerState] = {}
         self._waiting: dict[str, set[str]] = {}  # domain being looked up -> peers to answer
 
+    def set_patterns(self, patterns: list[str]) -> None:
+        """Serve these patterns from now on (a reload); existing mappings stay until re-asked."""
+        self._served = ResourceTable([Resource(p, "") for p in patterns])
+
     def serves(self, domain: str) -> bool:
         return self._served.match(tuple(label.encode() for label in domain.split("."))) is not None
 
