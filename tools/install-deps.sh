@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 mode=${1:-pypi}
 case "$mode" in pypi|--pypi) mode=pypi ;; --debian) mode=debian ;;
     *) echo "usage: $0 [--debian]" >&2; exit 2 ;; esac
-DEBS="wireguard-go wireguard-tools iproute2 iputils-ping iperf3 socat nftables dnsmasq-base dnsutils procps util-linux systemd jq"
+DEBS="wireguard-go wireguard-tools iproute2 iputils-ping iperf3 socat nftables dnsmasq-base dnsutils curl procps util-linux systemd jq"
 # Debian's own python3 is "externally managed" (PEP 668): pip must not write into it, or its
 # packages would shadow apt's and the Debian set would no longer be what apt installed.
 externally_managed() {
