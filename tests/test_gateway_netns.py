@@ -100,6 +100,7 @@ class Site:
                       "--local=/corp.test/")
         self.upstream_log = self.tmp / "upstream-dnsmasq.log"
         self._dnsmasq(gw, self.a.ip_b, self.upstream_log, "--host-record=www.upstream.test,198.51.100.7",
+                      f"--listen-address={self.a.ip6_b}",
                       "--address=/upstream.test/198.51.100.8")
         # The gateway host's own setup (documented as PostUp lines): forward and masquerade.
         gw.run(["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
@@ -128,7 +129,7 @@ class Site:
         gateway = self.key_g.public_key.base64()
         return (f"[Interface]\nPrivateKey = {self.key_c.base64()}\nListenPort = 51820\n"
                 "Address = 100.64.0.2/32, fd00:2021:1111::2/128\n"
-                f"DNS = {self.a.ip_b}, {self.forger_ip}\n"
+                f"DNS = {self.a.ip_b}, {self.forger_ip}, {self.a.ip6_b}\n"
                 f"\n[Peer]\nPublicKey = {gateway}\nEndpoint = {self.a.ip_b}:51821\n"
                 "AllowedIPs = 100.64.0.1/32, fd00:2021:1111::1/128\n"
                 f"\n[Resource]\nName = *.corp.test\nPeer = {gateway}\n"
@@ -240,3 +241,15 @@ def test_gateway_restart_client_tells_it_again_and_traffic_resumes(site):
     assert result.stdout == PAGE, result.stderr + site.log_tail()
     gateway = site.stats(site.gw, "fzgw")["resources"]["gateway"]
     assert gateway["stats"].get("assigned_ips", 0) >= 1, gateway
+
+
+def test_dns_over_tcp_to_the_sentinel(site):
+    assert dig(site.client, "@100.100.111.1", "+tcp", "app.corp.test", "A") == \
+        dig(site.client, "@100.100.111.1", "app.corp.test", "A")
+    assert dig(site.client, "@100.100.111.1", "+tcp", "www.upstream.test", "A") == ["198.51.100.7"]
+    six = dig(site.client, "@fd00:2021:1111:8000:100:100:111:1", "+tcp", "app.corp.test", "AAAA")
+    assert len(six) == 1 and six[0].startswith("fd00:2021:1111:8000:"), six
+    # several queries on one connection (dig keeps it open for a batch with +keepopen)
+    batch = site.client.run(["dig", "+tcp", "+keepopen", "+short", "@100.100.111.1", "www.upstream.test",
+                             "n1.upstream.test"], check=False, timeout=15)
+    assert batch.stdout.split() == ["198.51.100.7", "198.51.100.8"], batch.stdout + batch.stderr

@@ -17,6 +17,7 @@ import socket
 from typing import Callable
 
 from fzpoll.dns.sockets import QuerySockets
+from fzpoll.dns.tcpserver import TcpDnsServer
 from fzpoll.dns.stub import Resource, StubResolver, UpstreamQuery
 from fzpoll.errors import LocalError
 from fzpoll.wireguard.keys import PublicKey
@@ -26,6 +27,7 @@ from fzpoll.io.loop import Loop
 log = logging.getLogger("fzpoll.dns.stub")
 
 MAX_TCP_ANSWER = 65535
+_PROTO_TCP = 6
 
 
 class _TcpQuery:
@@ -52,19 +54,43 @@ class DnsForwarder:
         # Called with (name, resource, proxy addresses) for every answer to a resource name.
         self.on_resource_answer: Callable[[str, Resource, tuple, float], None] | None = None
         self._tcp: dict[int, _TcpQuery] = {}  # fd -> query
+        self._sentinels = frozenset(s.packed for s in stub.sentinels)
         datapath.set_intercept(self._intercept,
                                frozenset(s.packed for s in stub.sentinels if s.version == 4),
                                frozenset(s.packed for s in stub.sentinels if s.version == 6))
         loop.add_flusher(self.flush)
         loop.add_timer_source(stub.next_deadline, self._on_timer)
+        self.tcp_server = TcpDnsServer()
+        loop.add_timer_source(self.tcp_server.next_deadline, self.tcp_server.handle_timer)
 
     def _intercept(self, packet: bytes, now: float) -> bool:
+        """A TUN packet that may be to a sentinel: UDP to the stub, TCP to our TCP responder;
+        False (not ours) for anything else."""
+        v4 = packet[0] >> 4 == 4
+        if packet[9 if v4 else 6] == _PROTO_TCP:
+            if (packet[16:20] if v4 else packet[24:40]) not in self._sentinels:
+                return False
+            self.tcp_server.handle_segment(packet, now)
+            return True
         return self.stub.handle_packet(packet, now)
 
     # ------------------------------------------------------------------ recursive queries out
 
     def flush(self, now: float) -> None:
-        stub = self.stub
+        stub, tcp = self.stub, self.tcp_server
+        if tcp.queries:
+            queries, tcp.queries = tcp.queries, []
+            for ident, message, client, sentinel in queries:
+                port = tcp.client_port(ident)
+                if port is not None:
+                    stub.handle_tcp_query(ident, message, client, port, sentinel, now)
+        if stub.tcp_answers:
+            answers, stub.tcp_answers = stub.tcp_answers, []
+            for ident, message in answers:
+                tcp.send_answer(ident, message, now)
+        if tcp.to_tun:
+            packets, tcp.to_tun = tcp.to_tun, []
+            self.datapath.queue_tun(packets)
         if stub.udp_queries:
             queries, stub.udp_queries = stub.udp_queries, []
             for query in queries:

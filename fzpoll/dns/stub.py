@@ -93,6 +93,7 @@ DNS_PORT = 53
 ANSWER_TTL = 1
 RECURSION_TIMEOUT = 5.0
 MAX_IN_FLIGHT = 1000
+MAX_TCP_MESSAGE = 0xFFFF  # RFC 1035 4.2.2: a 2-byte length prefix
 # Proxy addresses are handed out by index 1 .. 2**21 - 2 in both pools (both are 2**21 wide).
 MAX_PROXY_NAMES = min(PROXY_V4.num_addresses, PROXY_V6.num_addresses) - 2
 # Names with proxy addresses kept at once. Beyond it the least recently queried name gives its
@@ -145,6 +146,7 @@ class _Pending:
     server: Server
     expires_at: float
     via_tcp: bool = False
+    stream: int | None = None  # the client asked over TCP: its connection (fzpoll.dns.tcpserver)
 
 
 def _compile_pattern(pattern: str) -> tuple[str, Labels]:
@@ -237,6 +239,7 @@ class StubResolver:
     ) -> None:
         self.to_tun: list[bytes] = []
         self.udp_queries: list[UpstreamQuery] = []
+        self.tcp_answers: list[tuple[int, bytes]] = []  # answers to clients that asked over TCP
         self.tcp_queries: list[UpstreamQuery] = []
         # Proxy addresses handed out since the IO shell last looked: it routes them to the peer.
         self.new_proxies: list[tuple[IPAddress, Resource]] = []
@@ -333,6 +336,17 @@ class StubResolver:
         self._on_query(datagram, now)
         return True
 
+    def handle_tcp_query(self, stream: int, message: bytes, client: bytes, client_port: int,
+                         sentinel: bytes, now: float) -> None:
+        """A query that arrived over TCP connection ``stream`` to ``sentinel``; its answer
+        appears in ``tcp_answers`` as ``(stream, message)``."""
+        if sentinel not in self._upstream_for:
+            self.drops[D.DNS_MALFORMED] += 1
+            return
+        make = IPv4Address if len(client) == 4 else IPv6Address
+        datagram = UdpDatagram(make(client), make(sentinel), client_port, DNS_PORT, message)
+        self._on_query(datagram, now, stream)
+
     def handle_upstream_reply(
         self, data: bytes, now: float, *, via_tcp: bool = False, source: object = None
     ) -> None:
@@ -368,7 +382,7 @@ class StubResolver:
             return
         del self._pending[query_id]
         answer = pending.query.header.id.to_bytes(2, "big") + bytes(data[2:])
-        if self._send(pending.sentinel, pending.client, pending.client_port, answer):
+        if self._send(pending.sentinel, pending.client, pending.client_port, answer, pending.stream):
             self.stats["dns_forwarded_answer"] += 1
         else:
             self._servfail(pending, "dns_servfail_answer_too_big")
@@ -402,7 +416,7 @@ class StubResolver:
             return packet[6] == PROTO_UDP and bytes(packet[24:40]) in self._upstream_for
         return False
 
-    def _on_query(self, datagram: UdpDatagram, now: float) -> None:
+    def _on_query(self, datagram: UdpDatagram, now: float, stream: int | None = None) -> None:
         query = parse_message(datagram.payload)
         problem = _query_problem(query)
         if problem is not None:
@@ -412,9 +426,9 @@ class StubResolver:
         assert query is not None
         reply = self._local_reply(query)
         if reply is not None:
-            self._reply(datagram, reply)
+            self._reply(datagram, reply, stream)
         else:
-            self._forward(datagram, query, now)
+            self._forward(datagram, query, now, stream)
 
     def _local_reply(self, query: DNSRecord) -> DNSRecord | None:
         """The answer we give ourselves, or None to ask the upstream."""
@@ -501,17 +515,17 @@ class StubResolver:
         self.stats["dns_ptr_answer"] += 1
         return reply
 
-    def _forward(self, datagram: UdpDatagram, query: DNSRecord, now: float) -> None:
+    def _forward(self, datagram: UdpDatagram, query: DNSRecord, now: float, stream: int | None) -> None:
         if len(self._pending) >= MAX_IN_FLIGHT:
             self.stats["dns_servfail_too_many_in_flight"] += 1
-            self._reply(datagram, _response(query, RCODE.SERVFAIL, aa=0))
+            self._reply(datagram, _response(query, RCODE.SERVFAIL, aa=0), stream)
             return
         query_id = self._fresh_id()
         data = query_id.to_bytes(2, "big") + datagram.payload[2:]
         server = self._upstream_for[datagram.dst.packed]
         self._pending[query_id] = _Pending(
             query, data, datagram.src, datagram.src_port, datagram.dst, server,
-            expires_at=now + RECURSION_TIMEOUT,
+            expires_at=now + RECURSION_TIMEOUT, stream=stream,
         )
         self.udp_queries.append(UpstreamQuery(query_id, data, server))
         self.stats["dns_forwarded"] += 1
@@ -536,12 +550,12 @@ class StubResolver:
         self.stats[reason] += 1
         payload = self._pack(_response(pending.query, RCODE.SERVFAIL, aa=0))
         if payload is not None:
-            self._send(pending.sentinel, pending.client, pending.client_port, payload)
+            self._send(pending.sentinel, pending.client, pending.client_port, payload, pending.stream)
 
-    def _reply(self, datagram: UdpDatagram, reply: DNSRecord) -> None:
+    def _reply(self, datagram: UdpDatagram, reply: DNSRecord, stream: int | None = None) -> None:
         payload = self._pack(reply)
         if payload is not None:
-            self._send(datagram.dst, datagram.src, datagram.src_port, payload)
+            self._send(datagram.dst, datagram.src, datagram.src_port, payload, stream)
 
     def _pack(self, record: DNSRecord) -> bytes | None:
         try:
@@ -550,7 +564,13 @@ class StubResolver:
             self.drops[D.DNS_UNENCODABLE_REPLY] += 1
             return None
 
-    def _send(self, sentinel: IPAddress, client: IPAddress, port: int, payload: bytes) -> bool:
+    def _send(self, sentinel: IPAddress, client: IPAddress, port: int, payload: bytes,
+              stream: int | None = None) -> bool:
+        if stream is not None:
+            if len(payload) > MAX_TCP_MESSAGE:
+                return False
+            self.tcp_answers.append((stream, payload))
+            return True
         limit = MAX_UDP_PAYLOAD_V4 if sentinel.version == 4 else MAX_UDP_PAYLOAD_V6
         if len(payload) > limit:
             return False
