@@ -152,7 +152,7 @@ class TcpDnsServer:
             conn.rto_at = now + conn.rto
             self.stats["tcp_connections"] += 1
             return
-        self.drops["tcp_no_connection"] += 1
+        self.stats["tcp_no_connection"] += 1
         if flags & ACK:
             self._reset(src, sport, dst, ack, 0, RST)
         else:

@@ -128,7 +128,7 @@ class ResourcesIO:
         for packet in packets:
             if gateway is not None and is_proxy_address(_destination(packet)):
                 src = packet[12:16] if packet[0] >> 4 == 4 else packet[8:24]
-                peer = self.engine.allowed_ips.lookup(src)  # the engine checked it is the sender
+                peer = self.engine.peer_for(src)  # the engine checked it is the sender
                 if peer is not None:
                     gateway.handle_from_peer(peer.public_key.base64(), packet, now)
                     (self._v4 if len(src) == 4 else self._v6).add(src)  # its replies come back
