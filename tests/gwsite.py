@@ -83,6 +83,7 @@ class Site:
                     "--directory", str(self.tmp / "www")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.site_log = self.tmp / "site-dnsmasq.log"
         self._dnsmasq(site, b.ip_b, self.site_log, f"--host-record=app.corp.test,{b.ip_b},{b.ip6_b}",
+                      f"--listen-address={b.ip6_b}",
                       "--local=/corp.test/")
         self.upstream_log = self.tmp / "upstream-dnsmasq.log"
         self._dnsmasq(gw, self.a.ip_b, self.upstream_log, "--host-record=www.upstream.test,198.51.100.7",

@@ -63,6 +63,39 @@ def test_aaaa_and_ipv6_traffic(site):
     assert ping.returncode == 0, ping.stdout
 
 
+_PROBE = """
+import socket
+address, port, kind = ARGS
+family = socket.AF_INET6 if ":" in address else socket.AF_INET
+s = socket.socket(family, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM); s.settimeout(5)
+try:
+    s.connect((address, port))
+    if kind == "udp":
+        s.send(b"probe"); s.recv(100)
+    print("answered")
+except ConnectionRefusedError:
+    print("refused")
+except OSError as exc:
+    print(type(exc).__name__, exc.errno)
+"""
+
+
+def probe(site, address: str, port: int, kind: str) -> str:
+    return site.client.python(_PROBE.replace("ARGS", repr((address, port, kind)))).stdout.strip()
+
+
+@pytest.mark.parametrize("qtype", ["A", "AAAA"])
+def test_udp_and_errors_from_the_far_side_through_the_nat(site, qtype):
+    proxy = dig(site.client, "@100.100.111.1", "app.corp.test", qtype)[0]
+    # UDP: the resource site's own dnsmasq, asked at the proxy address
+    assert dig(site.client, f"@{proxy}", "app.corp.test", qtype) == [site.b.ip_b if qtype == "A" else site.b.ip6_b]
+    # an ICMP port unreachable from the far side, translated back (the quoted packet too, or the
+    # client's kernel would not match it to the socket): ECONNREFUSED
+    assert probe(site, proxy, 5999, "udp") == "refused"
+    # a TCP RST from the far side: ECONNREFUSED too
+    assert probe(site, proxy, 5999, "tcp") == "refused"
+
+
 @pytest.mark.parametrize("name", ["app.other.test", "gone.corp.test"])
 def test_name_not_served_or_not_resolving_is_unreachable_quickly(site, name):
     proxies = dig(site.client, "@100.100.111.1", name, "A")
