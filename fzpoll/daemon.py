@@ -324,7 +324,9 @@ class Daemon:
         }
         if self.dns is not None:
             stub = self.dns.stub
-            stats["dns"] = {"in_flight": stub.in_flight, "drops": dict(stub.drops), "stats": dict(stub.stats)}
+            tcp = self.dns.tcp_server
+            stats["dns"] = {"in_flight": stub.in_flight, "drops": dict(stub.drops + tcp.drops),
+                            "stats": dict(stub.stats + tcp.stats), "tcp_connections": len(tcp)}
         if self.resources is not None:
             stats["resources"] = self.resources.stats()
         return stats
