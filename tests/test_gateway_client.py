@@ -63,6 +63,17 @@ def test_resent_every_2_s_until_active_and_on_every_query() -> None:
     assert len(sent(client)) == 1 and client.next_deadline() is None  # active: no repeats
 
 
+def test_a_burst_of_queries_sends_one_assigned_ips_a_second() -> None:
+    client = started()
+    client.handle_control(PEER, status(NatStatus.ACTIVE), 0.1)
+    sent(client)
+    for i in range(90):
+        client.on_query("app.corp.test", PATTERN, PEER, PROXIES, 0.1 + i * 0.01)
+    assert sent(client) == []  # within a second of the first
+    client.on_query("app.corp.test", PATTERN, PEER, PROXIES, 1.0)
+    assert len(sent(client)) == 1
+
+
 def test_repeats_stop_when_nothing_waits() -> None:
     client = started()
     for step in range(1, 40):

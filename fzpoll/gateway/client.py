@@ -4,8 +4,9 @@ Theory of operation (connlib's client ``dns_resource_nat``)
 ------------------------------------------------------------
 Whenever the stub answers a query for a resource name (:meth:`ResourceClient.on_query`), the
 client sends ``AssignedIps`` (resource, domain, the name's proxy addresses) to the resource's
-peer, the gateway - on the first query and on every later one, so that a gateway that restarted
-or re-resolved learns it again. Until the gateway answers ``DomainStatus`` Active the name is
+peer, the gateway - on the first query and on every later one (at most one a second per name:
+a query flood is no control-packet flood), so that a gateway that restarted or re-resolved
+learns it again. Until the gateway answers ``DomainStatus`` Active the name is
 *pending*: packets to its proxy addresses are held (at most 32 per name, the rest dropped and
 counted) and ``AssignedIps`` is repeated every 2 s (while packets wait, or for 30 s after the
 last query). Active releases the held packets into the tunnel (``to_tunnel``); Inactive answers
@@ -33,6 +34,7 @@ from fzpoll.gateway.packet import destination_unreachable, icmp_error_quote, is_
 MAX_BUFFERED_PER_NAME = 32
 RESEND_INTERVAL = 2.0
 RESEND_AFTER_QUERY = 30.0  # keep repeating AssignedIps this long after a query, if nothing waits
+MIN_QUERY_RESEND_GAP = 1.0  # a burst of queries for one name sends one AssignedIps a second
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -45,6 +47,7 @@ class _Name:
     proxies: tuple[IPAddress, ...]
     status: NatStatus | None = None  # None: pending
     last_query_at: float = 0.0
+    last_sent_at: float = float("-inf")
     resend_at: float | None = None
     held: list[bytes] = field(default_factory=list)
 
@@ -88,6 +91,9 @@ class ResourceClient:
                 self._by_proxy[proxy.packed] = name
         if name.status == NatStatus.INACTIVE:
             name.status = None  # ask again: the gateway may serve it now
+        elif now - name.last_sent_at < MIN_QUERY_RESEND_GAP:
+            name.last_query_at = now
+            return  # told the gateway a moment ago: a query flood is no control-packet flood
         name.last_query_at = now
         self._send(name, now)
 
@@ -171,6 +177,7 @@ class ResourceClient:
     def _send(self, name: _Name, now: float) -> None:
         event = AssignedIps(name.resource, name.domain, name.proxies)
         self.to_peers.append((name.peer, control.encode(event)))
+        name.last_sent_at = now
         name.resend_at = now + RESEND_INTERVAL if name.status is None else None
 
     def _unreachable(self, packet: bytes, dst: bytes | None) -> None:
