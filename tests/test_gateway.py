@@ -284,3 +284,21 @@ def test_fuzz_packets_from_peer_and_tun_never_raise(data: bytes) -> None:
     before = snapshot(gw)
     if gw.handle_from_tun(data, 2.0) is None:  # no session's reply: nothing changed
         assert snapshot(gw) == before
+
+
+@FUZZ
+@given(st.binary(max_size=200), st.sampled_from([SERVER, ("10.97.1.10", 5353), ("10.97.1.11", 53), None]),
+       st.booleans())
+def test_fuzz_lookup_answers_change_nothing_unless_genuine(data: bytes, source, with_live_id: bool) -> None:
+    lookups = Lookups(SERVER, rng=random.Random(3))
+    lookups.lookup("app.corp.test", 0.0)
+    ids = sorted(q.query_id for q in lookups.queries)
+    if with_live_id and len(data) >= 2:
+        data = ids[0].to_bytes(2, "big") + data[2:]
+    lookups.handle_reply(data, source, 1.0)
+    if all(lookups.is_pending(i) for i in ids):
+        assert lookups.results == [] and lookups.drops[D.DNS_UPSTREAM_MISMATCH] == 1
+    else:  # only a well-formed answer to the question, from the server, ends a query
+        assert source == SERVER
+        reply = DNSRecord.parse(data)
+        assert reply.header.qr and str(reply.q.qname).rstrip(".").lower() == "app.corp.test"
