@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -72,6 +73,9 @@ class Site:
         self.forger_ip = self.a.ip_b.rsplit(".", 1)[0] + ".3"
         self.key_c, self.key_g = PrivateKey.generate(os.urandom), PrivateKey.generate(os.urandom)
         self.logs: dict[str, Path] = {}
+        # Interface names (and so UAPI socket paths, which all namespaces share) unique per run.
+        tag = secrets.token_hex(3)
+        self.gw_if, self.cl_if = f"fzg{tag}", f"fzc{tag}"
 
     # ----------------------------------------------------------------------------- setup
 
@@ -96,8 +100,8 @@ class Site:
             f'  oifname "{b.if_a}" masquerade\n }}\n}}\n'))
         gw.ip("addr", "add", f"{self.forger_ip}/24", "dev", self.a.if_b)  # the forging upstream's
         gw.popen([sys.executable, "-c", _FORGER, self.forger_ip])
-        self.gateway_proc = self._fzpoll(gw, "fzgw", self.gateway_conf())
-        self.client_proc = self._fzpoll(self.client, "fzcl", self.client_conf())
+        self.gateway_proc = self._fzpoll(gw, self.gw_if, self.gateway_conf())
+        self.client_proc = self._fzpoll(self.client, self.cl_if, self.client_conf())
 
     def _dnsmasq(self, ns: Namespace, address: str, log: Path, *extra: str) -> None:
         ns.popen(["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
@@ -142,7 +146,7 @@ class Site:
     def restart_gateway(self) -> None:
         self.gateway_proc.terminate()
         self.gateway_proc.wait(timeout=10)
-        self.gateway_proc = self._fzpoll(self.gw, "fzgw", self.gateway_conf())
+        self.gateway_proc = self._fzpoll(self.gw, self.gw_if, self.gateway_conf())
 
     def log_tail(self) -> str:
         return "\n".join(f"--- {name}\n{path.read_text()[-3000:]}" for name, path in self.logs.items())

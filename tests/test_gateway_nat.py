@@ -15,7 +15,9 @@ import gwpackets as g
 from fzpoll.errors import DropReason as D
 from fzpoll.gateway.nat import FIN_LINGER, TCP_TTL, UDP_TTL, UNCONFIRMED_TTL, NatTable
 from fzpoll.gateway.packet import (
+    apply_rewrite,
     checksums_ok,
+    compile_rewrite,
     destination_unreachable,
     icmp_error_quote,
     parse_flow,
@@ -331,3 +333,24 @@ def test_fuzz_rewrite_keeps_checksums(kind: str, v6: bool, sport: int, dport: in
     new = new if v6 else new[:4]
     translated = rewrite(packet, src=new, dst=new[::-1], src_port=dport, dst_port=sport)
     assert g.verify(translated)
+
+
+@FUZZ
+@given(st.sampled_from(["tcp", "udp", "echo"]), st.booleans(), st.integers(0, 65535), st.integers(0, 65535),
+       st.binary(max_size=64), st.binary(min_size=16, max_size=16), st.integers(0, 65535), st.booleans())
+def test_fuzz_compiled_rewrite_equals_rewrite(kind: str, v6: bool, sport: int, dport: int, payload: bytes,
+                                              new: bytes, port: int, outgoing: bool) -> None:
+    """The NAT's per-session compiled rewrite gives exactly the bytes of the general one."""
+    src, dst = (C6, P6) if v6 else (C4, P4)
+    packet = {"tcp": lambda: g.tcp(src, dst, sport, dport, g.ACK, payload),
+              "udp": lambda: g.udp(src, dst, sport, dport, payload),
+              "echo": lambda: g.echo(src, dst, sport, payload=payload)}[kind]()
+    new = new if v6 else new[:4]
+    flow = parse_flow(packet)
+    if outgoing:
+        compiled = compile_rewrite(flow, dst=new, src_port=port)
+        expected = rewrite(packet, dst=new, src_port=port)
+    else:
+        compiled = compile_rewrite(flow, src=new, dst_port=port)
+        expected = rewrite(packet, src=new, dst_port=port)
+    assert apply_rewrite(packet, compiled) == expected and g.verify(expected)

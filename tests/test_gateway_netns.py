@@ -119,7 +119,7 @@ def test_recursive_queries_leave_from_random_ports(site):
 
 def test_forged_answers_are_dropped_and_counted(site):
     assert dig(site.client, "@100.100.111.2", "forge.test", "A") == ["198.51.100.9"]
-    drops = site.stats(site.client, "fzcl")["dns"]["drops"]
+    drops = site.stats(site.client, site.cl_if)["dns"]["drops"]
     assert drops.get("dns_reply_wrong_source", 0) >= 1 and drops.get("dns_reply_question_mismatch", 0) >= 1, drops
 
 
@@ -134,7 +134,7 @@ def test_gateway_restart_client_tells_it_again_and_traffic_resumes(site):
             break
         time.sleep(0.5)
     assert result.stdout == PAGE, result.stderr + site.log_tail()
-    gateway = site.stats(site.gw, "fzgw")["resources"]["gateway"]
+    gateway = site.stats(site.gw, site.gw_if)["resources"]["gateway"]
     assert gateway["stats"].get("assigned_ips", 0) >= 1, gateway
 
 

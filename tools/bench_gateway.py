@@ -67,7 +67,7 @@ def main() -> int:
             for _ in range(args.rounds):
                 for name, address in targets.items():
                     runs[name].append(iperf(site, address, args.seconds))
-            sessions = site.stats(site.gw, "fzgw")["resources"]["gateway"]["nat_sessions"]
+            sessions = site.stats(site.gw, site.gw_if)["resources"]["gateway"]["nat_sessions"]
         finally:
             site.close()
     medians = {name: statistics.median(values) for name, values in runs.items()}

@@ -33,9 +33,11 @@ from fzpoll.errors import DropReason as D
 from fzpoll.gateway.packet import (
     PROTO_TCP,
     Flow,
+    Rewrite,
+    apply_rewrite,
+    compile_rewrite,
     icmp_error_quote,
     parse_flow,
-    rewrite,
     rewrite_icmp_error,
 )
 
@@ -46,6 +48,7 @@ UNCONFIRMED_TTL = 60.0
 FIN_LINGER = 5.0
 DEFAULT_MAX_SESSIONS = 65536
 PORT_SPACE = 0x10000
+_FIN_OR_RST = 0x01 | 0x04  # TCP flags that shorten a session's life (tcp_flags is 0 for UDP/ICMP)
 
 Key = tuple[bytes, int, int, bytes]  # (client address, protocol, port or ICMP id, far address)
 
@@ -57,6 +60,8 @@ class Session:
     inside: Key
     outside: Key
     last_outgoing: float
+    to_real: Rewrite  # the outgoing translation, compiled once
+    to_proxy: Rewrite | None = None  # the incoming one, compiled on the first reply
     last_incoming: float | None = None
     fin_out: bool = False
     fin_in: bool = False
@@ -110,15 +115,15 @@ class NatTable:
         inside = (flow.src, flow.protocol, flow.src_port, flow.dst)
         session = self._inside.get(inside)  # an open session keeps its address (as connlib)
         if session is None:
-            session = self._open(inside, real, now)
+            session = self._open(inside, flow, real, now)
             if session is None:
                 return None
         session.last_outgoing = now
-        if flow.protocol == PROTO_TCP:
+        if flow.tcp_flags & _FIN_OR_RST:
             self._note_flags(session, flow, outgoing=True, now=now)
-        return rewrite(packet, dst=session.outside[3], src_port=session.outside[2])
+        return apply_rewrite(packet, session.to_real)
 
-    def _open(self, inside: Key, real: bytes, now: float) -> Session | None:
+    def _open(self, inside: Key, flow: Flow, real: bytes, now: float) -> Session | None:
         if len(self._inside) >= self.max_sessions:
             self.drops[D.NAT_TABLE_FULL] += 1
             return None
@@ -131,7 +136,7 @@ class NatTable:
         else:  # every port of this client toward this address is taken
             self.drops[D.NAT_TABLE_FULL] += 1
             return None
-        session = Session(inside, outside, now)
+        session = Session(inside, outside, now, compile_rewrite(flow, dst=real, src_port=outside[2]))
         self._inside[inside] = session
         self._outside[outside] = session
         self._schedule(session, session.remove_at())
@@ -165,10 +170,13 @@ class NatTable:
         if session is None:
             return None
         session.last_incoming = now
-        if flow.protocol == PROTO_TCP:
+        if flow.tcp_flags & _FIN_OR_RST:
             self._note_flags(session, flow, outgoing=False, now=now)
-        _, _, port, proxy = session.inside
-        return rewrite(packet, src=proxy, dst_port=port)
+        to_proxy = session.to_proxy
+        if to_proxy is None:  # the reply's flow is the same for every reply of the session
+            _, _, port, proxy = session.inside
+            to_proxy = session.to_proxy = compile_rewrite(flow, src=proxy, dst_port=port)
+        return apply_rewrite(packet, to_proxy)
 
     def _note_flags(self, session: Session, flow: Flow, *, outgoing: bool, now: float) -> None:
         before = session.remove_at()

@@ -18,7 +18,7 @@ unfragmented TCP, UDP or ICMP echo packet of a sane length parses to None.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from fzpoll.ippacket import (
     IPV4_HEADER_SIZE,
@@ -59,8 +59,7 @@ _TCP_FIN, _TCP_SYN, _TCP_RST = 0x01, 0x02, 0x04
 _PORTS = struct.Struct("!HH")
 
 
-@dataclass(frozen=True, slots=True)
-class Flow:
+class Flow(NamedTuple):
     """What the NAT needs of one packet. ``src_port``/``dst_port`` are the TCP/UDP ports or,
     for ICMP echo, the identifier (on both sides). Addresses are packed (4 or 16 bytes)."""
 
@@ -196,6 +195,82 @@ def _rewrite_in(buf: bytearray, start: int, src: bytes | None, dst: bytes | None
     for port, at in ports:
         if port is not None:
             _set_field(buf, at, port.to_bytes(2, "big"), l4_sums)
+
+
+class Rewrite(NamedTuple):
+    """One direction of one NAT session compiled once: the address to write (at ``addr_at``),
+    the port to write (at ``port_at`` in the transport header, or None), and the ones'
+    complement sums to add to the IPv4 header checksum and the transport checksum (RFC 1624:
+    the sum of the old words negated and the new words). Applying it is a few slice writes."""
+
+    addr_at: int
+    addr: bytes
+    port_at: int | None
+    port: bytes
+    ip_delta: int
+    l4_delta: int
+    l4_checksum_at: int
+    udp: bool
+
+
+def _delta(old: bytes, new: bytes) -> int:
+    return (~ones_complement_sum(old) & 0xFFFF) + ones_complement_sum(new)
+
+
+def compile_rewrite(flow: Flow, *, src: bytes | None = None, dst: bytes | None = None,
+                    src_port: int | None = None, dst_port: int | None = None) -> Rewrite:
+    """What :func:`rewrite` would do to every packet of ``flow`` (same addresses, same ports),
+    compiled. Exactly one address is rewritten; ports as given (ICMP echo: the identifier)."""
+    v4 = flow.version == 4
+    if src is not None:
+        addr_at, old, new = (12 if v4 else 8), flow.src, src
+    else:
+        assert dst is not None
+        addr_at, old, new = (16 if v4 else 24), flow.dst, dst
+    ip_delta = _delta(old, new) if v4 else 0
+    l4_delta = _delta(old, new) if _PSEUDO[flow.protocol] else 0
+    port_at, port = None, b""
+    if flow.protocol in (PROTO_ICMP, PROTO_ICMPV6):
+        new_port, old_port = (src_port if src_port is not None else dst_port), flow.src_port
+        at = 4
+    elif src_port is not None:
+        new_port, old_port, at = src_port, flow.src_port, 0
+    else:
+        new_port, old_port, at = dst_port, flow.dst_port, 2
+    if new_port is not None and new_port != old_port:
+        port_at, port = at, new_port.to_bytes(2, "big")
+        l4_delta += _delta(old_port.to_bytes(2, "big"), port)
+    return Rewrite(addr_at, new, port_at, port, ip_delta, l4_delta, _CHECKSUM_AT[flow.protocol],
+                   flow.protocol == PROTO_UDP)
+
+
+def _add_delta(buf: bytearray, at: int, delta: int, udp: bool) -> None:
+    stored = (buf[at] << 8) | buf[at + 1]
+    if udp and stored == 0:
+        return  # "no checksum" (IPv4 UDP) stays so
+    total = (~stored & 0xFFFF) + delta
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    value = ~total & 0xFFFF
+    if udp and value == 0:
+        value = 0xFFFF
+    buf[at] = value >> 8
+    buf[at + 1] = value & 0xFF
+
+
+def apply_rewrite(packet: bytes, rw: Rewrite) -> bytes:
+    """``packet`` (of the flow ``rw`` was compiled for) rewritten, checksums updated."""
+    buf = bytearray(packet)
+    v4 = buf[0] >> 4 == 4
+    l4 = (buf[0] & 0x0F) * 4 if v4 else IPV6_HEADER_SIZE
+    buf[rw.addr_at : rw.addr_at + len(rw.addr)] = rw.addr
+    if rw.port_at is not None:
+        buf[l4 + rw.port_at : l4 + rw.port_at + 2] = rw.port
+    if v4:
+        _add_delta(buf, 10, rw.ip_delta, False)
+    if rw.l4_delta:
+        _add_delta(buf, l4 + rw.l4_checksum_at, rw.l4_delta, rw.udp)
+    return bytes(buf)
 
 
 def rewrite(packet: bytes, *, src: bytes | None = None, dst: bytes | None = None,
