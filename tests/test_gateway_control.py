@@ -151,10 +151,10 @@ def test_fuzz_mutations_of_a_valid_packet(position: int, value: int) -> None:
 # ------------------------------------------------------------------------------- the engine's hook
 
 
-def test_engine_hands_control_packets_out_and_never_to_tun() -> None:
-    from enginepair import Pair, ip6
+def test_engine_hands_control_packets_out_and_never_to_tun(pair) -> None:
+    from helpers import ip6
 
-    p = Pair()
+    p = pair
     p.handshake()
     packet = encode(AssignedIps(RID, "app.corp.test", IPS))
     assert p.a.send_to_peer(p.peer_b, packet, p.now) is None
@@ -169,4 +169,3 @@ def test_engine_hands_control_packets_out_and_never_to_tun() -> None:
     p.a.send(ip6("fd00::1", "fd00::2"), p.now)
     p.deliver()
     assert len(p.b.packets_for_tun()) == 1 and p.b.control_packets_received() == []
-

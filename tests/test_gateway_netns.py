@@ -7,28 +7,15 @@ No address or route is added by hand on any host: the daemons add their own from
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import time
 
 import pytest
 
-import netns
 from gwsite import HTTP_PORT, PAGE, Site, dig
 from netns import Namespace
 
-pytestmark = pytest.mark.netns
-
-
-@pytest.fixture(autouse=True)
-def _need_tools():
-    reason = netns.need_root()
-    if reason is None:
-        missing = [t for t in ("dnsmasq", "dig", "curl", "nft") if shutil.which(t) is None]
-        if missing:
-            reason = f"needs {', '.join(missing)} (bash tools/install-deps.sh installs them)"
-    if reason:
-        pytest.skip(reason)
+pytestmark = [pytest.mark.netns, pytest.mark.needs("netns", "dnsmasq", "dig", "curl", "nft")]
 
 
 @pytest.fixture(scope="module")
