@@ -3,7 +3,7 @@ tools/bench_gateway.py: a client and a gateway, both fzpoll, and a resource site
 
 Topology (three namespaces, veth pairs, only their own addresses)::
 
-    client (fzpoll up: [Resource] *.corp.test, *.other.test via the gateway; DNS = upstreams in G)
+    client (fzpoll up: [Resource] *.corp.test, *.other.test via the gateway; DNS = two upstreams in G)
       |  veth A
     gateway (fzpoll up: [Gateway] Resources = *.corp.test, DNS = dnsmasq at R; forwarding and
       |      masquerade on, as the documented PostUp lines; a dnsmasq and a forging server that
@@ -11,8 +11,9 @@ Topology (three namespaces, veth pairs, only their own addresses)::
       |  veth B
     resource site R (dnsmasq: app.corp.test A and AAAA; python3 -m http.server)
 
-No address or route is added by hand on any host: the daemons add their own from the config
-(the forging upstream's second address in G is the test's own server, not fzpoll's).
+The client's stub has two upstreams in G: the forging server on G's IPv4 address (sentinel
+100.100.111.1) and dnsmasq on G's IPv6 address (sentinel fd00:2021:1111:8000:100:100:111:1).
+No address or route is added by hand on any host: the daemons add their own from the config.
 """
 
 from __future__ import annotations
@@ -70,7 +71,6 @@ class Site:
         self.site = Namespace("site")
         self.a = veth_pair(self.client, self.gw)
         self.b = veth_pair(self.gw, self.site)
-        self.forger_ip = self.a.ip_b.rsplit(".", 1)[0] + ".3"
         self.key_c, self.key_g = PrivateKey.generate(os.urandom), PrivateKey.generate(os.urandom)
         self.logs: dict[str, Path] = {}
         # Interface names (and so UAPI socket paths, which all namespaces share) unique per run.
@@ -90,16 +90,14 @@ class Site:
                       f"--listen-address={b.ip6_b}",
                       "--local=/corp.test/")
         self.upstream_log = self.tmp / "upstream-dnsmasq.log"
-        self._dnsmasq(gw, self.a.ip_b, self.upstream_log, "--host-record=www.upstream.test,198.51.100.7",
-                      f"--listen-address={self.a.ip6_b}",
+        self._dnsmasq(gw, self.a.ip6_b, self.upstream_log, "--host-record=www.upstream.test,198.51.100.7",
                       "--address=/upstream.test/198.51.100.8")
         # The gateway host's own setup (documented as PostUp lines): forward and masquerade.
         gw.run(["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
         gw.run(["nft", "-f", "-"], input=(
             "table inet fzgw {\n chain post {\n  type nat hook postrouting priority 100;\n"
             f'  oifname "{b.if_a}" masquerade\n }}\n}}\n'))
-        gw.ip("addr", "add", f"{self.forger_ip}/24", "dev", self.a.if_b)  # the forging upstream's
-        gw.popen([sys.executable, "-c", _FORGER, self.forger_ip])
+        gw.popen([sys.executable, "-c", _FORGER, self.a.ip_b])
         self.gateway_proc = self._fzpoll(gw, self.gw_if, self.gateway_conf())
         self.client_proc = self._fzpoll(self.client, self.cl_if, self.client_conf())
 
@@ -120,7 +118,7 @@ class Site:
         gateway = self.key_g.public_key.base64()
         return (f"[Interface]\nPrivateKey = {self.key_c.base64()}\nListenPort = 51820\n"
                 "Address = 100.64.0.2/32, fd00:2021:1111::2/128\n"
-                f"DNS = {self.a.ip_b}, {self.forger_ip}, {self.a.ip6_b}\n"
+                f"DNS = {self.a.ip_b}, {self.a.ip6_b}\n"
                 f"\n[Peer]\nPublicKey = {gateway}\nEndpoint = {self.a.ip_b}:51821\n"
                 "AllowedIPs = 100.64.0.1/32, fd00:2021:1111::1/128\n"
                 f"\n[Resource]\nName = *.corp.test\nPeer = {gateway}\n"
