@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fzpoll.config import Config, ConfigError, Endpoint, load_config, parse_config
+from fzpoll.config import Config, ConfigError, Endpoint, GatewayConfig, load_config, parse_config
 from fzpoll.wireguard.keys import PresharedKey, PrivateKey
 
 PRIV = PrivateKey(bytes(range(1, 33)))
@@ -178,6 +178,15 @@ def test_load_config_errors(tmp_path):
 
 
 
+def test_gateway_section():
+    config = parse_config(IFACE + "[Gateway]\nResources = *.Corp.Example, db.internal.example.\n"
+                          "resources = ?.x.example\nDNS = fd97::53\n")
+    assert config.gateway == GatewayConfig(("*.corp.example", "db.internal.example", "?.x.example"),
+                                           ipaddress.ip_address("fd97::53"))
+    assert parse_config(IFACE + "[Gateway]\nResources = a.example\n").gateway.dns is None
+    assert parse_config(IFACE).gateway is None
+
+
 @pytest.mark.parametrize(
     "text, where, problem",
     [
@@ -225,6 +234,10 @@ def test_load_config_errors(tmp_path):
             "9: Name",
             "duplicate resource (first on line 5)",
         ),
+        (IFACE + "[Gateway]\nDNS = 10.97.1.10\n", "3: Resources", "required in [Gateway]"),
+        (IFACE + "[Gateway]\nResources = a..example\n", "4: Resources", "expected a name"),
+        (IFACE + "[Gateway]\nResources = *.a.example\nDNS = resolver.example\n", "5: DNS", "IP address"),
+        (IFACE + "[Gateway]\nResources = a.example\n" * 2, "5: [Gateway]", "section given twice"),
     ],
 )
 def test_errors_name_file_line_key(text, where, problem):
