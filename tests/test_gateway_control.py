@@ -169,3 +169,16 @@ def test_engine_hands_control_packets_out_and_never_to_tun(pair) -> None:
     p.a.send(ip6("fd00::1", "fd00::2"), p.now)
     p.deliver()
     assert len(p.b.packets_for_tun()) == 1 and p.b.control_packets_received() == []
+
+
+def test_engine_bounds_control_packets_nobody_takes(pair) -> None:
+    from fzpoll.wireguard.constants import MAX_QUEUED_CONTROL_PACKETS
+
+    p = pair
+    p.handshake()
+    packet = encode(Goodbye())
+    for _ in range(MAX_QUEUED_CONTROL_PACKETS + 10):
+        p.a.send_to_peer(p.peer_b, packet, p.now)
+    p.deliver()
+    assert len(p.b.control_packets_received()) == MAX_QUEUED_CONTROL_PACKETS
+    assert p.b.drops[D.CONTROL_UNEXPECTED] == 10

@@ -65,3 +65,4 @@ DEFAULT_BATCH_SIZE = 64  # packets read per ready fd per wakeup of the loop
 # Firezone connlib's in-tunnel control packets ("p2p control", fzpoll.gateway.control): IPv6 from
 # :: to :: with this next header (IANA "reserved"); the engine hands them out instead of to TUN.
 FZ_P2P_CONTROL_NEXT_HEADER = 0xFF
+MAX_QUEUED_CONTROL_PACKETS = 256  # held for control_packets_received(); beyond: dropped, counted

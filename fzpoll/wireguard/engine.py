@@ -57,7 +57,7 @@ from fzpoll.wireguard.handshake import LoadGuard
 from fzpoll.wireguard.peer import Endpoint, HandshakeState, Peer
 from fzpoll.wireguard.session import Keypair, Sessions
 from fzpoll.wireguard.timers import PeerTimer, TimerHeap
-from fzpoll.wireguard.constants import FZ_P2P_CONTROL_NEXT_HEADER
+from fzpoll.wireguard.constants import FZ_P2P_CONTROL_NEXT_HEADER, MAX_QUEUED_CONTROL_PACKETS
 
 from nacl._sodium import ffi as _ffi
 from nacl._sodium import lib as _lib
@@ -452,6 +452,9 @@ class Engine:
         n = len(plain)
         length = ((plain[2] << 8) | plain[3]) if plain[0] >> 4 == 4 else ((plain[4] << 8) | plain[5]) + 40
         if _is_control(plain):
+            if len(self._control) >= MAX_QUEUED_CONTROL_PACKETS:  # nobody takes them (no resources)
+                self._drops[D.CONTROL_UNEXPECTED] += 1
+                return None
             self._control.append((peer.public_key, plain[:length]))
             return None
         self._to_tun.append(plain if length == n else plain[:length])  # without the padding
