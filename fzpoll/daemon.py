@@ -154,6 +154,7 @@ class Daemon:
         if self.resources is not None:
             if self.resources.gateway is not None and gateway_config is not None:
                 self.resources.gateway.set_patterns(list(gateway_config.resources))
+                self.resources.gateway.keep_only({p.public_key.base64() for p in config.peers})
             return
         if not config.resources and gateway_config is None:
             return

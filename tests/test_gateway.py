@@ -223,6 +223,19 @@ def test_goodbye_forgets_the_peer() -> None:
     assert gw.to_tun == [] and gw.to_tunnel
 
 
+def test_peers_removed_from_the_config_are_forgotten() -> None:
+    gw = make()
+    activate(gw)
+    gw.handle_from_peer(PEER, g.udp(C4, P4, 5000, 53), 1.0)
+    gw.keep_only({PEER, "other"})
+    assert len(gw.nat) == 1
+    gw.keep_only({"other"})
+    assert len(gw.nat) == 0
+    gw.to_tun.clear()
+    gw.handle_from_peer(PEER, g.udp(C4, P4, 5000, 53), 2.0)
+    assert gw.to_tun == [] and gw.to_tunnel
+
+
 def test_names_per_peer_are_bounded() -> None:
     gw = Gateway(["*.corp.test"], Lookups(SERVER, rng=random.Random(7)), max_names_per_peer=2)
     activate(gw, "a.corp.test", proxies=("100.96.0.1",), aaaa=())

@@ -170,6 +170,11 @@ class Gateway:
     def _status(self, peer: str, resource: str, domain: str, status: NatStatus) -> None:
         self.to_peers.append((peer, control.encode(DomainStatus(resource, domain, status))))
 
+    def keep_only(self, peers: set[str]) -> None:
+        """Forget every peer not in ``peers`` (the configuration removed them)."""
+        for peer in [p for p in self._peers if p not in peers]:
+            self.forget_peer(peer)
+
     def forget_peer(self, peer: str) -> None:
         """Drop everything kept for ``peer`` (Goodbye, or the peer was removed)."""
         state = self._peers.pop(peer, None)
