@@ -6,7 +6,7 @@ Topology (three namespaces, veth pairs, only their own addresses)::
     client (fzpoll up: [Resource] *.corp.test, *.other.test via the gateway; DNS = two upstreams in G)
       |  veth A
     gateway (fzpoll up: [Gateway] Resources = *.corp.test, DNS = dnsmasq at R; forwarding and
-      |      masquerade on, as the documented PostUp lines; a dnsmasq and a forging server that
+      |      masquerade by the README's PostUp lines in its config; a dnsmasq and a forging server that
       |      are the client stub's upstreams)
       |  veth B
     resource site R (dnsmasq: app.corp.test A and AAAA; python3 -m http.server)
@@ -92,11 +92,6 @@ class Site:
         self.upstream_log = self.tmp / "upstream-dnsmasq.log"
         self._dnsmasq(gw, self.a.ip6_b, self.upstream_log, "--host-record=www.upstream.test,198.51.100.7",
                       "--address=/upstream.test/198.51.100.8")
-        # The gateway host's own setup (documented as PostUp lines): forward and masquerade.
-        gw.run(["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
-        gw.run(["nft", "-f", "-"], input=(
-            "table inet fzgw {\n chain post {\n  type nat hook postrouting priority 100;\n"
-            f'  oifname "{b.if_a}" masquerade\n }}\n}}\n'))
         gw.popen([sys.executable, "-c", _FORGER, self.a.ip_b])
         self.gateway_proc = self._fzpoll(gw, self.gw_if, self.gateway_conf())
         self.client_proc = self._fzpoll(self.client, self.cl_if, self.client_conf())
@@ -110,6 +105,12 @@ class Site:
     def gateway_conf(self) -> str:
         return (f"[Interface]\nPrivateKey = {self.key_g.base64()}\nListenPort = 51821\n"
                 "Address = 100.64.0.1/32, fd00:2021:1111::1/128\n"
+                # forwarding and masquerade: the README's PostUp/PostDown lines, run by fzpoll up
+                "PostUp = sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1\n"
+                "PostUp = nft add table inet fzgw; nft add chain inet fzgw post "
+                "'{ type nat hook postrouting priority 100; }'; "
+                f'nft add rule inet fzgw post oifname "{self.b.if_a}" masquerade\n'
+                "PostDown = nft delete table inet fzgw\n"
                 f"\n[Peer]\nPublicKey = {self.key_c.public_key.base64()}\n"
                 "AllowedIPs = 100.64.0.2/32, fd00:2021:1111::2/128\n"
                 f"\n[Gateway]\nResources = *.corp.test\nDNS = {self.b.ip_b}\n")
