@@ -167,7 +167,7 @@ class Daemon:
             gateway = Gateway(list(gateway_config.resources), Lookups(servers[0]))
             log.info("gateway of DNS resources", extra={"fields": {
                 "resources": list(gateway_config.resources), "resolver": servers[0][0]}})
-        self.resources = ResourcesIO(self.poller, self.device.engine, dns=self.dns, client=client, gateway=gateway)
+        self.resources = ResourcesIO(self.loop, self.device.datapath, dns=self.dns, client=client, gateway=gateway)
 
     def _dns_routes(self, config: Config) -> set[str]:
         """Sentinels, and the proxy ranges when resources exist, are routed into the tunnel."""

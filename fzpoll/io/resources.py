@@ -1,4 +1,4 @@
-"""The IO wiring of DNS resources: the client's and the gateway's sans-IO state in the poller.
+"""The IO wiring of DNS resources: the client's and the gateway's sans-IO state in the loop.
 
 Neither side adds a step to the loop. Both use its existing seams:
 
@@ -9,8 +9,8 @@ Neither side adds a step to the loop. Both use its existing seams:
   the gateway goes to :class:`~fzpoll.gateway.client.ResourceClient`; everything else is queued
   back for TUN unchanged. Then it sends what the sans-IO objects produced: control packets with
   :meth:`Engine.send_to_peer`, packets for the tunnel with :meth:`Engine.send`, packets for TUN
-  with :meth:`Poller.queue_tun`.
-- the poller's *interceptor* for TUN packets (by exact destination): on a client the proxy
+  with :meth:`Datapath.queue_tun`.
+- the datapath's *interceptor* for TUN packets (by exact destination): on a client the proxy
   addresses handed out (held until the gateway says Active), on a gateway the tunnel addresses
   of clients with NAT sessions (replies, translated back before encryption). The DNS stub's
   sentinels keep their own interceptor, chained first.
@@ -31,7 +31,8 @@ from fzpoll.errors import LocalError
 from fzpoll.gateway.client import ResourceClient
 from fzpoll.gateway.control import EventType
 from fzpoll.gateway.gateway import Gateway, is_proxy_address
-from fzpoll.io.loop import Poller
+from fzpoll.io.datapath import Datapath
+from fzpoll.io.loop import Loop
 from fzpoll.wireguard.engine import Engine
 from fzpoll.wireguard.keys import PublicKey
 
@@ -46,33 +47,33 @@ def _destination(packet: bytes) -> bytes:
 
 class ResourcesIO:
     """Runs a :class:`ResourceClient` (if ``client``) and a :class:`Gateway` (if ``gateway``)
-    on ``poller`` and ``engine``; ``dns`` is the stub's forwarder on a client."""
+    on ``loop`` and ``datapath`` (and its engine); ``dns`` is the stub's forwarder on a client."""
 
-    def __init__(self, poller: Poller, engine: Engine, *, dns: DnsForwarder | None = None,
+    def __init__(self, loop: Loop, datapath: Datapath, *, dns: DnsForwarder | None = None,
                  client: ResourceClient | None = None, gateway: Gateway | None = None) -> None:
-        self.poller = poller
-        self.engine = engine
+        self.loop = loop
+        self.datapath = datapath
+        self.engine: Engine = datapath.engine
         self.dns = dns
         self.client = client
         self.gateway = gateway
-        self._sentinel_intercept: Callable[[bytes, float], bool] | None = poller.intercept
-        self._v4: set[bytes] = set(poller.intercept_v4)
-        self._v6: set[bytes] = set(poller.intercept_v6)
-        poller.intercept = self._intercept
-        poller.intercept_v4 = self._v4  # type: ignore[assignment]  # a set: grows as we go
-        poller.intercept_v6 = self._v6  # type: ignore[assignment]
-        poller.add_flusher(self.flush)
+        self._sentinel_intercept: Callable[[bytes, float], bool] | None = datapath.intercept
+        self._v4: set[bytes] = set(datapath.intercept_v4)
+        self._v6: set[bytes] = set(datapath.intercept_v6)
+        # sets, not frozensets: they grow as proxy addresses and NAT clients appear
+        datapath.set_intercept(self._intercept, self._v4, self._v6)  # type: ignore[arg-type]
+        loop.add_flusher(self.flush)
         self._lookup_sockets: QuerySockets | None = None
         if client is not None:
             if dns is None:
                 raise LocalError("DNS resources on a client need the DNS stub")
             dns.on_resource_answer = self._on_resource_answer
-            poller.add_timer_source(client.next_deadline, client.handle_timer)
+            loop.add_timer_source(client.next_deadline, client.handle_timer)
         if gateway is not None:
             self._lookup_sockets = QuerySockets(
-                poller, on_reply=lambda data, addr, now: gateway.handle_lookup_reply(data, addr, now),
+                loop, on_reply=lambda data, addr, now: gateway.handle_lookup_reply(data, addr, now),
                 is_pending=gateway.lookups.is_pending, max_sockets=DEFAULT_MAX_LOOKUP_SOCKETS)
-            poller.add_timer_source(gateway.next_deadline, self._gateway_timer)
+            loop.add_timer_source(gateway.next_deadline, self._gateway_timer)
 
     # ----------------------------------------------------------------------------- client
 
@@ -136,7 +137,7 @@ class ResourcesIO:
             if client is not None and client.handle_incoming(packet, now):
                 continue
             kept.append(packet)
-        self.poller.queue_tun(kept)
+        self.datapath.queue_tun(kept)
 
     def _send_outputs(self, now: float) -> None:
         engine = self.engine
@@ -155,7 +156,7 @@ class ResourcesIO:
                     engine.send(packet, now)
             if side.to_tun:
                 out, side.to_tun = side.to_tun, []
-                self.poller.queue_tun(out)
+                self.datapath.queue_tun(out)
 
     def _send_control(self, peer_key: str, packet: bytes, now: float) -> None:
         try:
