@@ -134,6 +134,7 @@ class Daemon:
         resources = [Resource(r.name, r.peer.base64()) for r in config.resources]
         if self.dns is not None:
             self.dns.stub.set_resources(resources)
+            self.dns.reroute_proxies()
             return
         if not config.interface.dns and not resources:
             return

@@ -7,6 +7,7 @@ No address or route is added by hand on any host: the daemons add their own from
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import time
 
@@ -110,6 +111,19 @@ def test_forged_answers_are_dropped_and_counted(site):
     assert dig(site.client, "@100.100.111.1", "forge.test", "A") == ["198.51.100.9"]
     drops = site.stats(site.client, site.cl_if)["dns"]["drops"]
     assert drops.get("dns_reply_wrong_source", 0) >= 1 and drops.get("dns_reply_question_mismatch", 0) >= 1, drops
+
+
+def test_client_reload_keeps_proxy_addresses_routed(site):
+    proxies = dig(site.client, "@100.100.111.1", "app.corp.test", "A")
+    assert curl(site.client, f"http://{proxies[0]}:{HTTP_PORT}/").stdout == PAGE
+    before = site.logs[site.cl_if].read_text().count("configuration reloaded")
+    site.client_proc.send_signal(signal.SIGHUP)  # syncconf: the peers' allowed IPs are replaced
+    deadline = time.monotonic() + 10
+    while site.logs[site.cl_if].read_text().count("configuration reloaded") == before:
+        assert time.monotonic() < deadline, site.log_tail()
+        time.sleep(0.05)
+    result = curl(site.client, f"http://{proxies[0]}:{HTTP_PORT}/")
+    assert result.stdout == PAGE, result.stderr + site.log_tail()
 
 
 def test_gateway_restart_client_tells_it_again_and_traffic_resumes(site):

@@ -205,6 +205,12 @@ class DnsForwarder:
             return
         self.engine.add_allowed_ip(peer, ipaddress.ip_network(address))
 
+    def reroute_proxies(self) -> None:
+        """Route every proxy address handed out to its resource's peer again (a reload replaced
+        the peers' allowed IPs with the file's, which does not list them)."""
+        for address, resource in self.stub.proxy_routes():
+            self._route_proxy(address, resource)
+
     def close(self) -> None:
         for tcp in list(self._tcp.values()):
             self._close_tcp(tcp)

@@ -290,6 +290,12 @@ class StubResolver:
         """The upstream resolver a sentinel stands for."""
         return self._upstream_for.get(sentinel.packed)
 
+    def proxy_routes(self) -> list[tuple[IPAddress, Resource]]:
+        """Every proxy address handed out, with its resource: what the IO shell routes to the
+        resources' peers (again after a reload replaced the peers' allowed IPs)."""
+        return [(address, resource) for (_, resource), addresses in self._proxies.items()
+                for address in addresses]
+
     def resource_for_address(self, ip: IPAddress | bytes) -> Resource | None:
         """The resource a proxy address (an address object or packed bytes) was handed out for."""
         entry = self._by_proxy.get(ip if isinstance(ip, bytes) else ip.packed)
