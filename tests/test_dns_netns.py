@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -45,7 +46,8 @@ def setup(tmp_path_factory):
                                  "--bind-interfaces", "--port=53", "--pid-file="],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         key_c, key_p = PrivateKey.generate(os.urandom), PrivateKey.generate(os.urandom)
-        conf = tmp / "fzdns.conf"
+        name = f"fzdns{secrets.token_hex(2)}"  # the UAPI socket's path is shared by all namespaces
+        conf = tmp / f"{name}.conf"
         conf.write_text(
             "[Interface]\n"
             f"PrivateKey = {key_c.base64()}\nListenPort = 51820\nAddress = 100.64.9.1/32\n"
@@ -66,7 +68,7 @@ def setup(tmp_path_factory):
         peer.up()
         peer.route("100.64.9.1/32")
         deadline = time.monotonic() + 10
-        while "fzdns" not in client.ip("link", "show", check=False).stdout or \
+        while name not in client.ip("link", "show", check=False).stdout or \
                 not list(client.ip_json("route", "show", "100.100.111.1")):
             assert daemon.poll() is None and time.monotonic() < deadline, (tmp / "client.log").read_text()
             time.sleep(0.05)
