@@ -30,10 +30,12 @@ from fzpoll.wireguard.constants import (
     AEAD_TAG_SIZE,
     COOKIE_REPLY_SIZE,
     DEFAULT_MTU,
+    FZ_P2P_CONTROL_NEXT_HEADER,
     HANDSHAKE_INITIATION_RATE,
     INITIATION_SIZE,
     KEEPALIVE_SIZE,
     KEEPALIVE_TIMEOUT,
+    MAX_QUEUED_CONTROL_PACKETS,
     MAX_TIMER_HANDSHAKES,
     MESSAGE_HANDSHAKE_COOKIE,
     MESSAGE_HANDSHAKE_INITIATION,
@@ -57,7 +59,6 @@ from fzpoll.wireguard.handshake import LoadGuard
 from fzpoll.wireguard.peer import Endpoint, HandshakeState, Peer
 from fzpoll.wireguard.session import Keypair, Sessions
 from fzpoll.wireguard.timers import PeerTimer, TimerHeap
-from fzpoll.wireguard.constants import FZ_P2P_CONTROL_NEXT_HEADER, MAX_QUEUED_CONTROL_PACKETS
 
 from nacl._sodium import ffi as _ffi
 from nacl._sodium import lib as _lib
@@ -258,9 +259,7 @@ class Engine:
         """Take the in-tunnel control packets (Firezone's p2p control: IPv6 from ``::`` with
         next header 0xFF) decrypted since the last call, with the peer each came from. They are
         exempt from the allowed-IPs source check and never reach :meth:`packets_for_tun`."""
-        packets = self._control
-        if packets:
-            self._control = []
+        packets, self._control = self._control, []
         return packets
 
     def count_drop(self, reason: D, count: int = 1) -> None:
@@ -453,8 +452,7 @@ class Engine:
         length = ((plain[2] << 8) | plain[3]) if plain[0] >> 4 == 4 else ((plain[4] << 8) | plain[5]) + 40
         if _is_control(plain):
             if len(self._control) >= MAX_QUEUED_CONTROL_PACKETS:  # nobody takes them (no resources)
-                self._drops[D.CONTROL_UNEXPECTED] += 1
-                return None
+                return D.CONTROL_UNEXPECTED
             self._control.append((peer.public_key, plain[:length]))
             return None
         self._to_tun.append(plain if length == n else plain[:length])  # without the padding
