@@ -291,6 +291,7 @@ class Daemon:
                 "udp_offloads": datapath.offloads(),
             },
             "drops": dict(engine.drops),
+            "kernel": {"filter": self.device.udp_filter, "drops": self.device.kernel_drops()},
             "poller": datapath.stats.as_dict(),
             "pending_writes": datapath.pending_writes(),
             "staged_packets": engine.staged_packet_count(),

@@ -1,0 +1,220 @@
+"""The kernel prefilter: its program (run by a pure interpreter of the instructions it uses) passes
+exactly the datagrams that can be WireGuard messages, and the real kernel agrees on loopback,
+including a GSO run that reaches a GRO socket in one piece."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pytest
+
+from fzpoll.io import bpf, sockfilter
+from fzpoll.io.bpf import BPF_ALU, BPF_JMP, BPF_LD, BPF_MISC, BPF_RET, UDP_HEADER
+
+MAX_LEN = 1500
+
+
+def run(program: list[tuple[int, int, int, int]], packet: bytes) -> int:
+    """A cBPF interpreter for the instructions bpf.py emits (anything else is an error)."""
+    a = x = pc = 0
+    while True:
+        code, jt, jf, k = program[pc]
+        pc += 1
+        cls = code & 0x07
+        if code == BPF_LD | bpf.BPF_W | bpf.BPF_LEN:
+            a = len(packet)
+        elif code == BPF_LD | bpf.BPF_W | bpf.BPF_ABS:
+            if k + 4 > len(packet):
+                return 0  # the kernel aborts the program on an out-of-bounds load
+            a = int.from_bytes(packet[k:k + 4], "big")
+        elif cls == BPF_ALU:
+            a = {bpf.BPF_SUB: lambda: a - k, bpf.BPF_AND: lambda: a & k}[code & 0xF0]() & 0xFFFFFFFF
+        elif code == BPF_MISC | bpf.BPF_TAX:
+            x = a
+        elif code == BPF_MISC | bpf.BPF_TXA:
+            a = x
+        elif cls == BPF_JMP:
+            taken = {bpf.BPF_JEQ: a == k, bpf.BPF_JGT: a > k, bpf.BPF_JGE: a >= k}[code & 0xF0]
+            pc += jt if taken else jf
+        elif cls == BPF_RET:
+            return k
+        else:
+            raise AssertionError(f"unexpected instruction {code:#x}")
+
+
+SIZES = {1: 148, 2: 92, 3: 64}
+
+
+def is_wireguard(kind: int, n: int) -> bool:
+    """The specification, written independently of the program: one WireGuard message."""
+    if kind in SIZES:
+        return n == SIZES[kind]
+    return kind == 4 and n >= 32 and (n - 16) % 16 == 0
+
+
+def run_shape(kind: int, n: int) -> bool:
+    """Or what the GRO program promises to pass besides: a length a coalesced run led by a
+    ``kind`` message can have (all WireGuard sizes are multiples of 4)."""
+    if is_wireguard(kind, n):
+        return True
+    if kind in SIZES:
+        return n % 4 == 0 and n >= SIZES[kind] + 32
+    return kind == 4 and ((n % 16 == 4 and n >= 32 + 148) or (n % 16 == 12 and n >= 32 + 92))
+
+
+def real_runs() -> set[tuple[int, int]]:
+    """Every (first type, length) of a run up to MAX_LEN: equal datagrams, then at most one
+    shorter (or equal) last datagram of any type."""
+    sizes = {**{kind: [size] for kind, size in SIZES.items()}, 4: list(range(32, MAX_LEN + 1, 16))}
+    every = [size for group in sizes.values() for size in group]
+    runs = set()
+    for kind, firsts in sizes.items():
+        for first in firsts:
+            for count in range(1, MAX_LEN // first + 1):
+                runs.add((kind, first * count))
+                runs.update((kind, first * count + last) for last in every
+                            if last <= first and first * count + last <= MAX_LEN)
+    return runs
+
+
+def udp(payload: bytes) -> bytes:
+    return b"\x00" * UDP_HEADER + payload  # what the socket filter sees: the UDP header first
+
+
+@pytest.mark.parametrize("gro", [False, True])
+def test_every_first_byte_and_length(gro: bool) -> None:
+    program = bpf.wireguard_filter(gro)
+    want = run_shape if gro else is_wireguard
+    wrong = []
+    for kind in range(256):
+        for n in range(MAX_LEN + 1):
+            payload = (bytes([kind]) + b"\x00\x00\x00" + b"\xa5" * max(0, n - 4))[:n]
+            if bool(run(program, udp(payload))) != (n >= 4 and want(kind, n)):
+                wrong.append((kind, n))
+    assert not wrong, wrong[:20]
+
+
+def test_gro_program_passes_every_real_run() -> None:
+    program = bpf.wireguard_filter(gro=True)
+    dropped = [(kind, n) for kind, n in sorted(real_runs())
+               if not run(program, udp(bytes([kind]) + bytes(n - 1)))]
+    assert not dropped, dropped[:20]
+
+
+def test_reserved_bytes_must_be_zero() -> None:
+    for gro in (False, True):
+        program = bpf.wireguard_filter(gro)
+        for reserved in (b"\x01\x00\x00", b"\x00\x80\x00", b"\x00\x00\xff"):
+            for kind, n in ((1, 148), (2, 92), (3, 64), (4, 32), (4, 1440)):
+                assert run(program, udp(bytes([kind]) + reserved + bytes(n - 4))) == 0
+        assert run(program, udp(b"\x04\x00\x00\x00" + bytes(28))) == bpf.ACCEPT
+
+
+def test_assembler_rejects_backward_and_far_jumps() -> None:
+    with pytest.raises(ValueError):
+        bpf.assemble([bpf.Label("top"), bpf.jump(bpf.BPF_JEQ, 0, "top", 0), bpf.ret(0)])
+    with pytest.raises(ValueError):
+        bpf.assemble([bpf.jump(bpf.BPF_JEQ, 0, "end", 0), *[bpf.ret(0)] * 300, bpf.Label("end"), bpf.ret(1)])
+
+
+# ---------------------------------------------------------------------------------------------
+# The real kernel, on loopback
+
+
+def _receiver(gro: bool, program_gro: bool) -> tuple[socket.socket, socket.socket]:
+    r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    r.bind(("127.0.0.1", 0))
+    r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    r.setblocking(False)
+    if gro:
+        r.setsockopt(17, 104, 1)  # UDP_GRO
+    sockfilter.attach(r, bpf.wireguard_filter(program_gro))
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect(r.getsockname())
+    return r, s
+
+
+def _drain(r: socket.socket, expect: int) -> list[bytes]:
+    got: list[bytes] = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            got.append(r.recv(65535))
+        except BlockingIOError:
+            if len(got) >= expect:
+                time.sleep(0.05)  # anything unexpected still in flight
+                try:
+                    got.append(r.recv(65535))
+                except BlockingIOError:
+                    return got
+            else:
+                time.sleep(0.01)
+    return got
+
+
+def test_kernel_agrees_on_a_representative_subset() -> None:
+    r, s = _receiver(gro=False, program_gro=False)
+    with r, s:
+        cases = [(kind, n) for kind in (0, 1, 2, 3, 4, 5, 0x41, 0xFF)
+                 for n in (4, 11, 12, 31, 32, 33, 47, 48, 63, 64, 65, 91, 92, 93, 96, 147, 148, 149, 180, 1440)]
+        expected = []
+        for i, (kind, n) in enumerate(cases):
+            payload = bytes([kind]) + b"\x00\x00\x00" + i.to_bytes(2, "big") + b"\x5a" * (n - 6)
+            s.send(payload)
+            if is_wireguard(kind, n):
+                expected.append(payload)
+        s.send(b"\x04\x00\x01\x00" + bytes(28))  # a reserved byte set
+        s.send(b"")  # an empty datagram
+        got = _drain(r, len(expected))
+        assert sorted(got) == sorted(expected)
+        assert sockfilter.kernel_drops(r) == len(cases) + 2 - len(expected)
+
+
+@pytest.mark.parametrize("gro", [False, True])
+def test_gso_run_closed_by_an_initiation_survives(gro: bool) -> None:
+    """fzpoll's GSO sender may end a run of transport datagrams with a handshake message to the
+    same address. A GRO socket receives the run whole and the filter sees its total length (628
+    here): the GRO program passes it. Without GRO the kernel splits the run before the filter."""
+    r, s = _receiver(gro=gro, program_gro=gro)
+    with r, s:
+        segment = b"\x04\x00\x00\x00" + bytes(156)
+        run_ = segment * 3 + b"\x01\x00\x00\x00" + bytes(144)
+        try:
+            s.sendmsg([run_], [(17, 103, struct.pack("=H", len(segment)))])  # UDP_SEGMENT
+        except OSError as exc:
+            pytest.skip(f"no UDP GSO here: {exc}")
+        got = _drain(r, 1 if gro else 4)
+        assert b"".join(got) == run_
+        assert sockfilter.kernel_drops(r) == 0
+
+
+def test_exact_program_on_a_gro_socket_would_drop_the_run() -> None:
+    """Why the GRO form exists: the exact program rejects the coalesced run as one datagram."""
+    r, s = _receiver(gro=True, program_gro=False)
+    with r, s:
+        segment = b"\x04\x00\x00\x00" + bytes(156)
+        try:
+            s.sendmsg([segment * 3 + b"\x01\x00\x00\x00" + bytes(144)], [(17, 103, struct.pack("=H", 160))])
+        except OSError as exc:
+            pytest.skip(f"no UDP GSO here: {exc}")
+        assert _drain(r, 0) == []
+        assert sockfilter.kernel_drops(r) == 1
+
+
+def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(sockfilter.DISABLE_ENV, "1")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        assert sockfilter.attach_wireguard(sock, gro=False) is False
+    monkeypatch.setenv(sockfilter.DISABLE_ENV, "0")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        assert sockfilter.attach_wireguard(sock, gro=False) is True
+
+
+def test_refused_filter_falls_back(caplog: pytest.LogCaptureFixture) -> None:
+    """A socket that cannot take a filter (here: a closed one) stays usable, logged, not raised."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.close()
+    assert sockfilter.attach_wireguard(sock, gro=True) is False
+    assert "prefilter unavailable" in caplog.text
