@@ -14,17 +14,19 @@ the namespace's ``Udp: InErrors``, but not in ``RcvbufErrors``.
 What passes (whitepaper section 5.4): the first byte is a message type 1-4 followed by three zero
 bytes (the 32-bit big-endian word at offset 8 is ``type << 24``), and the length fits the type:
 initiation 148, response 92, cookie reply 64, transport >= 32 with the payload after the 16-byte
-header a multiple of 16.
+header a multiple of 16 - or at least 32 + 68 bytes long, because padding is capped at the
+sender's MTU (any value >= 68): with the default MTU 1420 a full-size transport datagram is 1452
+bytes, and (1452 - 16) % 16 == 12.
 
 UDP GRO: on a socket with ``UDP_GRO`` the kernel does not split a coalesced run (a GSO send from a
 peer on this host, or a NIC/veth that aggregates) before the filter: the filter sees the run once,
 with its total length and the first datagram's header. A run is equal-sized datagrams plus at most
 one shorter last one, and fzpoll's own GSO sender (like GRO on a NIC) may close a run of transport
-datagrams with a handshake message to the same address. So the ``gro`` program also accepts the
-lengths a run can have: every WireGuard size is a multiple of 4, a transport-led run is
-0, 4 (a trailing 148) or 12 (a trailing 92) modulo 16 and at least 32 + that message, and a
-handshake-led run is at least its first message plus a 32-byte one. Rejecting those would drop a
-whole run of good traffic with the peer's rekey initiation in it.
+datagrams with a handshake message to the same address. A transport-led run is either all
+multiples of 16 or over 100 bytes, so it passes; the ``gro`` program also passes a handshake-led
+run: at least its first message plus a 32-byte one (any length: the last may be an MTU-capped
+transport datagram).
+Rejecting those would drop a whole run of good traffic.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ BPF_TAX, BPF_TXA = 0x00, 0x80
 BPF_MAXINSNS = 4096
 
 UDP_HEADER = 8  # the filter's offset 0 is the UDP header
+# Padding stops at the sender's MTU (whitepaper 5.4.6; wireguard-go and the kernel: padded size =
+# min(MTU, next multiple of 16)), and a packet at or above the MTU is not padded: a transport
+# datagram of 32 + MTU bytes or more may have any length. The peer's MTU is unknown; Linux allows
+# no interface MTU below IPv4's minimum.
+IPV4_MIN_MTU = 68
 ACCEPT = 0xFFFFFFFF  # keep the whole datagram (the return value is how many bytes to keep)
 REJECT = 0
 
@@ -134,31 +141,21 @@ def _header_word(kind: int) -> int:
 
 
 def _handshake(kind: int, size: int, gro: bool) -> list[Insn | Label]:
-    """A = payload length: exactly ``size``; with GRO also a run (a multiple of 4, >= size + 32)."""
+    """A = payload length: exactly ``size``; with GRO also a run (>= size + a 32-byte message)."""
     if not gro:
         return [Label(f"type{kind}"), txa(), jump(BPF_JEQ, size, "accept", "reject")]
     return [Label(f"type{kind}"), txa(), jump(BPF_JEQ, size, "accept", 0),
-            jump(BPF_JGE, size + KEEPALIVE_SIZE, 0, "reject"),
-            alu(BPF_AND, 3), jump(BPF_JEQ, 0, "accept", "reject")]
+            jump(BPF_JGE, size + KEEPALIVE_SIZE, "accept", "reject")]
 
 
-def _transport(gro: bool) -> list[Insn | Label]:
-    """A = payload length: >= 32 and 0 modulo 16; with GRO also a run closed by a handshake
-    message (4 modulo 16 after a 148, 12 after a 92)."""
-    items: list[Insn | Label] = [
+def _transport() -> list[Insn | Label]:
+    """A = payload length: >= 32, and 0 modulo 16 unless it is long enough to be capped by the
+    sender's MTU (a GRO run is either long enough or all 0 modulo 16)."""
+    return [
         Label(f"type{MESSAGE_TRANSPORT_DATA}"), txa(), jump(BPF_JGE, KEEPALIVE_SIZE, 0, "reject"),
-        alu(BPF_AND, PADDING_MULTIPLE - 1),
+        jump(BPF_JGE, KEEPALIVE_SIZE + IPV4_MIN_MTU, "accept", 0),
+        alu(BPF_AND, PADDING_MULTIPLE - 1), jump(BPF_JEQ, 0, "accept", "reject"),
     ]
-    if not gro:
-        return items + [jump(BPF_JEQ, (TRANSPORT_HEADER_SIZE % PADDING_MULTIPLE), "accept", "reject")]
-    items.append(jump(BPF_JEQ, TRANSPORT_HEADER_SIZE % PADDING_MULTIPLE, "accept", 0))
-    tails = [(SIZE_BY_TYPE[k] % PADDING_MULTIPLE, KEEPALIVE_SIZE + SIZE_BY_TYPE[k]) for k in (MESSAGE_HANDSHAKE_INITIATION, MESSAGE_HANDSHAKE_RESPONSE)]
-    for i, (residue, _) in enumerate(tails):
-        items.append(jump(BPF_JEQ, residue, f"tail{i}", 0))
-    items.append(ret(REJECT))
-    for i, (_, minimum) in enumerate(tails):
-        items += [Label(f"tail{i}"), txa(), jump(BPF_JGE, minimum, "accept", "reject")]
-    return items
 
 
 def wireguard_filter(gro: bool = False) -> list[tuple[int, int, int, int]]:
@@ -171,7 +168,7 @@ def wireguard_filter(gro: bool = False) -> list[tuple[int, int, int, int]]:
     ]
     items += [jump(BPF_JEQ, _header_word(kind), f"type{kind}", 0) for kind in kinds]
     items.append(ret(REJECT))
-    items += _transport(gro)
+    items += _transport()
     for kind, size in SIZE_BY_TYPE.items():
         items += _handshake(kind, size, gro)
     items += [Label("accept"), ret(ACCEPT), Label("reject"), ret(REJECT)]
