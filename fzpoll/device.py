@@ -105,6 +105,9 @@ class Device:
         self.fwmark = 0
         self.sockets: list[socket.socket] = []
         self.udp_filter = "off"  # the kernel prefilter on the sockets: "gro", "exact" or "off"
+        self.prefilter = sockfilter.PrefilterControl(self.engine, gro=True,
+                                                     check_indices=sockfilter.index_check_enabled())
+        self.loop.add_flusher(self.prefilter)
         self._retired_kernel_drops = 0  # of sockets closed by a listen-port change
         self.listen_port = 0
         try:
@@ -121,9 +124,6 @@ class Device:
             s.close()
         self.sockets = sockets
         self.listen_port = sockets[0].getsockname()[1]
-        gro = self.datapath.offloads()["gro"]
-        attached = [sockfilter.attach_wireguard(s, gro) for s in sockets]
-        self.udp_filter = ("gro" if gro else "exact") if all(attached) else "off"
         log.info("listening", extra={"fields": {"port": self.listen_port, "families": len(sockets)}})
 
     # ------------------------------------------------------------------ UapiHost

@@ -57,17 +57,19 @@ def _flood(ns: netns.Namespace, host: str, port: int) -> None:
     ns.run([sys.executable, "-c", _FLOOD, host, str(port), str(JUNK), str(SHAPED)], timeout=60)
 
 
-@pytest.fixture
-def pair():
+@pytest.fixture(params=["indices", "no-indices"])
+def pair(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Two fzpoll daemons with a working tunnel; B checks receiver indices in the kernel or not."""
     reason = netns.need_wireguard_go()
     if reason:
         pytest.skip(reason)
+    monkeypatch.setenv("FZPOLL_FILTER_INDICES", "1" if request.param == "indices" else "0")
     netns.cleanup_stale()
     with netns.Namespace("a") as ns_a, netns.Namespace("b") as ns_b:
         veth = netns.veth_pair(ns_a, ns_b)
         a, b = netns.wg_pair(ns_a, ns_b, veth, kind_a=netns.Fzpoll, kind_b=netns.Fzpoll)
         ns_a.run(["ping", "-c", "2", "-i", "0.2", "-W", "3", "100.64.0.2"], timeout=20)
-        yield veth, a, b
+        yield veth, a, b, request.param == "indices"
 
 
 def _junk_drops(drops: dict[str, int]) -> int:
@@ -76,21 +78,30 @@ def _junk_drops(drops: dict[str, int]) -> int:
 
 @pytest.mark.netns
 def test_junk_flood_is_dropped_by_the_kernel(pair) -> None:
-    veth, a, b = pair
+    veth, a, b, indices = pair
     start = _stats(b.ns, b.ifname)
     assert start["kernel"]["filter"] in ("gro", "exact")
+    assert start["kernel"]["receiver_indices_checked"] is indices
     # Good traffic first: full-size (MTU-capped, so not padded to 16) and GSO-coalesced transport.
     netns.transfer(a.ns, b.ns, "100.64.0.2", 4_000_000)
+    # A new session (A forgets B and meets it again): B's new receiver index must be let in.
+    a.set("peer", b.public_key(), "remove")
+    a.add_peer(b.public_key(), ["100.64.0.2/32"], f"{veth.ip_b}:51821")
+    a.ns.run(["ping", "-c", "2", "-i", "0.2", "-W", "3", "100.64.0.2"], timeout=20)
     before = _stats(b.ns, b.ifname)
+    if indices:
+        assert before["kernel"]["filter_updates"] > start["kernel"]["filter_updates"]
     assert before["kernel"]["drops"] == start["kernel"]["drops"], "the filter dropped good traffic"
     _flood(a.ns, veth.ip_b, 51821)
     a.ns.run(["ping", "-c", "3", "-i", "0.2", "-W", "3", "100.64.0.2"], timeout=20)  # still works
     after = _stats(b.ns, b.ifname)
     kernel = after["kernel"]["drops"] - before["kernel"]["drops"]
     engine = {k: v - before["drops"].get(k, 0) for k, v in after["drops"].items()}
-    assert kernel >= JUNK, (kernel, engine)
     assert _junk_drops(engine) == 0, engine  # no bad_type / too_short / ... reached Python
-    assert engine.get("unknown_index", 0) == SHAPED  # what can be WireGuard still does
+    if indices:  # unknown receiver indices are dropped in the kernel too
+        assert kernel >= JUNK + SHAPED and engine.get("unknown_index", 0) == 0, (kernel, engine)
+    else:  # what can be WireGuard reaches the engine
+        assert kernel >= JUNK and engine.get("unknown_index", 0) == SHAPED, (kernel, engine)
 
 
 @pytest.mark.netns

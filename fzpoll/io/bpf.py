@@ -32,7 +32,7 @@ Rejecting those would drop a whole run of good traffic.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 from fzpoll.wireguard.constants import (
     COOKIE_REPLY_SIZE,
@@ -56,6 +56,8 @@ BPF_JEQ, BPF_JGT, BPF_JGE = 0x10, 0x20, 0x30
 BPF_K, BPF_X = 0x00, 0x08
 BPF_TAX, BPF_TXA = 0x00, 0x80
 BPF_MAXINSNS = 4096
+SKF_AD_OFF, SKF_AD_RANDOM = -0x1000, 56  # ancillary loads live at negative offsets
+MAX_FILTER_INDICES = 200  # one jump each, and cBPF jumps reach at most 255 instructions ahead
 
 UDP_HEADER = 8  # the filter's offset 0 is the UDP header
 # Padding stops at the sender's MTU (whitepaper 5.4.6; wireguard-go and the kernel: padded size =
@@ -94,6 +96,11 @@ def ld_word(offset: int) -> Insn:
 
 def alu(op: int, k: int) -> Insn:
     return Insn(BPF_ALU | op | BPF_K, k=k)
+
+
+def ld_random() -> Insn:
+    """A = a random u32 (the kernel's SKF_AD_RANDOM ancillary load)."""
+    return Insn(BPF_LD | BPF_W | BPF_ABS, k=SKF_AD_OFF + SKF_AD_RANDOM)
 
 
 def tax() -> Insn:
@@ -140,26 +147,46 @@ def _header_word(kind: int) -> int:
     return kind << 24  # type byte, then three zero bytes, loaded big-endian
 
 
-def _handshake(kind: int, size: int, gro: bool) -> list[Insn | Label]:
-    """A = payload length: exactly ``size``; with GRO also a run (>= size + a 32-byte message)."""
-    if not gro:
-        return [Label(f"type{kind}"), txa(), jump(BPF_JEQ, size, "accept", "reject")]
-    return [Label(f"type{kind}"), txa(), jump(BPF_JEQ, size, "accept", 0),
-            jump(BPF_JGE, size + KEEPALIVE_SIZE, "accept", "reject")]
+def _handshake(kind: int, size: int, gro: bool, keep: int | None) -> list[Insn | Label]:
+    """A = payload length: exactly ``size``; with GRO also a run (>= size + a 32-byte message).
+    With ``keep``, only a random ``keep`` in 65536 pass (shedding in the kernel, under load)."""
+    items: list[Insn | Label] = [Label(f"type{kind}")]
+    if keep is not None:
+        items += [ld_random(), alu(BPF_AND, 0xFFFF), jump(BPF_JGE, keep, "reject", 0)]
+    items += [txa(), jump(BPF_JEQ, size, "accept", "reject" if not gro else 0)]
+    if gro:
+        items.append(jump(BPF_JGE, size + KEEPALIVE_SIZE, "accept", "reject"))
+    return items
 
 
-def _transport() -> list[Insn | Label]:
+def _transport(indices: list[int] | None) -> list[Insn | Label]:
     """A = payload length: >= 32, and 0 modulo 16 unless it is long enough to be capped by the
-    sender's MTU (a GRO run is either long enough or all 0 modulo 16)."""
-    return [
+    sender's MTU (a GRO run is either long enough or all 0 modulo 16). With ``indices``, the
+    receiver index (u32 little-endian after the type) must also be one of them."""
+    ok = "accept" if indices is None else "index"
+    items: list[Insn | Label] = [
         Label(f"type{MESSAGE_TRANSPORT_DATA}"), txa(), jump(BPF_JGE, KEEPALIVE_SIZE, 0, "reject"),
-        jump(BPF_JGE, KEEPALIVE_SIZE + IPV4_MIN_MTU, "accept", 0),
-        alu(BPF_AND, PADDING_MULTIPLE - 1), jump(BPF_JEQ, 0, "accept", "reject"),
+        jump(BPF_JGE, KEEPALIVE_SIZE + IPV4_MIN_MTU, ok, 0),
+        alu(BPF_AND, PADDING_MULTIPLE - 1), jump(BPF_JEQ, 0, ok, "reject"),
     ]
+    if indices is not None:
+        items += [Label("index"), ld_word(UDP_HEADER + 4)]
+        items += [jump(BPF_JEQ, int.from_bytes(i.to_bytes(4, "little"), "big"), "accept", 0) for i in indices]
+        items.append(ret(REJECT))
+    return items
 
 
-def wireguard_filter(gro: bool = False) -> list[tuple[int, int, int, int]]:
-    """The prefilter program; ``gro`` for a socket with UDP_GRO on (see the module docstring)."""
+def wireguard_filter(gro: bool = False, *, initiation_keep: int | None = None,
+                     receiver_indices: Iterable[int] | None = None) -> list[tuple[int, int, int, int]]:
+    """The prefilter program; ``gro`` for a socket with UDP_GRO on (see the module docstring).
+
+    ``initiation_keep``: pass only that many initiations in 65536, at random (under load).
+    ``receiver_indices``: pass only transport datagrams addressed to one of these (at most
+    MAX_FILTER_INDICES; None: any index).
+    """
+    indices = None if receiver_indices is None else sorted(receiver_indices)
+    if indices is not None and len(indices) > MAX_FILTER_INDICES:
+        raise ValueError("too many receiver indices for the filter")
     kinds = [MESSAGE_TRANSPORT_DATA, *SIZE_BY_TYPE]  # transport first: the common case
     items: list[Insn | Label] = [
         ld_len(), jump(BPF_JGE, UDP_HEADER + 4, 0, "reject"),
@@ -168,9 +195,9 @@ def wireguard_filter(gro: bool = False) -> list[tuple[int, int, int, int]]:
     ]
     items += [jump(BPF_JEQ, _header_word(kind), f"type{kind}", 0) for kind in kinds]
     items.append(ret(REJECT))
-    items += _transport()
+    items += _transport(indices)
     for kind, size in SIZE_BY_TYPE.items():
-        items += _handshake(kind, size, gro)
+        items += _handshake(kind, size, gro, initiation_keep if kind == MESSAGE_HANDSHAKE_INITIATION else None)
     items += [Label("accept"), ret(ACCEPT), Label("reject"), ret(REJECT)]
     return assemble(items)
 
