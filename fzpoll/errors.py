@@ -63,6 +63,7 @@ class DropReason(enum.StrEnum):
     DNS_REPLY_WRONG_SOURCE = "dns_reply_wrong_source"
     DNS_REPLY_QUESTION_MISMATCH = "dns_reply_question_mismatch"
     DNS_UNENCODABLE_REPLY = "dns_unencodable_reply"
+    DNS_SHED = "dns_shed"  # beyond the DNS queries one pass may parse (a local query flood)
 
     @property
     def kind(self) -> DropKind:

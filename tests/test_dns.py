@@ -803,3 +803,26 @@ def test_resolv_conf_has_the_sentinels_and_the_search_domains(tmp_path):
     lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
     assert lines == ["nameserver 100.100.111.1", "nameserver fd00:2021:1111:8000:100:100:111:1",
                      "search corp.example lab.example"]
+
+
+def test_forwarder_sheds_queries_beyond_the_pass_budget() -> None:
+    """A local query flood costs the loop ~2 us per query beyond MAX_QUERIES_PER_PASS, counted."""
+    from fzpoll.dns.forwarder import MAX_QUERIES_PER_PASS, DnsForwarder
+    from fzpoll.io.loop import Poller
+    from fzpoll.wireguard.engine import Engine
+
+    engine = Engine(None, random_bytes=random.Random(1).randbytes, wall_time=lambda: 0.0)
+    poller = Poller(engine, None)
+    r = make()
+    forwarder = DnsForwarder(r, poller, engine)
+    try:
+        for qid in range(MAX_QUERIES_PER_PASS + 5):
+            assert poller.intercept(packet(query_bytes("app.corp.test", qid=qid)), 0.0)
+        assert len(drain(r)) == MAX_QUERIES_PER_PASS
+        assert r.drops[D.DNS_SHED] == 5
+        forwarder.flush(0.0)  # the end of the pass: a new budget
+        assert poller.intercept(packet(query_bytes("app.corp.test", qid=999)), 0.0)
+        assert [d.header.id for _, d in drain(r)] == [999]
+    finally:
+        forwarder.close()
+        poller.close()
