@@ -16,8 +16,9 @@ from fzpoll.io.bpf import BPF_ALU, BPF_JMP, BPF_LD, BPF_MISC, BPF_RET, UDP_HEADE
 MAX_LEN = 1500
 
 
-def run(program: list[tuple[int, int, int, int]], packet: bytes) -> int:
-    """A cBPF interpreter for the instructions bpf.py emits (anything else is an error)."""
+def run(program: list[tuple[int, int, int, int]], packet: bytes, rand: int = 0) -> int:
+    """A cBPF interpreter for the instructions bpf.py emits (anything else is an error);
+    ``rand`` is what the kernel's random ancillary load returns."""
     a = x = pc = 0
     while True:
         code, jt, jf, k = program[pc]
@@ -25,6 +26,8 @@ def run(program: list[tuple[int, int, int, int]], packet: bytes) -> int:
         cls = code & 0x07
         if code == BPF_LD | bpf.BPF_W | bpf.BPF_LEN:
             a = len(packet)
+        elif code == BPF_LD | bpf.BPF_W | bpf.BPF_ABS and k == (bpf.SKF_AD_OFF + bpf.SKF_AD_RANDOM) & 0xFFFFFFFF:
+            a = rand
         elif code == BPF_LD | bpf.BPF_W | bpf.BPF_ABS:
             if k + 4 > len(packet):
                 return 0  # the kernel aborts the program on an out-of-bounds load
@@ -97,6 +100,37 @@ def test_gro_program_passes_every_real_run() -> None:
     dropped = [(kind, n) for kind, n in sorted(real_runs())
                if not run(program, udp(bytes([kind]) + bytes(n - 1)))]
     assert not dropped, dropped[:20]
+
+
+def transport(index: int, n: int = 48) -> bytes:
+    return b"\x04\x00\x00\x00" + index.to_bytes(4, "little") + bytes(n - 8)
+
+
+def test_receiver_indices() -> None:
+    live = [7, 0xDEADBEEF, 1 << 31]
+    for gro in (False, True):
+        program = bpf.wireguard_filter(gro, receiver_indices=live)
+        for index in live:
+            assert run(program, udp(transport(index))) == bpf.ACCEPT
+            assert run(program, udp(transport(index, 1452))) == bpf.ACCEPT
+            assert run(program, udp(transport(index, 40))) == 0  # the length is still checked
+        for index in (0, 8, 0xEFBEADDE, (1 << 31) + 1):
+            assert run(program, udp(transport(index))) == 0
+        assert run(program, udp(b"\x01\x00\x00\x00" + bytes(144))) == bpf.ACCEPT  # not transport
+    assert run(bpf.wireguard_filter(receiver_indices=[]), udp(transport(7))) == 0  # no session
+    with pytest.raises(ValueError):
+        bpf.wireguard_filter(receiver_indices=range(bpf.MAX_FILTER_INDICES + 1))
+
+
+def test_initiations_shed_at_random_under_load() -> None:
+    program = bpf.wireguard_filter(True, initiation_keep=4096)
+    initiation = udp(b"\x01\x00\x00\x00" + bytes(144))
+    assert run(program, initiation, rand=0x12340FFF) == bpf.ACCEPT  # low 16 bits 4095 < 4096
+    assert run(program, initiation, rand=0x00001000) == 0
+    assert run(program, udp(b"\x01\x00\x00\x00" + bytes(140)), rand=0) == 0  # length still checked
+    for rand in (0, 0xFFFF):  # the other types are not shed
+        assert run(program, udp(transport(1))) == bpf.ACCEPT
+        assert run(program, udp(b"\x02\x00\x00\x00" + bytes(88)), rand=rand) == bpf.ACCEPT
 
 
 def test_reserved_bytes_must_be_zero() -> None:
@@ -208,6 +242,52 @@ def test_exact_program_on_a_gro_socket_would_drop_a_run() -> None:
         _send_run(s, "initiations, closed by a keepalive")
         assert _drain(r, 0) == []
         assert sockfilter.kernel_drops(r) == 1
+
+
+def test_kernel_index_check_and_random_shedding() -> None:
+    """The real kernel runs the index check and the random load (SKF_AD_RANDOM) as we do."""
+    r, s = _receiver(gro=False, program_gro=False)
+    with r, s:
+        initiation = b"\x01\x00\x00\x00" + bytes(144)
+        sockfilter.attach(r, bpf.wireguard_filter(receiver_indices=[7, 1 << 31], initiation_keep=0))
+        for datagram in (transport(7), transport(8), transport(1 << 31), initiation):
+            s.send(datagram)
+        assert sorted(_drain(r, 2)) == sorted([transport(7), transport(1 << 31)])
+        sockfilter.attach(r, bpf.wireguard_filter(initiation_keep=65536))
+        s.send(initiation)
+        assert _drain(r, 1) == [initiation]
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.indices: dict[int, object] = {}
+        self.load_until = 0.0
+
+    def live_indices(self) -> frozenset[int]:
+        return frozenset(self.indices)
+
+    def is_under_load(self, now: float) -> bool:
+        return now < self.load_until
+
+
+def test_prefilter_control_follows_the_engine() -> None:
+    engine = FakeEngine()
+    control = sockfilter.PrefilterControl(engine, gro=False, check_indices=True)
+    r, s = _receiver(gro=False, program_gro=False)
+    with r, s:
+        assert control.set_sockets([r], gro=False)
+        control(0.0)
+        assert control.updates == 1  # nothing changed: no new program
+        s.send(transport(5))
+        engine.indices[5] = object()  # a new session, announced in this pass
+        control(0.0)
+        s.send(transport(5))
+        assert _drain(r, 1) == [transport(5)]  # the one sent before the pass was dropped
+        engine.load_until = 10.0
+        control(1.0)
+        assert control.updates == 3 and control.under_load
+        control(11.0)
+        assert control.updates == 4 and not control.under_load
 
 
 def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -95,7 +95,7 @@ class PrefilterControl:
         self.sockets: list[socket.socket] = []
         self.attached = False
         self.updates = 0  # programs attached since start (for fzpoll show)
-        self._under_load = False
+        self.under_load = False
         self._indices: frozenset[int] = frozenset()
 
     def set_sockets(self, sockets: list[socket.socket], gro: bool) -> bool:
@@ -108,18 +108,18 @@ class PrefilterControl:
     def __call__(self, now: float) -> None:
         if not self.attached:
             return
-        if self.engine.is_under_load(now) != self._under_load or \
+        if self.engine.is_under_load(now) != self.under_load or \
                 (self.check_indices and self.engine.live_indices() != self._indices):
             self._attach(now)
 
     def _attach(self, now: float | None = None) -> None:
-        self._under_load = now is not None and self.engine.is_under_load(now)
+        self.under_load = now is not None and self.engine.is_under_load(now)
         indices = None
         if self.check_indices:
-            self._indices = frozenset(self.engine.live_indices())
+            self._indices = self.engine.live_indices()
             indices = self._indices if len(self._indices) <= MAX_FILTER_INDICES else None
         program = wireguard_filter(self.gro, receiver_indices=indices,
-                                   initiation_keep=INITIATION_KEEP_UNDER_LOAD if self._under_load else None)
+                                   initiation_keep=INITIATION_KEEP_UNDER_LOAD if self.under_load else None)
         for sock in self.sockets:
             if self.attached:
                 try:
