@@ -10,7 +10,9 @@ as root)::
 
 ``--impls fzpoll,wireguard-go``: A and B both run fzpoll (A ``fzpoll -f`` configured with wg, B
 ``fzpoll up CONF`` with a DNS stub: ``DNS =`` X's address, ``[Resource] Name = *.corp.test``), or
-both run upstream wireguard-go (/work/shared/anchors/wireguard-go-upstream, ``$WG_GO_UPSTREAM``).
+both run upstream wireguard-go (/work/shared/anchors/wireguard-go-upstream, ``$WG_GO_UPSTREAM``);
+``fzpoll-noindex`` and ``fzpoll-nofilter`` are fzpoll without the kernel's receiver-index check
+(FZPOLL_FILTER_INDICES=0) or without the kernel prefilter at all (FZPOLL_DISABLE_FILTER=1).
 Both setups stay up for the whole run and the cells alternate between them (flood by flood), so
 a disturbance of the shared machine hits both alike. ``--attackers N`` flooding processes (each
 ``sendmmsg`` of 256 datagrams per call from a pool prepared beforehand, tools/flood_attack.py),
@@ -48,7 +50,8 @@ used during the cell (in % of one core): a cell with a large value was disturbed
 
     sudo python3 tools/bench_flood.py [--seconds 10] [--quick] [--attackers 2] [--attack-pps 0]
                                       [--impls fzpoll,wireguard-go] [--floods a,b,c,d,e,f]
-                                      [--rounds 1] [--schedule fair] [--json FILE] [--keep-logs DIR]
+                                      [--rounds 1] [--schedule fair] [--max-wait 20] [--json FILE]
+                                      [--keep-logs DIR]
     sudo python3 tools/bench_flood.py --soak 60
 
 Only the namespaces created here receive traffic; every flood stops after its cell (SIGTERM, and
@@ -86,6 +89,13 @@ SENTINEL = "100.100.111.1"
 LOCAL_NAME = "app.corp.test"
 WG_GO_UPSTREAM = os.environ.get("WG_GO_UPSTREAM", "/work/shared/anchors/wireguard-go-upstream")
 ATTACKER = str(REPO / "tools" / "flood_attack.py")
+# Implementations (A and B run the same one); the fzpoll variants switch parts of the prefilter off.
+IMPL_ENV = {
+    "fzpoll": {},
+    "fzpoll-noindex": {"FZPOLL_FILTER_INDICES": "0"},  # no receiver-index check in the kernel
+    "fzpoll-nofilter": {"FZPOLL_DISABLE_FILTER": "1"},  # no kernel prefilter at all
+    "wireguard-go": {},
+}
 FLOODS = {
     "none": "no flood",
     "a": "random junk, 1-1400 B",
@@ -282,13 +292,33 @@ class Setup:
         self.ns_b.ip("route", "add", "default", "via", self.xb.ip_a)  # answers to spoofed sources
         key_a, key_b = netns.genkey(), netns.genkey()
         self.public_a, self.public_b = netns.pubkey(key_a), netns.pubkey(key_b)
+        saved = {k: os.environ.get(k) for k in IMPL_ENV[impl]}
+        os.environ.update(IMPL_ENV[impl])  # the daemons inherit it
+        try:
+            self._start(key_a, key_b, tmp)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        self.ns_a.run(["ping", "-c", "3", "-i", "0.1", "-W", "2", TUN_B], timeout=20)
+        self.pid_b = self.b.proc.pid
+        self.started = time.monotonic()
+        assert self.kind.split("-")[0] in Path(f"/proc/{self.pid_b}/cmdline").read_text(errors="replace")
+
+    @property
+    def kind(self) -> str:
+        return "wireguard-go" if self.impl == "wireguard-go" else "fzpoll"
+
+    def _start(self, key_a: str, key_b: str, tmp: Path) -> None:
         self.a = self._daemon(self.ns_a).start()
         self.a.configure(key_a, PORT_A)
         self.a.add_peer(self.public_b, [f"{TUN_B}/32"], f"{self.ab.ip_b}:{PORT_B}")
         self.a.address(f"{TUN_A}/32")
         self.a.up()
         self.a.route(f"{TUN_B}/32")
-        if impl == "fzpoll":
+        if self.kind == "fzpoll":
             self.b = self._fzpoll_up(key_b, tmp).start(timeout=15)
             self._wait_route(SENTINEL)
         else:
@@ -298,10 +328,6 @@ class Setup:
             self.b.address(f"{TUN_B}/32")
             self.b.up()
             self.b.route(f"{TUN_A}/32")
-        self.ns_a.run(["ping", "-c", "3", "-i", "0.1", "-W", "2", TUN_B], timeout=20)
-        self.pid_b = self.b.proc.pid
-        self.started = time.monotonic()
-        assert impl.split("-")[0] in Path(f"/proc/{self.pid_b}/cmdline").read_text(errors="replace")
 
     def _ns(self, tag: str):
         ns = self.netns.Namespace(tag)
@@ -310,7 +336,7 @@ class Setup:
 
     def _daemon(self, ns):
         level = os.environ.get("FLOOD_LOG_LEVEL", "warning")
-        if self.impl == "wireguard-go":
+        if self.kind == "wireguard-go":
             class WgGo(self.netns.WireguardGo):
                 program = (WG_GO_UPSTREAM, "-f")
 
@@ -422,7 +448,7 @@ def make_pool(kind: str, setup: Setup, size: int, tmp: Path) -> list[bytes]:
 
 
 def applies(impl: str, flood: str) -> bool:
-    return not (flood == "e" and impl != "fzpoll")  # only fzpoll has a DNS stub
+    return not (flood == "e" and impl == "wireguard-go")  # only fzpoll has a DNS stub
 
 
 def run_cell(setup: Setup, flood: str, args, tmp: Path) -> dict:
@@ -431,7 +457,7 @@ def run_cell(setup: Setup, flood: str, args, tmp: Path) -> dict:
     flooders: list[subprocess.Popen] = []
     handshake_before = setup.latest_handshake_b()
     stats_before = fzpoll_stats(setup.b.socket_path)
-    cell["busy_before_pct"] = wait_quiet()
+    cell["busy_before_pct"] = wait_quiet(timeout=args.max_wait)
     if flood != "none":
         pool = make_pool(flood, setup, args.pool, tmp)
         cell["pool"] = len(pool)
@@ -612,7 +638,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead: floods c and a for S seconds each, sampling B's RSS every second")
     p.add_argument("--attackers", type=int, default=2, help="attacker processes per flood (default 2)")
     p.add_argument("--attack-pps", type=float, default=0.0, help="cap on the total attack rate (0: none)")
-    p.add_argument("--impls", default="fzpoll,wireguard-go", help="comma-separated: fzpoll, wireguard-go")
+    p.add_argument("--impls", default="fzpoll,wireguard-go", help="comma-separated: " + ", ".join(IMPL_ENV))
+    p.add_argument("--max-wait", type=float, default=20.0,
+                   help="seconds to wait before a cell for the host to be at most 40%% busy")
     p.add_argument("--schedule", default="fair", choices=["fair", "priority"], help="fzpoll's loop schedule")
     p.add_argument("--floods", default="a,b,c,d,e,f", help="comma-separated subset of " + ",".join(FLOODS))
     p.add_argument("--rounds", type=int, default=1, help="repeat every cell; the table shows medians")
