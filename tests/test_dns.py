@@ -805,24 +805,39 @@ def test_resolv_conf_has_the_sentinels_and_the_search_domains(tmp_path):
                      "search corp.example lab.example"]
 
 
-def test_forwarder_sheds_queries_beyond_the_pass_budget() -> None:
-    """A local query flood costs the loop ~2 us per query beyond MAX_QUERIES_PER_PASS, counted."""
-    from fzpoll.dns.forwarder import MAX_QUERIES_PER_PASS, DnsForwarder
-    from fzpoll.io.loop import Poller
+def test_forwarder_sheds_queries_under_a_sustained_flood() -> None:
+    """A burst is answered whole; a flood that fills every pass for DNS_OVERLOAD_AFTER seconds
+    costs the loop ~2 us per query beyond MAX_QUERIES_PER_PASS (counted), until it stops."""
+    from fzpoll.dns.forwarder import DNS_OVERLOAD_AFTER, MAX_QUERIES_PER_PASS, DnsForwarder
+    from fzpoll.io.datapath import Datapath
+    from fzpoll.io.loop import Loop
     from fzpoll.wireguard.engine import Engine
 
     engine = Engine(None, random_bytes=random.Random(1).randbytes, wall_time=lambda: 0.0)
-    poller = Poller(engine, None)
+    loop = Loop()
+    datapath = Datapath(engine, loop, None)
     r = make()
-    forwarder = DnsForwarder(r, poller, engine)
+    forwarder = DnsForwarder(r, loop, datapath)
+    qid = iter(range(1 << 16))
+
+    def one_pass(now: float, queries: int) -> int:
+        """Queries answered in a pass of ``queries`` queries at ``now``."""
+        for _ in range(queries):
+            assert datapath.intercept(packet(query_bytes("app.corp.test", qid=next(qid))), now)
+        answered = len(drain(r))
+        forwarder.flush(now)
+        return answered
+
     try:
-        for qid in range(MAX_QUERIES_PER_PASS + 5):
-            assert poller.intercept(packet(query_bytes("app.corp.test", qid=qid)), 0.0)
-        assert len(drain(r)) == MAX_QUERIES_PER_PASS
-        assert r.drops[D.DNS_SHED] == 5
-        forwarder.flush(0.0)  # the end of the pass: a new budget
-        assert poller.intercept(packet(query_bytes("app.corp.test", qid=999)), 0.0)
-        assert [d.header.id for _, d in drain(r)] == [999]
+        now = 0.0
+        while now < DNS_OVERLOAD_AFTER:  # a long burst: everything answered
+            assert one_pass(now, 20) == 20
+            now += 0.1
+        assert one_pass(now, 20) == 20 and forwarder.shedding  # overloaded from the next pass on
+        assert one_pass(now + 0.1, 20) == MAX_QUERIES_PER_PASS
+        assert r.drops[D.DNS_SHED] == 20 - MAX_QUERIES_PER_PASS
+        assert one_pass(now + 0.2, 3) == 3 and not forwarder.shedding  # the flood stopped
+        assert one_pass(now + 0.3, 20) == 20
     finally:
         forwarder.close()
-        poller.close()
+        loop.close()

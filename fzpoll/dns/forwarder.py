@@ -24,11 +24,14 @@ from fzpoll.io.loop import Loop
 log = logging.getLogger("fzpoll.dns.stub")
 
 MAX_REPLIES_PER_PASS = 64  # answers read from one upstream socket per wakeup (fairness)
-# Queries to the sentinels the stub parses per pass; the rest are dropped (counted dns_shed). A
-# query costs ~60 us (dnslib) against ~2 us to drop it, and queries share the TUN device's ring
-# (txqueuelen packets) with the tunnel's traffic: a local process flooding the stub must not
-# keep that ring full, or the kernel drops the tunnel's packets at it.
+# Under a sustained query flood (every pass for DNS_OVERLOAD_AFTER seconds brought at least
+# MAX_QUERIES_PER_PASS queries), the stub parses only that many per pass and the rest are dropped
+# (counted dns_shed) until a pass brings fewer. A query costs ~60 us (dnslib) against ~2 us to
+# drop it, and queries share the TUN device's ring (txqueuelen packets) with the tunnel's
+# traffic: a local process flooding the stub must not keep that ring full, or the kernel drops
+# the tunnel's packets at it. A burst (an application's 1000 queries at once) is answered whole.
 MAX_QUERIES_PER_PASS = 8
+DNS_OVERLOAD_AFTER = 0.5
 MAX_TCP_ANSWER = 65535
 
 
@@ -54,7 +57,9 @@ class DnsForwarder:
         self.engine = datapath.engine
         self._udp: dict[int, socket.socket] = {}  # family -> socket
         self._tcp: dict[int, _TcpQuery] = {}  # fd -> query
-        self._queries_left = MAX_QUERIES_PER_PASS  # in this pass
+        self._queries = 0  # intercepted in this pass
+        self._busy_since: float | None = None  # every pass since then brought a full budget
+        self.shedding = False
         datapath.set_intercept(self._intercept,
                                frozenset(s.packed for s in stub.sentinels if s.version == 4),
                                frozenset(s.packed for s in stub.sentinels if s.version == 6))
@@ -62,16 +67,24 @@ class DnsForwarder:
         loop.add_timer_source(stub.next_deadline, self._on_timer)
 
     def _intercept(self, packet: bytes, now: float) -> bool:
-        if self._queries_left <= 0:
+        self._queries += 1
+        if self.shedding and self._queries > MAX_QUERIES_PER_PASS:
             self.stub.count_drop(D.DNS_SHED)
             return True
-        self._queries_left -= 1
         return self.stub.handle_packet(packet, now)
+
+    def _end_pass(self, now: float) -> None:
+        if self._queries < MAX_QUERIES_PER_PASS:
+            self._busy_since = None
+        elif self._busy_since is None:
+            self._busy_since = now
+        self.shedding = self._busy_since is not None and now - self._busy_since >= DNS_OVERLOAD_AFTER
+        self._queries = 0
 
     # ------------------------------------------------------------------ recursive queries out
 
     def flush(self, now: float) -> None:
-        self._queries_left = MAX_QUERIES_PER_PASS
+        self._end_pass(now)
         stub = self.stub
         if stub.udp_queries:
             queries, stub.udp_queries = stub.udp_queries, []
