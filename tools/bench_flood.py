@@ -81,6 +81,10 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "tools"))
 
 import flood_attack as attack  # noqa: E402
+from flood_measure import (  # noqa: E402
+    ForeignCpu, proc_cpu_seconds, proc_status_kib, reset_peak_rss, run_iperf, run_ping, softnet_dropped,
+    udp_counters, wait_quiet,
+)
 from fzpoll.wireguard.constants import REKEY_AFTER_TIME  # noqa: E402  (the initiator rekeys a session this old)
 
 PORT_A, PORT_B = 51820, 51821
@@ -108,7 +112,6 @@ FLOODS = {
 
 # =============================================================================================
 # Inside B's namespace: capture B-bound transport datagrams (``bench_flood.py _capture ...``)
-
 
 
 def capture_main(argv: list[str]) -> int:
@@ -141,120 +144,6 @@ def capture_main(argv: list[str]) -> int:
     return 0
 
 
-
-# =============================================================================================
-# Measurements
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def proc_status_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def reset_peak_rss(pid: int) -> None:
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-
-
-def softnet_dropped() -> int:
-    """Packets the kernel dropped because a CPU's input backlog was full (all CPUs, host-wide:
-    veth delivery goes through it, so an attacker can overrun it before any socket is reached)."""
-    return sum(int(line.split()[1], 16) for line in Path("/proc/net/softnet_stat").read_text().splitlines())
-
-
-class ForeignCpu:
-    """CPU seconds used by processes outside our namespaces (other users of this machine), so a
-    noisy cell can be recognised. Kernel threads count as foreign; our own tool does not."""
-
-    def __init__(self, namespaces) -> None:
-        self.mine = {os.stat(f"/run/netns/{ns.name}").st_ino for ns in namespaces}
-        self.start = self._sample()
-
-    def _sample(self) -> dict[int, float]:
-        out = {}
-        me = os.getpid()
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) == me:
-                continue
-            try:
-                if os.stat(f"/proc/{entry.name}/ns/net").st_ino in self.mine:
-                    continue
-                out[int(entry.name)] = proc_cpu_seconds(int(entry.name))
-            except (OSError, ValueError, IndexError):
-                continue
-        return out
-
-    def seconds(self) -> float:
-        end = self._sample()
-        return sum(t - self.start.get(pid, 0.0) for pid, t in end.items() if t >= self.start.get(pid, 0.0))
-
-
-def host_busy(interval: float = 0.5) -> float:
-    def sample() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + fields[4]
-        return sum(fields[:8]), idle
-
-    t0, i0 = sample()
-    time.sleep(interval)
-    t1, i1 = sample()
-    return 100.0 * (1 - (i1 - i0) / max(1, t1 - t0))
-
-
-def wait_quiet(max_busy: float = 40.0, timeout: float = 20.0) -> float:
-    """Wait (up to ``timeout``) until the host is at most ``max_busy``% busy; the last reading."""
-    end = time.monotonic() + timeout
-    busy = host_busy()
-    while busy > max_busy and time.monotonic() < end:
-        busy = host_busy()
-    return busy
-
-
-def udp_counters(ns) -> dict[str, int]:
-    lines = [line.split() for line in ns.run(["cat", "/proc/net/snmp"]).stdout.splitlines()
-             if line.startswith("Udp:")]
-    return dict(zip(lines[0][1:], map(int, lines[1][1:])))
-
-
-def run_ping(ns, count: int) -> dict:
-    out = ns.run(["ping", "-n", "-i", "0.01", "-c", str(count), "-W", "1", TUN_B], check=False,
-                 timeout=count * 0.05 + 20).stdout
-    times = sorted(float(t) for t in re.findall(r"time=([\d.]+) ms", out))
-    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-    sent, received = (int(m.group(1)), int(m.group(2))) if m else (count, 0)
-
-    def quantile(q: float) -> float | None:
-        return times[min(len(times) - 1, int(q * len(times)))] if times else None
-
-    return {"ping_sent": sent, "ping_received": received,
-            "loss_pct": 100.0 * (sent - received) / sent if sent else 100.0,
-            "rtt_p50_ms": quantile(0.50), "rtt_p99_ms": quantile(0.99)}
-
-
-def run_iperf(ns_a, ns_b, seconds: float) -> float | None:
-    server = ns_b.popen(["iperf3", "-s", "-1", "-B", TUN_B], stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL)
-    time.sleep(0.2)
-    try:
-        out = ns_a.run(["iperf3", "-c", TUN_B, "-t", str(max(1, round(seconds))), "-J",
-                        "--connect-timeout", "2000"], check=False, timeout=seconds + 8).stdout
-        result = json.loads(out or "{}")
-        bps = result.get("end", {}).get("sum_received", {}).get("bits_per_second")
-        return None if bps is None else bps / 1e6
-    except (json.JSONDecodeError, AssertionError):
-        return None
-    finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait(timeout=5)
-
-
 def fzpoll_stats(socket_path: Path) -> dict:
     """fzpoll's own counters (``get=fzpoll``), if this daemon answers it; {} otherwise."""
     from fzpoll.show import QueryError, parse_stats, query
@@ -269,7 +158,6 @@ def _drops(stats: dict) -> dict[str, int]:
         if isinstance(stats.get(key), dict):
             return stats[key]
     return {}
-
 
 
 # =============================================================================================
@@ -468,8 +356,8 @@ def run_cell(setup: Setup, flood: str, args, tmp: Path) -> dict:
         foreign = ForeignCpu(setup.namespaces)
         backlog0 = softnet_dropped()
         snmp0, cpu0, t0 = udp_counters(setup.ns_b), proc_cpu_seconds(pid), time.monotonic()
-        cell.update(run_ping(setup.ns_a, int(args.seconds / 2 * 100)))
-        cell["tcp_mbps"] = run_iperf(setup.ns_a, setup.ns_b, args.seconds / 2)
+        cell.update(run_ping(setup.ns_a, int(args.seconds / 2 * 100), TUN_B))
+        cell["tcp_mbps"] = run_iperf(setup.ns_a, setup.ns_b, args.seconds / 2, TUN_B)
         snmp1, cpu1, t1 = udp_counters(setup.ns_b), proc_cpu_seconds(pid), time.monotonic()
         cell["cpu_pct"] = 100.0 * (cpu1 - cpu0) / (t1 - t0)
         cell["vmhwm_kib"] = proc_status_kib(pid, "VmHWM")
@@ -603,8 +491,6 @@ def soak(args, tmp: Path) -> list[dict]:
               f"| {r['rss_min_kib'] / 1024:.1f} | {r['rss_max_kib'] / 1024:.1f} | {r['rss_first_kib'] / 1024:.1f} "
               f"| {r['rss_last_kib'] / 1024:.1f} | {r['vmhwm_kib'] / 1024:.1f} | {r['ping']} |")
     return out
-
-
 
 
 # =============================================================================================
