@@ -124,6 +124,8 @@ class Device:
             s.close()
         self.sockets = sockets
         self.listen_port = sockets[0].getsockname()[1]
+        gro = self.datapath.offloads()["gro"]
+        self.udp_filter = ("gro" if gro else "exact") if self.prefilter.set_sockets(sockets, gro) else "off"
         log.info("listening", extra={"fields": {"port": self.listen_port, "families": len(sockets)}})
 
     # ------------------------------------------------------------------ UapiHost
