@@ -44,18 +44,28 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def send_cost(receiver: socket.socket, pool: list[bytes], count: int) -> float:
-    """Sender CPU microseconds per datagram (the kernel delivers in the sender's call)."""
+def _sender(receiver: socket.socket, pool: list[bytes]):
+    """A socket connected to ``receiver`` and a function sending the next batch of the pool."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.connect(receiver.getsockname())
     libc = ctypes.CDLL(None, use_errno=True)
     batches = attack._batches(pool)
+    turn = iter(range(1 << 62))
+
+    def send() -> int:
+        msgs = batches[next(turn) % len(batches)][0]
+        return max(libc.sendmmsg(s.fileno(), msgs, attack.VLEN, 0), 0)
+
+    return s, send
+
+
+def send_cost(receiver: socket.socket, pool: list[bytes], count: int) -> float:
+    """Sender CPU microseconds per datagram (the kernel delivers in the sender's call)."""
+    s, send = _sender(receiver, pool)
     sent = 0
     start = _cpu()
     while sent < count:
-        for msgs, _, _ in batches:
-            n = libc.sendmmsg(s.fileno(), msgs, attack.VLEN, 0)
-            sent += max(n, 0)
+        sent += send()
     s.close()
     return (_cpu() - start) / sent * 1e6
 
@@ -67,23 +77,18 @@ def python_cost(pool: list[bytes], count: int) -> float:
     r.bind(("127.0.0.1", 0))
     r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     r.setblocking(False)
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.connect(r.getsockname())
+    s, send = _sender(r, pool)
     engine = Engine(None, random_bytes=os.urandom, wall_time=time.time)
-    libc = ctypes.CDLL(None, use_errno=True)
-    batches = attack._batches(pool)
     done = 0
     start = _cpu()
     while done < count:
-        for msgs, _, _ in batches:
-            n = libc.sendmmsg(s.fileno(), msgs, attack.VLEN, 0)
-            for _ in range(max(n, 0)):
-                try:
-                    data, addr = r.recvfrom(65535)
-                except BlockingIOError:
-                    break
-                engine.receive(data, addr, 0.0)
-                done += 1
+        for _ in range(send()):
+            try:
+                data, addr = r.recvfrom(65535)
+            except BlockingIOError:
+                break
+            engine.receive(data, addr, 0.0)
+            done += 1
     r.close()
     s.close()
     return (_cpu() - start) / done * 1e6
