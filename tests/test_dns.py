@@ -806,9 +806,9 @@ def test_resolv_conf_has_the_sentinels_and_the_search_domains(tmp_path):
 
 
 def test_forwarder_sheds_queries_under_a_sustained_flood() -> None:
-    """A burst is answered whole; a flood that fills every pass for DNS_OVERLOAD_AFTER seconds
-    costs the loop ~2 us per query beyond MAX_QUERIES_PER_PASS (counted), until it stops."""
-    from fzpoll.dns.forwarder import DNS_OVERLOAD_AFTER, MAX_QUERIES_PER_PASS, DnsForwarder
+    """A burst is answered whole; a flood of more than DNS_OVERLOAD_QUERIES in a window costs the
+    loop ~2 us per query beyond MAX_QUERIES_PER_PASS (counted), until a window brings fewer."""
+    from fzpoll.dns.forwarder import DNS_OVERLOAD_QUERIES, DNS_OVERLOAD_WINDOW, MAX_QUERIES_PER_PASS, DnsForwarder
     from fzpoll.io.datapath import Datapath
     from fzpoll.io.loop import Loop
     from fzpoll.wireguard.engine import Engine
@@ -829,15 +829,16 @@ def test_forwarder_sheds_queries_under_a_sustained_flood() -> None:
         return answered
 
     try:
-        now = 0.0
-        while now < DNS_OVERLOAD_AFTER:  # a long burst: everything answered
-            assert one_pass(now, 20) == 20
-            now += 0.1
-        assert one_pass(now, 20) == 20 and forwarder.shedding  # overloaded from the next pass on
-        assert one_pass(now + 0.1, 20) == MAX_QUERIES_PER_PASS
+        w = DNS_OVERLOAD_WINDOW
+        assert one_pass(0.0, 64) == 64
+        assert one_pass(w / 2, 1000) == 1000  # a burst: answered whole
+        assert one_pass(w, 20) == 20 and not forwarder.shedding  # 1084 in the first window
+        assert one_pass(w + 0.1, DNS_OVERLOAD_QUERIES) == DNS_OVERLOAD_QUERIES
+        assert one_pass(2 * w, 20) == 20 and forwarder.shedding  # 2020 in the next: a flood
+        assert one_pass(2 * w + 0.1, 20) == MAX_QUERIES_PER_PASS
         assert r.drops[D.DNS_SHED] == 20 - MAX_QUERIES_PER_PASS
-        assert one_pass(now + 0.2, 3) == 3 and not forwarder.shedding  # the flood stopped
-        assert one_pass(now + 0.3, 20) == 20
+        assert one_pass(3 * w, 3) == 3 and not forwarder.shedding  # the flood stopped
+        assert one_pass(3 * w + 0.1, 20) == 20
     finally:
         forwarder.close()
         loop.close()

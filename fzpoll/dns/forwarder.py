@@ -24,14 +24,16 @@ from fzpoll.io.loop import Loop
 log = logging.getLogger("fzpoll.dns.stub")
 
 MAX_REPLIES_PER_PASS = 64  # answers read from one upstream socket per wakeup (fairness)
-# Under a sustained query flood (every pass for DNS_OVERLOAD_AFTER seconds brought at least
-# MAX_QUERIES_PER_PASS queries), the stub parses only that many per pass and the rest are dropped
-# (counted dns_shed) until a pass brings fewer. A query costs ~60 us (dnslib) against ~2 us to
-# drop it, and queries share the TUN device's ring (txqueuelen packets) with the tunnel's
-# traffic: a local process flooding the stub must not keep that ring full, or the kernel drops
-# the tunnel's packets at it. A burst (an application's 1000 queries at once) is answered whole.
+# Under a sustained query flood (more than DNS_OVERLOAD_QUERIES reached the stub in the last
+# DNS_OVERLOAD_WINDOW seconds), the stub parses only MAX_QUERIES_PER_PASS queries per pass and the
+# rest are dropped (counted dns_shed) until a window brings fewer. A query costs ~60 us (dnslib)
+# against ~2 us to drop it, and queries share the TUN device's ring (txqueuelen packets) with the
+# tunnel's traffic: a local process flooding the stub must not keep that ring full, or the kernel
+# drops the tunnel's packets at it. A burst (an application's 1000 queries at once) is answered
+# whole; a client that sustains more than 4,000 queries/s is shed.
 MAX_QUERIES_PER_PASS = 8
-DNS_OVERLOAD_AFTER = 0.5
+DNS_OVERLOAD_WINDOW = 0.5
+DNS_OVERLOAD_QUERIES = 2000
 MAX_TCP_ANSWER = 65535
 
 
@@ -58,7 +60,8 @@ class DnsForwarder:
         self._udp: dict[int, socket.socket] = {}  # family -> socket
         self._tcp: dict[int, _TcpQuery] = {}  # fd -> query
         self._queries = 0  # intercepted in this pass
-        self._busy_since: float | None = None  # every pass since then brought a full budget
+        self._window_queries = 0  # intercepted since _window_start
+        self._window_start = 0.0
         self.shedding = False
         datapath.set_intercept(self._intercept,
                                frozenset(s.packed for s in stub.sentinels if s.version == 4),
@@ -68,18 +71,18 @@ class DnsForwarder:
 
     def _intercept(self, packet: bytes, now: float) -> bool:
         self._queries += 1
+        self._window_queries += 1
         if self.shedding and self._queries > MAX_QUERIES_PER_PASS:
             self.stub.count_drop(D.DNS_SHED)
             return True
         return self.stub.handle_packet(packet, now)
 
     def _end_pass(self, now: float) -> None:
-        if self._queries < MAX_QUERIES_PER_PASS:
-            self._busy_since = None
-        elif self._busy_since is None:
-            self._busy_since = now
-        self.shedding = self._busy_since is not None and now - self._busy_since >= DNS_OVERLOAD_AFTER
         self._queries = 0
+        if now - self._window_start >= DNS_OVERLOAD_WINDOW:
+            self.shedding = self._window_queries > DNS_OVERLOAD_QUERIES
+            self._window_queries = 0
+            self._window_start = now
 
     # ------------------------------------------------------------------ recursive queries out
 
