@@ -78,7 +78,7 @@ def kernel_drops(sock: socket.socket) -> int | None:
 
 class PrefilterControl:
     """Keeps the prefilter of a device's sockets in step with the engine; called once per loop
-    pass (a poller flusher: after the pass's input, before its output is written, so a receiver
+    pass (a loop flusher: after the pass's input, before its output is written, so a receiver
     index is in the filter before the response that announces it leaves).
 
     Under load (the engine answers initiations with cookie replies) only a random
