@@ -70,6 +70,7 @@ class DropReason(enum.StrEnum):
     DNS_REPLY_QUESTION_MISMATCH = "dns_reply_question_mismatch"
     DNS_UNENCODABLE_REPLY = "dns_unencodable_reply"
     DNS_UPSTREAM_MISMATCH = "dns_upstream_mismatch"  # gateway lookup: wrong address/port, ID or question
+    DNS_SHED = "dns_shed"  # beyond the DNS queries one pass may parse (a local query flood)
 
     @property
     def kind(self) -> DropKind:

@@ -232,10 +232,14 @@ def _format_stats(stats: dict[str, Any] | None) -> list[str]:
                    f"max batch: {poller.get('max_udp_batch', 0)} udp, {poller.get('max_tun_batch', 0)} tun")
         out.append(f"  errors: {_counts(poller.get('errors'))}")
     out.append(f"  drops: {_counts(stats.get('drops'))}")
+    kernel = stats.get("kernel")
+    if isinstance(kernel, dict):
+        out.append(f"  kernel drops: {kernel.get('drops', 0)} (prefilter {kernel.get('filter', 'off')}; "
+                   "junk it rejected and receive-buffer overflows)")
     pending = stats.get("pending_writes")
     if isinstance(pending, dict):
         out.append("  pending writes: " + (", ".join(f"{k} {v}" for k, v in pending.items()) or "none"))
-    shown = {"daemon", "poller", "drops", "pending_writes"}
+    shown = {"daemon", "poller", "drops", "kernel", "pending_writes"}
     for key in sorted(k for k in stats if k not in shown):  # whatever later daemons add
         value = stats[key]
         out.append(f"  {key.replace('_', ' ')}: {_counts(value) if isinstance(value, dict) else value}")

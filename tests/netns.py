@@ -397,7 +397,7 @@ class WireguardGo:
         env = dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL=self.log_level,
                    WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1")
         with open(self.log_path, "wb") as log:
-            self.proc = self.ns.popen([*self.program, self.ifname], env=env,
+            self.proc = self.ns.popen(self.argv(), env=env,
                                       stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -409,6 +409,10 @@ class WireguardGo:
                 return self
             time.sleep(0.02)
         raise AssertionError(f"wireguard-go socket {self.socket_path} did not appear: {self.log()}")
+
+    def argv(self) -> list[str]:
+        """The command that starts the daemon (a subclass may run it another way)."""
+        return [*self.program, self.ifname]
 
     def log(self) -> str:
         """What wireguard-go printed so far."""

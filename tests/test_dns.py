@@ -803,3 +803,42 @@ def test_resolv_conf_has_the_sentinels_and_the_search_domains(tmp_path):
     lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
     assert lines == ["nameserver 100.100.111.1", "nameserver fd00:2021:1111:8000:100:100:111:1",
                      "search corp.example lab.example"]
+
+
+def test_forwarder_sheds_queries_under_a_sustained_flood() -> None:
+    """A burst is answered whole; a flood of more than DNS_OVERLOAD_QUERIES in a window costs the
+    loop ~2 us per query beyond MAX_QUERIES_PER_PASS (counted), until a window brings fewer."""
+    from fzpoll.dns.forwarder import DNS_OVERLOAD_QUERIES, DNS_OVERLOAD_WINDOW, MAX_QUERIES_PER_PASS, DnsForwarder
+    from fzpoll.io.datapath import Datapath
+    from fzpoll.io.loop import Loop
+    from fzpoll.wireguard.engine import Engine
+
+    engine = Engine(None, random_bytes=random.Random(1).randbytes, wall_time=lambda: 0.0)
+    loop = Loop()
+    datapath = Datapath(engine, loop, None)
+    r = make()
+    forwarder = DnsForwarder(r, loop, datapath)
+    qid = iter(range(1 << 16))
+
+    def one_pass(now: float, queries: int) -> int:
+        """Queries answered in a pass of ``queries`` queries at ``now``."""
+        for _ in range(queries):
+            assert datapath.intercept(packet(query_bytes("app.corp.test", qid=next(qid))), now)
+        answered = len(drain(r))
+        forwarder.flush(now)
+        return answered
+
+    try:
+        w = DNS_OVERLOAD_WINDOW
+        assert one_pass(0.0, 64) == 64
+        assert one_pass(w / 2, 1000) == 1000  # a burst: answered whole
+        assert one_pass(w, 20) == 20 and not forwarder.shedding  # 1084 in the first window
+        assert one_pass(w + 0.1, DNS_OVERLOAD_QUERIES) == DNS_OVERLOAD_QUERIES
+        assert one_pass(2 * w, 20) == 20 and forwarder.shedding  # 2020 in the next: a flood
+        assert one_pass(2 * w + 0.1, 20) == MAX_QUERIES_PER_PASS
+        assert r.drops[D.DNS_SHED] == 20 - MAX_QUERIES_PER_PASS
+        assert one_pass(3 * w, 3) == 3 and not forwarder.shedding  # the flood stopped
+        assert one_pass(3 * w + 0.1, 20) == 20
+    finally:
+        forwarder.close()
+        loop.close()

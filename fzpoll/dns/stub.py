@@ -328,6 +328,10 @@ class StubResolver:
 
     # -- inputs -------------------------------------------------------------------------------
 
+    def count_drop(self, reason: D, n: int = 1) -> None:
+        """Count queries the IO side dropped before they reached the stub (e.g. shed)."""
+        self.drops[reason] += n
+
     def handle_packet(self, packet: bytes, now: float) -> bool:
         """Consume a packet read from TUN if it is UDP to a sentinel's port 53 (True), else leave
         it to the caller (False)."""

@@ -1,0 +1,307 @@
+"""The kernel prefilter: its program (run by a pure interpreter of the instructions it uses) passes
+exactly the datagrams that can be WireGuard messages, and the real kernel agrees on loopback,
+including a GSO run that reaches a GRO socket in one piece."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pytest
+
+from fzpoll.io import bpf, sockfilter
+from fzpoll.io.bpf import BPF_ALU, BPF_JMP, BPF_LD, BPF_MISC, BPF_RET, UDP_HEADER
+
+MAX_LEN = 1500
+
+
+def run(program: list[tuple[int, int, int, int]], packet: bytes, rand: int = 0) -> int:
+    """A cBPF interpreter for the instructions bpf.py emits (anything else is an error);
+    ``rand`` is what the kernel's random ancillary load returns."""
+    a = x = pc = 0
+    while True:
+        code, jt, jf, k = program[pc]
+        pc += 1
+        cls = code & 0x07
+        if code == BPF_LD | bpf.BPF_W | bpf.BPF_LEN:
+            a = len(packet)
+        elif code == BPF_LD | bpf.BPF_W | bpf.BPF_ABS and k == (bpf.SKF_AD_OFF + bpf.SKF_AD_RANDOM) & 0xFFFFFFFF:
+            a = rand
+        elif code == BPF_LD | bpf.BPF_W | bpf.BPF_ABS:
+            if k + 4 > len(packet):
+                return 0  # the kernel aborts the program on an out-of-bounds load
+            a = int.from_bytes(packet[k:k + 4], "big")
+        elif cls == BPF_ALU:
+            a = {bpf.BPF_SUB: lambda: a - k, bpf.BPF_AND: lambda: a & k}[code & 0xF0]() & 0xFFFFFFFF
+        elif code == BPF_MISC | bpf.BPF_TAX:
+            x = a
+        elif code == BPF_MISC | bpf.BPF_TXA:
+            a = x
+        elif cls == BPF_JMP:
+            taken = {bpf.BPF_JEQ: a == k, bpf.BPF_JGT: a > k, bpf.BPF_JGE: a >= k}[code & 0xF0]
+            pc += jt if taken else jf
+        elif cls == BPF_RET:
+            return k
+        else:
+            raise AssertionError(f"unexpected instruction {code:#x}")
+
+
+SIZES = {1: 148, 2: 92, 3: 64}
+
+
+def is_wireguard(kind: int, n: int) -> bool:
+    """The specification, written independently of the program: one WireGuard message."""
+    if kind in SIZES:
+        return n == SIZES[kind]
+    return kind == 4 and n >= 32 and ((n - 16) % 16 == 0 or n >= 32 + 68)  # 68: the smallest MTU
+
+
+def run_shape(kind: int, n: int) -> bool:
+    """Or what the GRO program promises to pass besides: a length a coalesced run led by a
+    ``kind`` handshake message can have (the message, then at least a 32-byte one)."""
+    return is_wireguard(kind, n) or (kind in SIZES and n >= SIZES[kind] + 32)
+
+
+def real_runs() -> set[tuple[int, int]]:
+    """Every (first type, length) of a run up to MAX_LEN: equal datagrams, then at most one
+    shorter (or equal) last datagram of any type."""
+    sizes = {**{kind: [size] for kind, size in SIZES.items()}, 4: [n for n in range(32, MAX_LEN + 1) if is_wireguard(4, n)]}
+    every = [size for group in sizes.values() for size in group]
+    runs = set()
+    for kind, firsts in sizes.items():
+        for first in firsts:
+            for count in range(1, MAX_LEN // first + 1):
+                runs.add((kind, first * count))
+                runs.update((kind, first * count + last) for last in every
+                            if last <= first and first * count + last <= MAX_LEN)
+    return runs
+
+
+def udp(payload: bytes) -> bytes:
+    return b"\x00" * UDP_HEADER + payload  # what the socket filter sees: the UDP header first
+
+
+@pytest.mark.parametrize("gro", [False, True])
+def test_every_first_byte_and_length(gro: bool) -> None:
+    program = bpf.wireguard_filter(gro)
+    want = run_shape if gro else is_wireguard
+    wrong = []
+    for kind in range(256):
+        for n in range(MAX_LEN + 1):
+            payload = (bytes([kind]) + b"\x00\x00\x00" + b"\xa5" * max(0, n - 4))[:n]
+            if bool(run(program, udp(payload))) != (n >= 4 and want(kind, n)):
+                wrong.append((kind, n))
+    assert not wrong, wrong[:20]
+
+
+def test_gro_program_passes_every_real_run() -> None:
+    program = bpf.wireguard_filter(gro=True)
+    dropped = [(kind, n) for kind, n in sorted(real_runs())
+               if not run(program, udp(bytes([kind]) + bytes(n - 1)))]
+    assert not dropped, dropped[:20]
+
+
+def transport(index: int, n: int = 48) -> bytes:
+    return b"\x04\x00\x00\x00" + index.to_bytes(4, "little") + bytes(n - 8)
+
+
+def test_receiver_indices() -> None:
+    live = [7, 0xDEADBEEF, 1 << 31]
+    for gro in (False, True):
+        program = bpf.wireguard_filter(gro, receiver_indices=live)
+        for index in live:
+            assert run(program, udp(transport(index))) == bpf.ACCEPT
+            assert run(program, udp(transport(index, 1452))) == bpf.ACCEPT
+            assert run(program, udp(transport(index, 40))) == 0  # the length is still checked
+        for index in (0, 8, 0xEFBEADDE, (1 << 31) + 1):
+            assert run(program, udp(transport(index))) == 0
+        assert run(program, udp(b"\x01\x00\x00\x00" + bytes(144))) == bpf.ACCEPT  # not transport
+    assert run(bpf.wireguard_filter(receiver_indices=[]), udp(transport(7))) == 0  # no session
+    with pytest.raises(ValueError):
+        bpf.wireguard_filter(receiver_indices=range(bpf.MAX_FILTER_INDICES + 1))
+
+
+def test_initiations_shed_at_random_under_load() -> None:
+    program = bpf.wireguard_filter(True, initiation_keep=4096)
+    initiation = udp(b"\x01\x00\x00\x00" + bytes(144))
+    assert run(program, initiation, rand=0x12340FFF) == bpf.ACCEPT  # low 16 bits 4095 < 4096
+    assert run(program, initiation, rand=0x00001000) == 0
+    assert run(program, udp(b"\x01\x00\x00\x00" + bytes(140)), rand=0) == 0  # length still checked
+    for rand in (0, 0xFFFF):  # the other types are not shed
+        assert run(program, udp(transport(1))) == bpf.ACCEPT
+        assert run(program, udp(b"\x02\x00\x00\x00" + bytes(88)), rand=rand) == bpf.ACCEPT
+
+
+def test_reserved_bytes_must_be_zero() -> None:
+    for gro in (False, True):
+        program = bpf.wireguard_filter(gro)
+        for reserved in (b"\x01\x00\x00", b"\x00\x80\x00", b"\x00\x00\xff"):
+            for kind, n in ((1, 148), (2, 92), (3, 64), (4, 32), (4, 1440)):
+                assert run(program, udp(bytes([kind]) + reserved + bytes(n - 4))) == 0
+        assert run(program, udp(b"\x04\x00\x00\x00" + bytes(28))) == bpf.ACCEPT
+
+
+def test_assembler_rejects_backward_and_far_jumps() -> None:
+    with pytest.raises(ValueError):
+        bpf.assemble([bpf.Label("top"), bpf.jump(bpf.BPF_JEQ, 0, "top", 0), bpf.ret(0)])
+    with pytest.raises(ValueError):
+        bpf.assemble([bpf.jump(bpf.BPF_JEQ, 0, "end", 0), *[bpf.ret(0)] * 300, bpf.Label("end"), bpf.ret(1)])
+
+
+# ---------------------------------------------------------------------------------------------
+# The real kernel, on loopback
+
+
+def _receiver(gro: bool, program_gro: bool) -> tuple[socket.socket, socket.socket]:
+    r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    r.bind(("127.0.0.1", 0))
+    r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    r.setblocking(False)
+    if gro:
+        r.setsockopt(17, 104, 1)  # UDP_GRO
+    sockfilter.attach(r, bpf.wireguard_filter(program_gro))
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect(r.getsockname())
+    return r, s
+
+
+def _drain(r: socket.socket, expect: int) -> list[bytes]:
+    got: list[bytes] = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            got.append(r.recv(65535))
+        except BlockingIOError:
+            if len(got) >= expect:
+                time.sleep(0.05)  # anything unexpected still in flight
+                try:
+                    got.append(r.recv(65535))
+                except BlockingIOError:
+                    return got
+            else:
+                time.sleep(0.01)
+    return got
+
+
+def test_kernel_agrees_on_a_representative_subset() -> None:
+    r, s = _receiver(gro=False, program_gro=False)
+    with r, s:
+        cases = [(kind, n) for kind in (0, 1, 2, 3, 4, 5, 0x41, 0xFF)
+                 for n in (4, 11, 12, 31, 32, 33, 47, 48, 63, 64, 65, 91, 92, 93, 96, 147, 148, 149, 180, 1440)]
+        expected = []
+        for i, (kind, n) in enumerate(cases):
+            payload = bytes([kind]) + b"\x00\x00\x00" + i.to_bytes(2, "big") + b"\x5a" * (n - 6)
+            s.send(payload)
+            if is_wireguard(kind, n):
+                expected.append(payload)
+        s.send(b"\x04\x00\x01\x00" + bytes(28))  # a reserved byte set
+        s.send(b"")  # an empty datagram
+        got = _drain(r, len(expected))
+        assert sorted(got) == sorted(expected)
+        assert sockfilter.kernel_drops(r) == len(cases) + 2 - len(expected)
+
+
+TRANSPORT_160 = b"\x04\x00\x00\x00" + bytes(156)
+INITIATION = b"\x01\x00\x00\x00" + bytes(144)
+KEEPALIVE = b"\x04\x00\x00\x00" + bytes(28)
+RUNS = {  # GSO sends: equal segments, the last may be shorter
+    "transport, closed by an initiation": (TRANSPORT_160 * 3 + INITIATION, 160),
+    "initiations, closed by a keepalive": (INITIATION * 2 + KEEPALIVE, 148),
+}
+
+
+def _send_run(s: socket.socket, name: str) -> bytes:
+    data, segment = RUNS[name]
+    try:
+        s.sendmsg([data], [(17, 103, struct.pack("=H", segment))])  # UDP_SEGMENT
+    except OSError as exc:
+        pytest.skip(f"no UDP GSO here: {exc}")
+    return data
+
+
+@pytest.mark.parametrize("name", RUNS)
+@pytest.mark.parametrize("gro", [False, True])
+def test_gso_run_survives(gro: bool, name: str) -> None:
+    """fzpoll's GSO sender may end a run with a datagram of another type to the same address. A
+    GRO socket receives the run whole and the filter sees its total length: the GRO program
+    passes it. Without GRO the kernel splits the run before the filter."""
+    r, s = _receiver(gro=gro, program_gro=gro)
+    with r, s:
+        data = _send_run(s, name)
+        segment = RUNS[name][1]
+        got = _drain(r, 1 if gro else -(-len(data) // segment))
+        assert b"".join(got) == data
+        assert sockfilter.kernel_drops(r) == 0
+
+
+def test_exact_program_on_a_gro_socket_would_drop_a_run() -> None:
+    """Why the GRO form exists: the exact program rejects a coalesced run as one datagram."""
+    r, s = _receiver(gro=True, program_gro=False)
+    with r, s:
+        _send_run(s, "initiations, closed by a keepalive")
+        assert _drain(r, 0) == []
+        assert sockfilter.kernel_drops(r) == 1
+
+
+def test_kernel_index_check_and_random_shedding() -> None:
+    """The real kernel runs the index check and the random load (SKF_AD_RANDOM) as we do."""
+    r, s = _receiver(gro=False, program_gro=False)
+    with r, s:
+        initiation = b"\x01\x00\x00\x00" + bytes(144)
+        sockfilter.attach(r, bpf.wireguard_filter(receiver_indices=[7, 1 << 31], initiation_keep=0))
+        for datagram in (transport(7), transport(8), transport(1 << 31), initiation):
+            s.send(datagram)
+        assert sorted(_drain(r, 2)) == sorted([transport(7), transport(1 << 31)])
+        sockfilter.attach(r, bpf.wireguard_filter(initiation_keep=65536))
+        s.send(initiation)
+        assert _drain(r, 1) == [initiation]
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.indices: dict[int, object] = {}
+        self.load_until = 0.0
+
+    def live_indices(self) -> frozenset[int]:
+        return frozenset(self.indices)
+
+    def is_under_load(self, now: float) -> bool:
+        return now < self.load_until
+
+
+def test_prefilter_control_follows_the_engine() -> None:
+    engine = FakeEngine()
+    control = sockfilter.PrefilterControl(engine, gro=False, check_indices=True)
+    r, s = _receiver(gro=False, program_gro=False)
+    with r, s:
+        assert control.set_sockets([r], gro=False)
+        control(0.0)
+        assert control.updates == 1  # nothing changed: no new program
+        s.send(transport(5))
+        engine.indices[5] = object()  # a new session, announced in this pass
+        control(0.0)
+        s.send(transport(5))
+        assert _drain(r, 1) == [transport(5)]  # the one sent before the pass was dropped
+        engine.load_until = 10.0
+        control(1.0)
+        assert control.updates == 3 and control.under_load
+        control(11.0)
+        assert control.updates == 4 and not control.under_load
+
+
+def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(sockfilter.DISABLE_ENV, "1")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        assert sockfilter.attach_wireguard(sock, gro=False) is False
+    monkeypatch.setenv(sockfilter.DISABLE_ENV, "0")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        assert sockfilter.attach_wireguard(sock, gro=False) is True
+
+
+def test_refused_filter_falls_back(caplog: pytest.LogCaptureFixture) -> None:
+    """A socket that cannot take a filter (here: a closed one) stays usable, logged, not raised."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.close()
+    assert sockfilter.attach_wireguard(sock, gro=True) is False
+    assert "prefilter unavailable" in caplog.text
