@@ -285,6 +285,10 @@ def fuzz_host(seed: int = 7) -> FakeHost:
     """A UapiHost without sockets where port 1 is taken."""
     return FakeHost(seed, wall=1_700_000_000.0, busy={1})
 
+    @staticmethod
+    def zone_exists(name: str) -> bool:
+        return True  # every IPv6 endpoint zone names an interface of this imaginary host
+
 
 _KEYS = [PrivateKey.generate(random.Random(i).randbytes) for i in range(3)]
 _HEX = [k.hex() for k in _KEYS] + [k.public_key.hex() for k in _KEYS] + ["0" * 64, "AB" * 32]
