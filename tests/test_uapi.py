@@ -10,7 +10,6 @@ import errno
 import ipaddress
 import logging
 import os
-import random
 import socket
 import stat
 
@@ -20,7 +19,6 @@ from hypothesis import strategies as st
 
 from fzpoll.uapi import protocol as uapi
 from fzpoll.wireguard.constants import INITIATION_SIZE
-from fzpoll.wireguard.engine import Engine
 from fzpoll.errors import LocalError
 from fzpoll.wireguard.keys import PresharedKey, PrivateKey, PublicKey
 from fzpoll.uapi.protocol import (
