@@ -226,13 +226,8 @@ def up_tunnel() -> Iterator[dict[str, Any]]:
         ns_a.on_close(lambda: shutil.rmtree(etc, ignore_errors=True))
         (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")  # refused at once
         pair = netns.veth_pair(ns_a, ns_b)
-        b = netns.WireguardGo(ns_b).start()
-        key_a, key_b = netns.genkey(), netns.genkey()
-        b.configure(key_b, 51821)
-        b.add_peer(netns.pubkey(key_a), ["100.64.0.1/32"], f"{pair.ip_a}:51820")
-        b.address("100.64.0.2/32")
-        b.up()
-        b.route("100.64.0.1/32")
+        key_a = netns.genkey()
+        _b, key_b = netns.wireguard_go_peer(ns_b, pair, key_a)
         ifname = f"wgt{os.urandom(2).hex()}"
         conf = Path(tmp) / f"{ifname}.conf"
         peers = [(netns.pubkey(key_b), f"{pair.ip_b}:51821", ["100.64.0.2/32"])]
