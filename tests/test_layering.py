@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fzpoll"
 # Modules that take bytes and ``now`` and return packets and deadlines: no fd, no clock, no thread.
 SANS_IO = sorted(
     [*PACKAGE.glob("wireguard/*.py"), PACKAGE / "dns" / "stub.py", PACKAGE / "uapi" / "protocol.py",
-     PACKAGE / "ippacket.py", PACKAGE / "errors.py"]
+     PACKAGE / "uapi" / "transaction.py", PACKAGE / "uapi" / "values.py", PACKAGE / "ippacket.py", PACKAGE / "errors.py"]
 )
 FORBIDDEN_IN_SANS_IO = {"socket", "select", "selectors", "time", "os", "fcntl", "threading", "subprocess",
                         "asyncio", "signal"}
@@ -38,7 +38,8 @@ def imports(path: Path) -> list[tuple[int, str]]:
 
 def test_the_sans_io_set_is_what_the_layout_says() -> None:
     names = {p.relative_to(PACKAGE).as_posix() for p in SANS_IO}
-    assert {"wireguard/engine.py", "wireguard/handshake.py", "dns/stub.py", "uapi/protocol.py"} <= names
+    assert {"wireguard/engine.py", "wireguard/handshake.py", "dns/stub.py", "uapi/protocol.py",
+            "uapi/transaction.py", "uapi/values.py"} <= names
 
 
 @pytest.mark.parametrize("path", SANS_IO, ids=lambda p: p.relative_to(PACKAGE).as_posix())
