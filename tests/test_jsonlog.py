@@ -161,3 +161,24 @@ def test_redaction_cost_does_not_grow_with_the_number_of_keys(out):
 def test_zero_key_is_not_masked(out):
     logging.getLogger("x").info("psk " + "0" * 64)
     assert lines(out)[0]["message"] == "psk " + "0" * 64
+
+def test_pyroute2_loggers_stay_at_warning_even_at_debug(monkeypatch) -> None:
+    from fzpoll.cli import _setup_logging
+
+    class Args:
+        log_level = "debug"
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        monkeypatch.delenv("FZPOLL_PYROUTE2_DEBUG", raising=False)
+        _setup_logging(Args())
+        assert logging.getLogger("pyroute2.netlink").getEffectiveLevel() == logging.WARNING
+        assert logging.getLogger("fzpoll.daemon").getEffectiveLevel() == logging.DEBUG
+        monkeypatch.setenv("FZPOLL_PYROUTE2_DEBUG", "1")
+        _setup_logging(Args())
+        assert logging.getLogger("pyroute2.netlink").getEffectiveLevel() == logging.DEBUG
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        logging.getLogger("pyroute2").setLevel(logging.NOTSET)

@@ -982,3 +982,22 @@ def test_server_callback_errors_close_only_that_client(server_env) -> None:
         logging.getLogger("fzpoll.uapi.protocol").disabled = False
     b.send(b"get=1\n\n")
     assert recv_until(loop, b) == b"errno=0\n\n"
+
+
+@pytest.mark.parametrize("line_of", [
+    lambda k: f"endpoint={k.hex()}", lambda k: f"allowed_ip={k.hex()}", lambda k: k.hex(),
+    lambda k: f"{k.hex()}=1", lambda k: f"persistent_keepalive_interval={k.base64()}",
+    lambda k: f"bogus={k.base64()}",
+])
+def test_a_key_in_the_wrong_line_never_reaches_the_log(host: FakeHost, caplog, line_of) -> None:
+    from fzpoll.jsonlog import JsonFormatter
+
+    secret = key(11)
+    with caplog.at_level(logging.DEBUG):
+        c = conn_for(host)
+        out = c.receive_data(f"set=1\npublic_key={PEER2}\n{line_of(secret)}\n\n".encode(), 0.0)
+    assert out in (b"errno=-22\n\n", b"errno=-71\n\n")
+    text = "\n".join(JsonFormatter().format(r) for r in caplog.records) + out.decode()
+    assert caplog.records and "uapi set failed" in text
+    for form in (secret.hex(), secret.base64(), secret.base64().rstrip("="), secret.hex()[:32]):
+        assert form not in text
