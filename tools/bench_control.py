@@ -11,7 +11,8 @@ a session between them, and a ping every 10 ms from B through the tunnel during 
 - ``wg addconf`` of one peer with 130,560 allowed IPs (wireguard-go's own test: a.b.0.0/16 and
   a::b/128 for a in 1..255, b in 0..255),
 
-and, for fzpoll only, ``fzpoll up`` reloads (SIGHUP) from 1 peer to 3,000 and back. Each step
+and, for fzpoll only, ``fzpoll up`` reloads (SIGHUP) from 1 peer to 3,000 and back, and the
+start of ``fzpoll up`` with 10,000 peers (until "interface ready", routes included). Each step
 prints its wall time, the ping's losses and its maximum RTT. Timings on a shared 2-core machine
 are noisy: run with ``--rounds N`` and quote medians.
 
@@ -147,6 +148,32 @@ def bench_reload(netns, tmp: Path) -> dict[str, tuple[float, int, float]]:
     return out
 
 
+def bench_up(netns, tmp: Path, peers: int = 10_000) -> dict[str, tuple[float, int, float]]:
+    """``fzpoll up`` of a config with ``peers`` peers (a route each): seconds until ready."""
+    with netns.Namespace("a") as ns_a:
+        ifname = f"wgu{os.urandom(2).hex()}"
+        conf = tmp / f"{ifname}.conf"
+        conf.touch(mode=0o600)
+        conf.write_text(f"[Interface]\nPrivateKey = {netns.genkey()}\nAddress = 100.64.0.1/32\n")
+        many = tmp / "up-many.conf"
+        _peers_conf(many, peers, netns.genkey())
+        conf.write_text(conf.read_text() + "\n" + many.read_text())
+        log_path = tmp / "up10k.log"
+        started = time.monotonic()
+        with open(log_path, "wb") as log:
+            proc = ns_a.popen([sys.executable, "-m", "fzpoll", "up", str(conf), "--log-level", "info"],
+                              env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=log, stderr=subprocess.STDOUT)
+        while "interface ready" not in log_path.read_text():
+            if time.monotonic() - started > 120 or proc.poll() is not None:
+                raise RuntimeError(log_path.read_text()[-2000:])
+            time.sleep(0.02)
+        took = time.monotonic() - started
+        routes = len(ns_a.ip_json("route", "show", "dev", ifname))
+        if routes < peers:
+            raise RuntimeError(f"only {routes} routes")
+        return {f"fzpoll up of {peers:,} peers": (took, 0, float("nan"))}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=1, help="rounds, interleaved (medians are printed)")
@@ -172,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 for step, figures in bench_wg(netns, kind, Path(tmp)).items():
                     results.setdefault(step, {}).setdefault(name, []).append(figures)
         with tempfile.TemporaryDirectory(prefix="fzbench-ctl-") as tmp:
-            for step, figures in bench_reload(netns, Path(tmp)).items():
+            for step, figures in {**bench_reload(netns, Path(tmp)), **bench_up(netns, Path(tmp))}.items():
                 results.setdefault(step, {}).setdefault("fzpoll", []).append(figures)
     print(f"{'step':32} {'implementation':24} {'seconds':>8} {'lost':>5} {'max RTT ms':>10}  (median of {args.rounds})")
     for step, by_kind in results.items():
