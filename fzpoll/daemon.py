@@ -330,6 +330,7 @@ class Daemon:
             "poller": datapath.stats.as_dict(),
             "pending_writes": datapath.pending_writes(),
             "staged_packets": engine.staged_packet_count(),
+            "uapi": dict(self.uapi.counters),  # accepted, answered, evicted, timed_out, slices
         }
         if self.dns is not None:
             stub = self.dns.stub
