@@ -313,3 +313,46 @@ def test_reload_with_a_dead_nameserver_never_freezes_the_loop(up_tunnel) -> None
     assert_no_stall(pinger, took, "reload with a dead name server")
     assert "timed out" in t["log"].read_text() and 4.0 <= took <= 10.0
     assert _state(t) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Small UAPI differences, checked against Debian's wireguard-go side by side
+
+_UAPI_PROBE = """
+import socket, sys
+def ask(path, data, half_close):
+    s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(path); s.sendall(data)
+    if half_close:
+        s.shutdown(socket.SHUT_WR)
+    out = b""
+    while not out.endswith(b"\\n\\n"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        out += chunk
+    s.close()
+    return out
+path = sys.argv[1]
+peer = "0a" * 32
+print(ask(path, b"set=1\\nlisten_port=4444\\nfwmark=12", True))
+print(ask(path, f"set=1\\npublic_key={peer}\\nendpoint=[fe80::1%eth0]:5\\n\\n".encode(), False))
+print(ask(path, f"set=1\\npublic_key={peer}\\nendpoint=[fe80::1%lo]:5\\n\\n".encode(), False))
+print(ask(path, f"set=1\\npublic_key={peer}\\nendpoint=[fe80::2%1]:6\\n\\n".encode(), False))
+print(ask(path, b"get=1\\n\\n", False))
+"""
+
+
+def test_half_closed_set_and_endpoint_zones_as_wireguard_go() -> None:
+    with netns.Namespace("u") as ns:
+        answers = []
+        for kind in (netns.WireguardGo, FzpollInfo):
+            wg = kind(ns).start()
+            out = ns.run([sys.executable, "-c", _UAPI_PROBE, str(wg.socket_path)], timeout=30).stdout
+            answers.append(out)
+            wg.stop()
+        go, ours = answers
+        assert ours == go, (go, ours)
+        lines = go.splitlines()
+        # the last line without newline is applied; a zone naming no interface is EINVAL
+        assert lines[:4] == ["b'errno=0\\n\\n'", "b'errno=-22\\n\\n'", "b'errno=0\\n\\n'", "b'errno=0\\n\\n'"]
+        assert "fwmark=12" in lines[4] and "listen_port=4444" in lines[4] and "endpoint=[fe80::2]:6" in lines[4]
