@@ -174,12 +174,47 @@ def bench_up(netns, tmp: Path, peers: int = 10_000) -> dict[str, tuple[float, in
         return {f"fzpoll up of {peers:,} peers": (took, 0, float("nan"))}
 
 
+def bench_inprocess() -> None:
+    """The UAPI's own work for the 130,560-prefix request, without sockets: total seconds of
+    parse + commit and of the ``get`` answer, and the longest single slice (the server gives one
+    slice per client per turn, and at most 2 ms of slices per pass of the loop)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers import FakeHost  # noqa: E402
+
+    from fzpoll.uapi.protocol import UapiConnection
+    from fzpoll.uapi.server import WORK_SLICE
+
+    tmp_lines = ["set=1", "public_key=" + "0a" * 32]
+    for a in range(1, 256):
+        tmp_lines += [f"allowed_ip={a}.{b}.0.0/16\nallowed_ip={a:x}::{b:x}/128" for b in range(256)]
+    data = ("\n".join(tmp_lines) + "\n\n").encode()
+    host = FakeHost()
+    for name, request in (("set of 130,560 allowed IPs", data), ("get of 130,560 allowed IPs", b"get=1\n\n")):
+        conn = UapiConnection(host)
+        worst = 0.0
+        started = time.perf_counter()
+        for i in range(0, len(request), 65536):
+            conn.feed(request[i:i + 65536])
+            while True:
+                t = time.perf_counter()
+                conn.process(0.0, WORK_SLICE)
+                worst = max(worst, time.perf_counter() - t)
+                if not conn.has_pending:
+                    break
+        total = time.perf_counter() - started
+        print(f"in-process {name:28} total {total:6.3f} s   longest slice {worst * 1000:6.2f} ms")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=1, help="rounds, interleaved (medians are printed)")
+    p.add_argument("--in-process", action="store_true", help="only the UAPI's own work, no root needed")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
+    if args.in_process:
+        bench_inprocess()
+        return 0
     sys.path.insert(0, str(REPO / "tests"))
     import netns  # noqa: E402  (tests/netns.py)
 

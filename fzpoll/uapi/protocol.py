@@ -63,7 +63,7 @@ MAX_LINE_LENGTH = 4096  # the longest legitimate line is ~80 bytes
 MAX_BUFFERED_INPUT = 1 << 16  # unparsed bytes a connection holds before its reader pauses
 OUTPUT_BUDGET = 1 << 16  # bytes of answer produced per process() call
 WORK_BUDGET = 1024  # lines parsed, operations applied or peers listed per process() call
-GET_CHUNK = 1024  # allowed_ip lines of one peer per slice of a get answer
+GET_CHUNK = 128  # allowed_ip lines of one peer per piece of a get answer
 
 STATS_REQUEST = b"get=fzpoll\n\n"  # fzpoll's read-only statistics request (not wireguard-go's)
 STATS_KEY = "fzpoll_stats"
@@ -279,7 +279,7 @@ class UapiConnection:
                         spent += item
                     else:
                         out += item
-                        spent += 1
+                        spent += 1 + len(item) // 64  # about one unit per line of answer
                     continue
                 if self._state == _SET:
                     taken = self._set_lines(out, now, budget - spent)
