@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from fzpoll.io import netlink
 from fzpoll.config import Config, load_config
@@ -103,18 +104,25 @@ class Daemon:
         if options.config_path is not None:
             self.reloader = reload.Reloader(
                 options.config_path, self.loop,
-                lambda config, resolved: self.apply_config(config, initial=False, resolved=resolved),
-                time.monotonic, self.notifier.ready)
+                lambda config, resolved: self.configure(config, initial=False, resolved=resolved),
+                time.monotonic, self.notifier.ready, self.uapi.commit_lock)
 
     # ------------------------------------------------------------------ configuration
 
     def apply_config(self, config: Config, *, initial: bool,
                      resolved: dict[bytes, tuple] | None = None) -> None:
+        """Apply ``config`` in one go (start-up, before the loop runs): see :meth:`configure`."""
+        for _ in self.configure(config, initial=initial, resolved=resolved):
+            pass
+
+    def configure(self, config: Config, *, initial: bool,
+                  resolved: dict[bytes, tuple] | None = None) -> Iterator[None]:
         """Apply ``config`` like ``wg setconf`` at start, like ``wg syncconf`` on reload, all or
-        nothing (see :mod:`fzpoll.reload`): everything that can fail - resolving, binding a new
-        port, validating the peers, changing addresses and routes - happens before the engine
-        changes; a LocalError means nothing changed. ``resolved`` holds the endpoints given as
-        host names (resolved here, blocking, when None: only before the loop runs)."""
+        nothing (see :mod:`fzpoll.reload`). A generator: its first step does everything that
+        can fail - resolving (blocking, only when ``resolved`` is None: before the loop runs),
+        binding a new port, validating the peers, changing addresses and routes, the fwmark -
+        and raises LocalError having changed nothing; the next steps commit the peers in slices
+        (they cannot fail), then the new sockets and the DNS stub are installed."""
         if initial:
             for warning in config.warnings:
                 log.warning(warning)
@@ -128,15 +136,20 @@ class Daemon:
             if initial:
                 self._sync_dns(config)
             self._sync_network(config)
-            err = txn.apply(self.device, time.monotonic())
-            if err:  # only the fwmark can fail here, and the transaction undid it
+            steps = txn.commit(self.device, time.monotonic())
+            first = next(steps, None)
+            if first is None and txn.result:  # only the fwmark can fail, and it was undone
                 if not initial and self.config is not None:
                     self._sync_network(self.config)  # the routes and addresses back as they were
+                err = txn.result
                 raise LocalError(f"applying {self.options.config_path}: {txn.error_key}: errno {err} ({os.strerror(err)})")
         except BaseException:
             for s in sockets or ():
                 s.close()
             raise
+        yield
+        for _ in steps:
+            yield
         if sockets:
             self.device.install_sockets(sockets)
         if not initial:

@@ -23,15 +23,17 @@ import logging
 import socket
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from fzpoll.config import Config, load_config
 from fzpoll.errors import LocalError
+from fzpoll.uapi.protocol import CommitLock
 from fzpoll.uapi.transaction import SetTransaction
 
 log = logging.getLogger("fzpoll.reload")
 
 RESOLVE_TIMEOUT = 5.0  # seconds a reload waits for host names before it fails
+COMMIT_BUDGET = 0.002  # seconds of a reload's commit per pass of the loop
 
 Sockaddr = tuple
 
@@ -138,28 +140,36 @@ class Resolver:
         self._w.close()
 
 
+Configure = Callable[[Config, dict[bytes, Sockaddr]], Iterator[None]]
+
+
 class Reloader:
     """Drives reloads for a daemon: ``start()`` on SIGHUP, the rest from the loop.
 
-    ``commit(config, resolved)`` is the daemon's all-or-nothing apply (raises LocalError having
-    changed nothing). ``clock`` is the loop's monotonic clock.
+    ``configure(config, resolved)`` is the daemon's all-or-nothing apply as a generator: its first
+    step raises LocalError having changed nothing, or does all that can fail; the rest commits in
+    slices, run here at most COMMIT_BUDGET seconds per pass while holding ``lock`` (the UAPI's
+    commit lock: a client's ``set`` and a reload never interleave). ``clock`` is monotonic.
     """
 
-    def __init__(self, path: str, loop, commit: Callable[[Config, dict[bytes, Sockaddr]], None],
-                 clock: Callable[[], float], on_end: Callable[[], None]) -> None:
+    def __init__(self, path: str, loop, configure: Configure, clock: Callable[[], float],
+                 on_end: Callable[[], None], lock: CommitLock | None = None) -> None:
         self.path = path
-        self.commit = commit
+        self.configure = configure
         self.clock = clock
         self.on_end = on_end  # the reload ended (either way): READY=1 for systemd
+        self.lock = lock if lock is not None else CommitLock()
         self.generation = 0
         self.pending: _Pending | None = None
+        self.ready: tuple[Config, dict[bytes, Sockaddr]] | None = None  # resolved, waiting for the lock
+        self.steps: Iterator[None] | None = None  # a commit in progress
         self.again = False  # a SIGHUP came during a reload: run another after it
         self.resolver = Resolver(loop.add_reader, self._resolved)
-        loop.add_timer_source(self.next_deadline, self._timeout)
+        loop.add_timer_source(self.next_deadline, self._on_timer)
 
     def start(self) -> bool:
-        """Begin a reload; False if it ended at once (no names to resolve, or an error)."""
-        if self.pending is not None:
+        """Begin a reload (it goes on from the loop); False if it failed at once (the file)."""
+        if self.pending is not None or self.ready is not None or self.steps is not None:
             self.again = True
             return True
         try:
@@ -177,9 +187,17 @@ class Reloader:
         return True
 
     def next_deadline(self) -> float | None:
+        if self.ready is not None or self.steps is not None:
+            return 0.0  # work to do: due at once
         return None if self.pending is None else self.pending.deadline
 
-    def _timeout(self, now: float) -> None:
+    def _on_timer(self, now: float) -> None:
+        if self.ready is not None and self.lock.owner is None:
+            config, resolved = self.ready
+            self.ready = None
+            self._begin(config, resolved)
+        if self.steps is not None:
+            self._run_steps()
         pending = self.pending
         if pending is not None and now >= pending.deadline:
             missing = sorted(host for raw, (host, _) in pending.names.items() if raw not in pending.resolved)
@@ -203,11 +221,27 @@ class Reloader:
         self.pending = None
 
     def _finish(self, config: Config, resolved: dict[bytes, Sockaddr]) -> None:
+        """Everything is resolved: commit when no UAPI ``set`` is committing (next pass)."""
+        self.ready = (config, resolved)
+
+    def _begin(self, config: Config, resolved: dict[bytes, Sockaddr]) -> None:
+        steps = self.configure(config, resolved)
         try:
-            self.commit(config, resolved)
+            next(steps)  # all that can fail; LocalError: nothing changed
         except LocalError as exc:
             self._fail(str(exc))
             return
+        self.lock.owner = self
+        self.steps = steps
+
+    def _run_steps(self) -> None:
+        assert self.steps is not None
+        started = self.clock()
+        for _ in self.steps:
+            if self.clock() - started >= COMMIT_BUDGET:
+                return  # the rest in the next pass
+        self.steps = None
+        self.lock.owner = None
         log.info("configuration reloaded", extra={"fields": {"path": self.path}})
         self._ended()
 

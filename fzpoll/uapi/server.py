@@ -175,6 +175,11 @@ class UapiServer:
         return sock
 
     @property
+    def commit_lock(self) -> CommitLock:
+        """Held while a ``set`` commits; a reload takes it too, so they never interleave."""
+        return self._lock
+
+    @property
     def client_count(self) -> int:
         return len(self._clients)
 
