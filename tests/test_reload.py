@@ -62,11 +62,22 @@ def test_stage_names_the_key_never_the_value() -> None:
     assert "endpoint" in str(info.value) and PRIV.hex() not in str(info.value)
 
 
+_reloaders: list[reload.Reloader] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_reloaders():
+    yield
+    while _reloaders:
+        _reloaders.pop().close()  # its resolver's socketpair
+
+
 def _reloader(tmp_path, text: str, configure, lock: CommitLock | None = None):
     loop = FakeLoop()
     ended: list[int] = []
     r = reload.Reloader(_config_file(tmp_path, text), loop, configure, lambda: 0.0,
                         lambda: ended.append(1), lock)
+    _reloaders.append(r)
     return loop, r, ended
 
 
