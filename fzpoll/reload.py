@@ -2,7 +2,8 @@
 
 A reload runs in stages, each finished before anything running is changed:
 
-1. parse the file (a :class:`~fzpoll.config.ConfigError` fails the reload);
+1. read and parse the file, in a helper thread (a :class:`~fzpoll.config.ConfigError` fails
+   the reload);
 2. resolve the endpoints given as host names, in helper threads (getaddrinfo blocks, so it is
    never called on the loop); the loop goes on forwarding packets and the reload continues when
    every name is resolved, or fails after RESOLVE_TIMEOUT seconds (a dead name server);
@@ -36,6 +37,7 @@ RESOLVE_TIMEOUT = 5.0  # seconds a reload waits for host names before it fails
 COMMIT_BUDGET = 0.002  # seconds of a reload's commit per pass of the loop
 
 Sockaddr = tuple
+_CONFIG = object()  # the tag of the helper job that reads and parses the file
 
 
 def resolve(host: str, port: int) -> Sockaddr:
@@ -95,29 +97,34 @@ class _Pending:
 
 
 class Resolver:
-    """Resolves a reload's host names in helper threads; results come back to the loop through
-    a socketpair the loop reads (the only wake-up it needs). Stale results (of a reload that
-    timed out) are ignored by generation."""
+    """Runs a reload's blocking or long work - reading and parsing the file, resolving host
+    names - in helper threads; results come back to the loop through a socketpair the loop reads
+    (the only wake-up it needs). Results carry the reload's generation: those of a reload that
+    timed out are ignored."""
 
     def __init__(self, add_reader: Callable[[int, Callable[[float], None]], None],
-                 on_done: Callable[[int, bytes, Sockaddr | None, str | None], None]) -> None:
+                 on_done: Callable[[int, object, object, str | None], None]) -> None:
         self._r, self._w = socket.socketpair()
         self._r.setblocking(False)
         self._lock = threading.Lock()
-        self._results: list[tuple[int, bytes, Sockaddr | None, str | None]] = []
+        self._results: list[tuple[int, object, object, str | None]] = []
         self._on_done = on_done
         add_reader(self._r.fileno(), self._drain)
 
+    def submit(self, generation: int, tag: object, work: Callable[[], object]) -> None:
+        """Run ``work()`` in a thread; ``on_done(generation, tag, value, error)`` from the loop."""
+        threading.Thread(target=self._work, args=(generation, tag, work), daemon=True,
+                         name="fzpoll-reload").start()
+
     def start(self, generation: int, names: dict[bytes, tuple[str, int]]) -> None:
         for raw, (host, port) in names.items():
-            threading.Thread(target=self._work, args=(generation, raw, host, port), daemon=True,
-                             name="fzpoll-resolve").start()
+            self.submit(generation, raw, lambda host=host, port=port: resolve(host, port))
 
-    def _work(self, generation: int, raw: bytes, host: str, port: int) -> None:
+    def _work(self, generation: int, tag: object, work: Callable[[], object]) -> None:
         try:
-            result: tuple = (generation, raw, resolve(host, port), None)
+            result: tuple = (generation, tag, work(), None)
         except LocalError as exc:
-            result = (generation, raw, None, str(exc))
+            result = (generation, tag, None, str(exc))
         with self._lock:
             self._results.append(result)
         try:
@@ -164,27 +171,31 @@ class Reloader:
         self.ready: tuple[Config, dict[bytes, Sockaddr]] | None = None  # resolved, waiting for the lock
         self.steps: Iterator[None] | None = None  # a commit in progress
         self.again = False  # a SIGHUP came during a reload: run another after it
+        self.parsing = False
         self.resolver = Resolver(loop.add_reader, self._resolved)
         loop.add_timer_source(self.next_deadline, self._on_timer)
 
     def start(self) -> bool:
         """Begin a reload (it goes on from the loop); False if it failed at once (the file)."""
-        if self.pending is not None or self.ready is not None or self.steps is not None:
+        if self.parsing or self.pending is not None or self.ready is not None or self.steps is not None:
             self.again = True
             return True
-        try:
-            config = load_config(self.path)
-        except LocalError as exc:
-            self._fail(str(exc))
-            return False
+        self.generation += 1
+        self.parsing = True  # the file is read and parsed by a helper thread (10,000 peers: ~0.2 s)
+        self.resolver.submit(self.generation, _CONFIG, lambda: load_config(self.path))
+        return True
+
+    def _parsed(self, config: Config | None, error: str | None) -> None:
+        self.parsing = False
+        if config is None:
+            self._fail(error or "cannot read the configuration")
+            return
         names = hostnames(config)
         if not names:
             self._finish(config, {})
-            return False
-        self.generation += 1
+            return
         self.pending = _Pending(config, self.clock() + RESOLVE_TIMEOUT, names)
         self.resolver.start(self.generation, names)
-        return True
 
     def next_deadline(self) -> float | None:
         if self.ready is not None or self.steps is not None:
@@ -204,15 +215,20 @@ class Reloader:
             self._end_pending()
             self._fail(f"resolving endpoint host names timed out after {RESOLVE_TIMEOUT:g} s: {', '.join(missing)}")
 
-    def _resolved(self, generation: int, raw: bytes, sockaddr: Sockaddr | None, error: str | None) -> None:
+    def _resolved(self, generation: int, raw: object, sockaddr: object, error: str | None) -> None:
+        if generation != self.generation:
+            return
+        if raw is _CONFIG:
+            self._parsed(sockaddr, error)  # type: ignore[arg-type]
+            return
         pending = self.pending
-        if pending is None or generation != self.generation:
+        if pending is None:
             return
         if error is not None:
             self._end_pending()
             self._fail(error)
             return
-        pending.resolved[raw] = sockaddr  # type: ignore[assignment]
+        pending.resolved[raw] = sockaddr  # type: ignore[index]
         if len(pending.resolved) == len(pending.names):
             self._end_pending()
             self._finish(pending.config, pending.resolved)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import select
+import time
 
 import pytest
 
@@ -22,6 +24,7 @@ class FakeLoop:
     def __init__(self) -> None:
         self.readers: dict = {}
         self.timers: list = []
+        self.waiting = lambda: False  # a helper thread's result is expected
 
     def add_reader(self, fd, callback) -> None:
         self.readers[fd] = callback
@@ -30,6 +33,12 @@ class FakeLoop:
         self.timers.append((next_deadline, handle))
 
     def run_timers(self, now: float = 1.0) -> None:
+        deadline_ = time.monotonic() + 5
+        for fd, callback in self.readers.items():  # the helper threads' results, when they come
+            while time.monotonic() < deadline_ and not select.select([fd], [], [], 0.01)[0] and self.waiting():
+                pass
+            if select.select([fd], [], [], 0)[0]:
+                callback(now)
         for deadline, handle in self.timers:
             d = deadline()
             if d is not None and d <= now:
@@ -96,6 +105,7 @@ def test_a_reload_commits_in_slices_holding_the_uapi_lock(tmp_path) -> None:
     r.clock = iter([0.0, 0.0, 1.0] * 10).__next__  # every slice is over the budget
     lock.owner = "a client's set"
     r.start()
+    loop.waiting = lambda: r.parsing
     loop.run_timers()
     assert progress == [] and not ended  # waits for the client's commit
     lock.owner = None
@@ -113,8 +123,10 @@ def test_a_failed_check_changes_nothing_and_says_why(tmp_path, caplog) -> None:
         yield
 
     loop, r, ended = _reloader(tmp_path, CONF, configure)
+    loop.waiting = lambda: r.parsing
     with caplog.at_level(logging.ERROR, logger="fzpoll.reload"):
         r.start()
+        loop.run_timers()
         loop.run_timers()
     assert ended == [1] and r.lock.owner is None
     [record] = caplog.records
@@ -130,9 +142,11 @@ def test_resolution_results_and_timeout(tmp_path, caplog) -> None:
 
     text = CONF + "Endpoint = one.example:1\n"
     loop, r, ended = _reloader(tmp_path, text, configure)
-    r.resolver.start = lambda generation, names: None  # no threads: results are fed by hand
+    r.resolver.start = lambda generation, names: None  # no resolver threads: fed by hand
     r.clock = lambda: 100.0
+    loop.waiting = lambda: r.parsing
     r.start()
+    loop.run_timers(0.0)  # the file, parsed by a helper thread
     assert r.next_deadline() == 100.0 + reload.RESOLVE_TIMEOUT
     r._resolved(r.generation, PEER.raw, ("192.0.2.1", 1), None)
     loop.run_timers(200.0)
@@ -140,6 +154,7 @@ def test_resolution_results_and_timeout(tmp_path, caplog) -> None:
     # a name server that never answers: the reload fails at the deadline, late answers are ignored
     with caplog.at_level(logging.ERROR, logger="fzpoll.reload"):
         r.start()
+        loop.run_timers(0.0)
         loop.run_timers(100.0 + reload.RESOLVE_TIMEOUT - 0.1)
         assert ended == [1]
         loop.run_timers(100.0 + reload.RESOLVE_TIMEOUT)
@@ -147,3 +162,17 @@ def test_resolution_results_and_timeout(tmp_path, caplog) -> None:
         loop.run_timers(300.0)
     assert ended == [1, 1] and len(configured) == 1
     assert "timed out" in caplog.records[-1].fields["error"]
+
+
+def test_a_file_that_does_not_parse_fails_the_reload_from_the_helper(tmp_path, caplog) -> None:
+    def configure(config, resolved):
+        raise AssertionError("never reached")
+        yield
+
+    loop, r, ended = _reloader(tmp_path, CONF + "AllowedIPs = nonsense\n", configure)
+    loop.waiting = lambda: r.parsing
+    with caplog.at_level(logging.ERROR, logger="fzpoll.reload"):
+        assert r.start()
+        assert not ended  # parsed by a helper thread, not in this pass
+        loop.run_timers()
+    assert ended == [1] and "AllowedIPs" in caplog.records[-1].fields["error"]

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-UPSTREAM = REPO.parent / "shared" / "anchors" / "wireguard-go-upstream"
+UPSTREAM = Path(os.environ.get("WIREGUARD_GO_UPSTREAM", "/work/shared/anchors/wireguard-go-upstream"))
 _REPLY = re.compile(r"icmp_seq=(\d+) ttl=\d+ time=([\d.]+) ms")
 
 

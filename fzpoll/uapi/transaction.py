@@ -256,8 +256,12 @@ class SetTransaction:
                 if step is _Apply.allowed_ips:
                     prefixes: list = value  # type: ignore[assignment]
                     for start in range(0, len(prefixes), COMMIT_CHUNK):
-                        state.allowed_ips(prefixes[start:start + COMMIT_CHUNK])
-                        yield min(COMMIT_CHUNK, len(prefixes) - start)
+                        part = prefixes[start:start + COMMIT_CHUNK]
+                        state.allowed_ips(part)
+                        done += len(part)
+                        if done >= COMMIT_CHUNK:
+                            yield done
+                            done = 0
                     continue
                 step(state, value)
                 done += 1
