@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -66,14 +66,31 @@ class Pinger:
         return len(replies), lost, max(replies.values())
 
 
-def assert_no_stall(pinger: Pinger, work_seconds: float, what: str) -> str:
-    replies, lost, worst = pinger.stop()
-    figures = f"{what}: {work_seconds:.2f} s, ping every 10 ms: {replies} replies, {lost} lost, max RTT {worst:.1f} ms"
-    print(figures)
-    assert lost == 0, figures
-    assert worst <= MAX_RTT_MS, figures
-    assert replies >= work_seconds / 0.1, figures  # the pings really ran across the work (loaded CI: generous)
-    return figures
+def _overloaded() -> bool:
+    """Other processes keep every CPU busy (other test suites or benchmarks on a shared host)."""
+    return os.getloadavg()[0] > (os.cpu_count() or 1)
+
+
+def no_stall(ns: netns.Namespace, work: Callable[[], float], what: str) -> float:
+    """Run ``work()`` (returns its seconds) while pinging 100.64.0.1 every 10 ms from ``ns``:
+    nothing may be lost and no RTT may exceed MAX_RTT_MS. Only when the RTT bound fails while the
+    host is overloaded by others is the (repeatable) work tried once more, and then it must pass.
+    Returns the seconds the work took."""
+    for attempt in (1, 2):
+        pinger = Pinger(ns, "100.64.0.1")
+        took = work()
+        replies, lost, worst = pinger.stop()
+        figures = f"{what}: {took:.2f} s, ping every 10 ms: {replies} replies, {lost} lost, max RTT {worst:.1f} ms"
+        print(figures)
+        assert lost == 0, figures
+        assert replies >= took / 0.1, figures  # the pings really ran across the work
+        if worst <= MAX_RTT_MS:
+            return took
+        if attempt == 1 and _overloaded():
+            print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: once more")
+            continue
+        raise AssertionError(figures)
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +173,7 @@ def test_addconf_130560_allowed_ips_without_stalling(tunnel) -> None:
         f.write(f"[Peer]\nPublicKey = {peer}\n")
         for x in range(1, 256):
             f.write("AllowedIPs = " + ", ".join(f"{x}.{y}.0.0/16, {x:x}::{y:x}/128" for y in range(256)) + "\n")
-    pinger = Pinger(ns_b, "100.64.0.1")
-    took = _addconf(ns_a, a.ifname, path)
-    assert_no_stall(pinger, took, "wg addconf of 130,560 allowed IPs")
+    no_stall(ns_b, lambda: _addconf(ns_a, a.ifname, path), "wg addconf of 130,560 allowed IPs")
     shown = ns_a.run(["wg", "show", a.ifname, "allowed-ips"], timeout=60).stdout
     line = next(l for l in shown.splitlines() if l.startswith(peer))
     ips = line.split("\t")[1].split()
@@ -174,9 +189,7 @@ def test_addconf_40_peers_with_52_allowed_ips_each(tunnel) -> None:
         for i, key in enumerate(keys):
             f.write(f"[Peer]\nPublicKey = {key}\nAllowedIPs = "
                     + ", ".join(f"10.{i}.{j}.0/24" for j in range(52)) + "\n")
-    pinger = Pinger(ns_b, "100.64.0.1")
-    took = _addconf(ns_a, a.ifname, path)
-    assert_no_stall(pinger, max(took, 0.5), "wg addconf of 40 peers x 52 allowed IPs")
+    no_stall(ns_b, lambda: _addconf(ns_a, a.ifname, path), "wg addconf of 40 peers x 52 allowed IPs")
     dump = a.wg_show_dump()
     assert sum(1 for p in dump.peers if p.public_key in keys and len(p.allowed_ips) == 52) == 40
 
@@ -191,15 +204,16 @@ def test_addconf_10000_peers_with_psks_then_show(tunnel) -> None:
             key = __import__("base64").b64encode(raw).decode()
             f.write(f"[Peer]\nPublicKey = {key}\nPresharedKey = {psk}\n"
                     f"AllowedIPs = 10.{100 + i // 256 // 256}.{i // 256 % 256}.{i % 256}/32\n")
-    pinger = Pinger(ns_b, "100.64.0.1")
-    took = _addconf(ns_a, a.ifname, path)
-    assert_no_stall(pinger, took, "wg addconf of 10,000 peers with PSKs")
-    pinger = Pinger(ns_b, "100.64.0.1")
-    started = time.monotonic()
-    dump = a.wg_show_dump()
-    took = time.monotonic() - started
-    assert_no_stall(pinger, took, "wg show of 10,001 peers")
-    assert len(dump.peers) >= 10_001
+    no_stall(ns_b, lambda: _addconf(ns_a, a.ifname, path), "wg addconf of 10,000 peers with PSKs")
+    dumps = []
+
+    def show() -> float:
+        started = time.monotonic()
+        dumps.append(a.wg_show_dump())
+        return time.monotonic() - started
+
+    no_stall(ns_b, show, "wg show of 10,001 peers")
+    assert len(dumps[-1].peers) >= 10_001
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,9 +286,7 @@ def test_reload_with_a_taken_port_and_a_new_key_changes_nothing(up_tunnel) -> No
                               "print('ok',flush=True);time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "ok"
     _write(t["conf"], netns.genkey(), 51999, t["peers"] + [(netns.pubkey(netns.genkey()), None, ["10.5.0.0/16"])])
-    pinger = Pinger(t["ns_b"], "100.64.0.1")
-    took = _reload_and_wait(t, "reload failed")
-    assert_no_stall(pinger, took, "reload with a taken port")
+    no_stall(t["ns_b"], lambda: _reload_and_wait(t, "reload failed"), "reload with a taken port")
     assert "cannot listen on UDP port 51999" in t["log"].read_text()
     assert _state(t) == before
     holder.kill()
@@ -286,9 +298,7 @@ def test_reload_with_an_unresolvable_endpoint_among_new_peers_changes_nothing(up
     new = [(netns.pubkey(netns.genkey()), None, ["10.6.0.0/16"]),
            (netns.pubkey(netns.genkey()), "no-such-host.invalid:51820", ["10.7.0.0/16"])]
     _write(t["conf"], t["key"], 51820, t["peers"] + new)
-    pinger = Pinger(t["ns_b"], "100.64.0.1")
-    took = _reload_and_wait(t, "reload failed")
-    assert_no_stall(pinger, took, "reload with an unresolvable endpoint")
+    no_stall(t["ns_b"], lambda: _reload_and_wait(t, "reload failed"), "reload with an unresolvable endpoint")
     assert "no-such-host.invalid" in t["log"].read_text()
     assert _state(t) == before
     # the same change without the bad peer succeeds, keeping the session
@@ -308,9 +318,7 @@ def test_reload_with_a_dead_nameserver_never_freezes_the_loop(up_tunnel) -> None
     (t["etc"] / "resolv.conf").write_text(f"nameserver {t['pair'].ip_b}\noptions timeout:3 attempts:3\n")
     before = _state(t)
     _write(t["conf"], t["key"], 51820, t["peers"] + [(netns.pubkey(netns.genkey()), "peer.example:51820", ["10.8.0.0/16"])])
-    pinger = Pinger(t["ns_b"], "100.64.0.1")
-    took = _reload_and_wait(t, "reload failed")
-    assert_no_stall(pinger, took, "reload with a dead name server")
+    took = no_stall(t["ns_b"], lambda: _reload_and_wait(t, "reload failed"), "reload with a dead name server")
     assert "timed out" in t["log"].read_text() and 4.0 <= took <= 10.0
     assert _state(t) == before
 
