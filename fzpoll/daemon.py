@@ -119,11 +119,11 @@ class Daemon:
     def configure(self, config: Config, *, initial: bool,
                   resolved: dict[bytes, tuple] | None = None) -> Iterator[None]:
         """Apply ``config`` like ``wg setconf`` at start, like ``wg syncconf`` on reload, all or
-        nothing (see :mod:`fzpoll.reload`). A generator: its first step does everything that
-        can fail - resolving (blocking, only when ``resolved`` is None: before the loop runs),
-        binding a new port, validating the peers, changing addresses and routes, the fwmark -
-        and raises LocalError having changed nothing; the next steps commit the peers in slices
-        (they cannot fail), then the new sockets and the DNS stub are installed."""
+        nothing (see :mod:`fzpoll.reload`). A generator: its first steps do everything that can
+        fail - resolving (blocking, only when ``resolved`` is None: before the loop runs),
+        validating the peers (one step), then binding a new port, changing addresses and routes,
+        the fwmark (the next) - and raise LocalError having changed nothing; the next steps commit
+        the peers in slices (they cannot fail), then the new sockets and the DNS stub go in."""
         if initial:
             for warning in config.warnings:
                 log.warning(warning)
@@ -132,11 +132,13 @@ class Daemon:
                         for raw, (host, port) in reload.hostnames(config).items()}
         current = None if initial else list(self.device.engine.peers)
         txn = reload.stage(reload.set_lines(config, resolved, current), self.device.zone_exists)
+        if not initial:
+            yield  # validated, nothing changed yet: the changes start in the next pass
         sockets = self._bind_new_port(config)
         try:
             if initial:
                 self._sync_dns(config)
-            self._sync_network(config)
+            yield from self._sync_network_steps(config)
             steps = txn.commit(self.device, time.monotonic())
             first = next(steps, None)
             if first is None and txn.result:  # only the fwmark can fail, and it was undone
@@ -207,6 +209,11 @@ class Daemon:
     def _sync_network(self, config: Config) -> None:
         """Addresses, MTU, routes and rules to match ``config``; on failure the additions are
         undone and LocalError raised (routes in batches: one netlink round trip per batch)."""
+        for _ in self._sync_network_steps(config):
+            pass
+
+    def _sync_network_steps(self, config: Config) -> Iterator[None]:
+        """:meth:`_sync_network`, a step per batch of routes (a reload does one per pass)."""
         name = self.device.name
         addresses = {str(address) for address in config.interface.addresses}
         added: list[str] = []
@@ -221,7 +228,7 @@ class Daemon:
             wanted |= {ipaddress.ip_network(cidr) for cidr in self._dns_routes(config)}
             if self.routing is None:
                 self.routing = PolicyRouting(name)
-            self.routing.sync(wanted, config.interface.table, self.device)  # undoes itself on failure
+            yield from self.routing.sync_steps(wanted, config.interface.table, self.device)  # undone on failure
         except LocalError:
             self._undo_addresses(added)
             raise

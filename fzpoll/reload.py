@@ -207,7 +207,7 @@ class Reloader:
             config, resolved = self.ready
             self.ready = None
             self._begin(config, resolved)
-        if self.steps is not None:
+        elif self.steps is not None:
             self._run_steps()
         pending = self.pending
         if pending is not None and now >= pending.deadline:
@@ -241,21 +241,25 @@ class Reloader:
         self.ready = (config, resolved)
 
     def _begin(self, config: Config, resolved: dict[bytes, Sockaddr]) -> None:
-        steps = self.configure(config, resolved)
-        try:
-            next(steps)  # all that can fail; LocalError: nothing changed
-        except LocalError as exc:
-            self._fail(str(exc))
-            return
-        self.lock.owner = self
-        self.steps = steps
+        self.lock.owner = self  # from the first check to the last slice: no client's set between
+        self.steps = self.configure(config, resolved)
+        self._run_steps()
 
     def _run_steps(self) -> None:
+        """Steps until COMMIT_BUDGET is spent. The first ones check and may raise LocalError
+        (nothing changed: the reload fails); a step that checks or changes the network is one
+        pass of its own."""
         assert self.steps is not None
         started = self.clock()
-        for _ in self.steps:
-            if self.clock() - started >= COMMIT_BUDGET:
-                return  # the rest in the next pass
+        try:
+            for _ in self.steps:
+                if self.clock() - started >= COMMIT_BUDGET:
+                    return  # the rest in the next pass
+        except LocalError as exc:
+            self.steps = None
+            self.lock.owner = None
+            self._fail(str(exc))
+            return
         self.steps = None
         self.lock.owner = None
         log.info("configuration reloaded", extra={"fields": {"path": self.path}})
