@@ -5,12 +5,40 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Callable
 
 from fzpoll import __version__
 from fzpoll.wireguard.constants import DEFAULT_BATCH_SIZE
 from fzpoll.errors import LocalError
+from fzpoll.wireguard.keys import redact
 
 COMMANDS = ("up", "down", "show", "demo", "genkey", "pubkey")
+
+
+MAX_BATCH_SIZE = 4096  # a pass must stay short: more packets per fd per wakeup only adds latency
+
+
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``, else a clear error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, not {value}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be greater than 0, not {text}")
+    return value
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -20,8 +48,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         "$LOG_LEVEL is given, as wireguard-go")
     parser.add_argument("--schedule", choices=["fair", "priority"], default="fair",
                         help="loop schedule: fair batches from every source (default) or the old strict priority")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
-                        help=f"packets read per ready fd per wakeup (default {DEFAULT_BATCH_SIZE})")
+    parser.add_argument("--batch-size", type=_int_between(1, MAX_BATCH_SIZE), default=DEFAULT_BATCH_SIZE,
+                        metavar="N", help=f"packets read per ready fd per wakeup, 1 to {MAX_BATCH_SIZE} "
+                        f"(default {DEFAULT_BATCH_SIZE})")
 
 
 def _interface_parser() -> argparse.ArgumentParser:
@@ -61,7 +90,7 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="machine-readable output")
     elif command == "demo":
         p.description = "Two network namespaces, two fzpoll daemons, a ping and a transfer through the tunnel."
-        p.add_argument("--seconds", type=float, default=3.0, help="length of the throughput test")
+        p.add_argument("--seconds", type=_positive_float, default=3.0, help="length of the throughput test")
     elif command == "genkey":
         p.description = "Print a new private key (base64), as `wg genkey`."
     elif command == "pubkey":
@@ -78,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _command_parser(command).parse_args(argv[1:])
         return _COMMANDS[command](args)
     except LocalError as exc:
-        print(f"fzpoll: {exc}", file=sys.stderr)
+        print(f"fzpoll: {redact(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -103,8 +132,11 @@ def _log_level_given(args: argparse.Namespace) -> bool:
 def _setup_logging(args: argparse.Namespace) -> None:
     from fzpoll.jsonlog import setup_logging
 
+    from fzpoll.io.netlink import quiet_pyroute2
+
     # An unknown $LOG_LEVEL is a LocalError naming the accepted levels (main() prints it).
     setup_logging(_log_level(args))
+    quiet_pyroute2(os.environ.get("FZPOLL_PYROUTE2_DEBUG") == "1")
 
 
 def _run_interface(args: argparse.Namespace) -> int:

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Union
 
 from fzpoll.errors import LocalError
-from fzpoll.wireguard.keys import PresharedKey, PrivateKey, PublicKey
+from fzpoll.wireguard.keys import PresharedKey, PrivateKey, PublicKey, redact
 
 __all__ = [
     "Config",
@@ -72,6 +72,8 @@ class ConfigError(LocalError):
     """A problem in a config file: ``"{path}:{line}: {key}: {problem}"``."""
 
     def __init__(self, path: str, line: int, key: str, problem: str) -> None:
+        # Problems may quote the value: a key pasted into the wrong field is masked here.
+        problem = redact(problem)
         super().__init__(f"{path}:{line}: {key}: {problem}")
         self.path = path
         self.line = line
@@ -152,12 +154,6 @@ class Config:
     resources: tuple[ResourceConfig, ...] = ()
     warnings: tuple[str, ...] = ()  # "path:line: Key: ignored ..." for wg-quick-only keys
     gateway: GatewayConfig | None = None
-
-    def secrets(self) -> tuple[bytes, ...]:
-        """Raw private and preshared keys, for :func:`fzpoll.jsonlog.register_secret`."""
-        out = [self.interface.private_key.raw]
-        out.extend(p.preshared_key.raw for p in self.peers if p.preshared_key is not None)
-        return tuple(out)
 
     def to_uapi_set(self) -> str:
         """The UAPI ``set=1`` request for this config, ending with its terminating blank line.

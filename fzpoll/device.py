@@ -15,7 +15,6 @@ import time
 from fzpoll.wireguard.constants import DEFAULT_MTU
 from fzpoll.wireguard.engine import Engine
 from fzpoll.errors import LocalError
-from fzpoll.jsonlog import register_secret
 from fzpoll.wireguard.constants import DEFAULT_BATCH_SIZE
 from fzpoll.io.datapath import Datapath
 from fzpoll.io.loop import Loop
@@ -117,7 +116,10 @@ class Device:
             raise LocalError(f"cannot listen on UDP port {listen_port}: {exc.strerror}") from None
 
     def _bind(self, port: int) -> None:
-        sockets = bind_udp(port, self.fwmark)
+        self.install_sockets(bind_udp(port, self.fwmark))
+
+    def install_sockets(self, sockets: list[socket.socket]) -> None:
+        """Serve on ``sockets`` (from :func:`bind_udp`) instead of the current ones."""
         self._retired_kernel_drops += self.kernel_drops()
         self.datapath.set_udp_sockets(sockets)  # the old sockets leave the loop before they close
         for s in self.sockets:
@@ -130,10 +132,6 @@ class Device:
 
     # ------------------------------------------------------------------ UapiHost
 
-    def register_secret(self, raw: bytes) -> None:
-        """A key a UAPI request carried: masked in every log line from now on."""
-        register_secret(raw)
-
     def set_listen_port(self, port: int) -> None:
         if port == self.listen_port:
             return
@@ -143,6 +141,15 @@ class Device:
             from fzpoll.uapi.protocol import UapiError
 
             raise UapiError(exc.errno or errno.EIO) from None
+
+    @staticmethod
+    def zone_exists(name: str) -> bool:
+        """Whether an interface ``name`` exists (the zone of an IPv6 endpoint, as Go resolves it)."""
+        try:
+            socket.if_nametoindex(name)
+            return True
+        except OSError:
+            return False
 
     def set_fwmark(self, mark: int) -> None:
         self.fwmark = mark

@@ -14,32 +14,32 @@ An exception attached to a record (``logger.exception(...)`` or ``exc_info=``) b
 ``error`` field, ``{"type": ..., "message": ...}``; the full traceback is added as a
 ``traceback`` string only when logging at debug level.
 
-Secrets, defense in depth (key objects already hide themselves, see :mod:`fzpoll.wireguard.keys`):
+Keys never appear, at a cost per line that does not depend on how many keys are configured:
 
-- a value that is a key object is written as its repr, which never shows a secret;
-- every registered secret (:func:`register_secret`, for private and preshared keys) is masked
-  wherever it appears in the message or in a string value, in its base64 form (padded or not) and
-  its hex form (any case); a ``bytes`` value equal to a registered secret is masked too.
+- at the source: key objects print as ``<PrivateKey (hidden)>`` / ``<PublicKey AOD66E7i>``
+  (:mod:`fzpoll.wireguard.keys`), and the code logs peers by their short public key;
+- for operator text (a key pasted into the wrong field of a config or a UAPI request, an
+  exception's message): the message, string values, field names and exception text go through
+  :func:`fzpoll.wireguard.keys.redact`, one regex scan that masks anything key-shaped (base64 or
+  hex of 32 bytes, a bytes repr); a ``bytes`` value of 32 bytes is masked whole. There is no
+  registry of secrets: nothing grows with the peers, nothing to forget when a peer is removed.
 
 Values that JSON cannot hold are written as their ``str()``.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime
 import json
 import logging
 import math
-import re
 import sys
-import threading
 from typing import Any, TextIO
 
 from fzpoll.errors import LocalError
-from fzpoll.wireguard.keys import _Key
+from fzpoll.wireguard.keys import REDACTED, _Key, redact
 
-__all__ = ["JsonFormatter", "log_event", "redact_text", "register_secret", "setup_logging"]
+__all__ = ["JsonFormatter", "log_event", "redact_text", "setup_logging"]
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -49,58 +49,10 @@ LEVELS = {
     "critical": logging.CRITICAL,
 }
 RESERVED = frozenset({"time", "severity", "logger", "message", "error", "traceback"})
-REDACTED = "<redacted>"
-
-_lock = threading.Lock()
-_secret_raw: set[bytes] = set()
-_secret_pattern: re.Pattern[str] | None = None
-_dirty = False  # secrets were added since the pattern was built
-
-
-def register_secret(raw: bytes) -> None:
-    """Mask this 32-byte key (base64 and hex forms) in every log line from now on.
-
-    Cheap to call for every key of a large configuration: a known key costs a set lookup, and the
-    pattern is rebuilt once, when the next line is logged, not once per key.
-    """
-    global _dirty
-    raw = bytes(raw)
-    if not raw or not any(raw) or raw in _secret_raw:
-        return  # an all-zero key (no preshared key) is not a secret, and masking it is noise
-    with _lock:
-        _secret_raw.add(raw)
-        _dirty = True
-
-
-def _pattern() -> re.Pattern[str] | None:
-    global _secret_pattern, _dirty
-    if _dirty:
-        with _lock:
-            forms = []
-            for secret in sorted(_secret_raw):
-                b64 = base64.b64encode(secret).decode().rstrip("=")
-                forms.append(re.escape(b64) + "=*")
-                forms.append("(?i:" + secret.hex() + ")")
-            _secret_pattern = re.compile("|".join(forms)) if forms else None
-            _dirty = False
-    return _secret_pattern
-
-
-def _forget_secrets() -> None:
-    """Drop every registered secret (for tests)."""
-    global _secret_pattern, _dirty
-    with _lock:
-        _secret_raw.clear()
-        _secret_pattern = None
-        _dirty = False
-
 
 def redact_text(text: str) -> str:
-    """``text`` with every registered secret replaced by ``<redacted>``."""
-    pattern = _pattern()
-    if pattern is None:
-        return text
-    return pattern.sub(REDACTED, text)
+    """``text`` with anything key-shaped replaced by ``<redacted>``."""
+    return redact(text)
 
 
 def _clean(value: Any, depth: int = 0) -> Any:
@@ -115,7 +67,7 @@ def _clean(value: Any, depth: int = 0) -> Any:
         return redact_text(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         raw = bytes(value)
-        return REDACTED if raw in _secret_raw else redact_text(str(raw))
+        return REDACTED if len(raw) == 32 and any(raw) else redact_text(str(raw))
     if depth < 8 and isinstance(value, dict):
         return {redact_text(str(k)): _clean(v, depth + 1) for k, v in value.items()}
     if depth < 8 and isinstance(value, (list, tuple, set, frozenset)):

@@ -250,7 +250,11 @@ class SelectorLoop:
         self.sel = selectors.DefaultSelector()
         self.readers: dict[int, object] = {}
         self.writers: dict[int, object] = {}
+        self.timers: list = []
         self.now = 0.0
+
+    def add_timer_source(self, next_deadline, handle) -> None:
+        self.timers.append((next_deadline, handle))
 
     def _update(self, fd: int) -> None:
         mask = (selectors.EVENT_READ if fd in self.readers else 0) | (
@@ -279,6 +283,8 @@ class SelectorLoop:
         self._update(fd)
 
     def run_once(self, timeout: float = 0.0) -> int:
+        if any(d() is not None and d() <= self.now for d, _ in self.timers):
+            timeout = 0.0  # a timer source is due (the UAPI server's work): no sleeping
         events = self.sel.select(timeout)
         for key_, mask in events:
             fd = key_.fd
@@ -286,6 +292,10 @@ class SelectorLoop:
                 self.readers[fd](self.now)
             if mask & selectors.EVENT_WRITE and fd in self.writers:
                 self.writers[fd](self.now)
+        for next_deadline, handle in self.timers:
+            deadline = next_deadline()
+            if deadline is not None and deadline <= self.now:
+                handle(self.now)
         return len(events)
 
     def run_until(self, predicate, rounds: int = 2000) -> None:

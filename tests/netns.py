@@ -496,6 +496,21 @@ class Fzpoll(WireguardGo):
     program = (sys.executable, "-m", "fzpoll", "-f", "--log-level", "debug")
 
 
+def wireguard_go_peer(ns_b: Namespace, pair: VethPair, key_a: str, port_a: int = 51820,
+                      port_b: int = 51821) -> tuple[WireguardGo, str]:
+    """Debian's wireguard-go in ns_b as 100.64.0.2, the peer of ``key_a`` (100.64.0.1 at
+    ``pair.ip_a:port_a``), for a daemon the test starts itself in ns_a (``fzpoll up``).
+    Returns it and its private key."""
+    b = WireguardGo(ns_b).start()
+    key_b = genkey()
+    b.configure(key_b, port_b)
+    b.add_peer(pubkey(key_a), ["100.64.0.1/32"], f"{pair.ip_a}:{port_a}")
+    b.address("100.64.0.2/32")
+    b.up()
+    b.route("100.64.0.1/32")
+    return b, key_b
+
+
 def wg_pair(ns_a: Namespace, ns_b: Namespace, pair: VethPair, port_a: int = 51820,
             port_b: int = 51821, kind_a: type = WireguardGo,
             kind_b: type = WireguardGo) -> tuple[WireguardGo, WireguardGo]:

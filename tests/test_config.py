@@ -1,3 +1,4 @@
+import base64
 import ipaddress
 import os
 
@@ -5,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fzpoll.errors import LocalError
 from fzpoll.config import Config, ConfigError, Endpoint, GatewayConfig, load_config, parse_config
 from fzpoll.wireguard.keys import PresharedKey, PrivateKey
 
@@ -79,7 +81,6 @@ def test_good_file():
     assert (r1.name, r1.peer) == ("*.example.com", PEER_A)
     assert [str(n) for n in r1.addresses] == ["10.0.0.5/32", "10.1.0.0/16"]
     assert (r2.name, r2.peer, r2.addresses) == ("?.internal.example", PEER_B, ())
-    assert config.secrets() == (PRIV.raw, PSK.raw)
 
 
 def test_repr_hides_secrets():
@@ -359,3 +360,49 @@ def test_hooks_in_a_file_of_another_user_are_refused(tmp_path):
         load_config(path)
     path.write_text(IFACE)
     load_config(path)  # no hooks: another owner is only the usual matter of keys
+
+
+@pytest.mark.parametrize("field,form", [
+    (f, form) for f in ("Endpoint", "AllowedIPs", "PersistentKeepalive", "MTU") for form in ("base64", "hex", "urlsafe")
+] + [("AllowedIPs", "unpadded")])
+def test_a_key_pasted_into_the_wrong_field_never_reaches_the_error(field: str, form: str) -> None:
+    secret = PrivateKey(bytes(range(7, 39)))
+    text = {"base64": secret.base64(), "hex": secret.hex(), "unpadded": secret.base64().rstrip("="),
+            "urlsafe": base64.urlsafe_b64encode(secret.raw).decode()}[form]
+    value = f"{text}:51820" if field == "Endpoint" else text
+    if field == "MTU":
+        conf = f"[Interface]\nPrivateKey = {PRIV.base64()}\nMTU = {value}\n"
+    else:
+        conf = (f"[Interface]\nPrivateKey = {PRIV.base64()}\n[Peer]\n"
+                + (f"PublicKey = {PEER_A.base64()}\n" if field != "PublicKey" else "")
+                + f"{field} = {value}\n")
+    with pytest.raises(ConfigError) as info:
+        parse_config(conf, "wg0.conf")
+    message = str(info.value)
+    assert "wg0.conf:" in message
+    for shown in (secret.base64(), secret.base64().rstrip("="), secret.hex(), text, text[:40]):
+        assert shown not in message
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "0", "wgx"], "must be from 1 to"),
+    (["--batch-size", "-1", "wgx"], "must be from 1 to"),
+    (["--batch-size", "1e3", "wgx"], "must be a whole number"),
+    (["up", "--batch-size", "99999", "x.conf"], "must be from 1 to"),
+    (["demo", "--seconds", "0"], "must be greater than 0"),
+    (["demo", "--seconds", "nan"], "must be greater than 0"),
+])
+def test_numeric_options_are_validated_with_a_clear_error(argv, message, capsys) -> None:
+    from fzpoll.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_daemon_options_refuse_a_batch_size_below_one() -> None:
+    from fzpoll.daemon import Options
+
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(LocalError, match="batch size"):
+            Options("wgx", batch_size=bad)

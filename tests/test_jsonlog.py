@@ -1,3 +1,4 @@
+import base64
 import io
 import json
 import logging
@@ -22,7 +23,6 @@ def out():
     yield stream
     root.handlers[:] = saved[0]
     root.setLevel(saved[1])
-    jsonlog._forget_secrets()
 
 
 def lines(stream: io.StringIO) -> list[dict]:
@@ -123,8 +123,7 @@ def test_key_objects_are_redacted(out):
     assert rec["nested"] == {"k": ["<PrivateKey (hidden)>"]}
 
 
-def test_registered_secret_never_appears(out):
-    jsonlog.register_secret(SECRET.raw)
+def test_any_key_shaped_text_never_appears(out):
     b64, hexa = SECRET.base64(), SECRET.hex()
     log = logging.getLogger("x")
     log.info("leak %s and %s", b64, hexa.upper())
@@ -134,22 +133,52 @@ def test_registered_secret_never_appears(out):
         raise RuntimeError(f"bad key {b64}")
     except RuntimeError:
         log.exception(f"exc {hexa}")
+    urlsafe = base64.urlsafe_b64encode(SECRET.raw).decode()
+    log.info(f"Endpoint = {urlsafe}:51820")  # pasted into the wrong field, URL-safe form
     text = out.getvalue()
-    for form in (b64, b64.rstrip("="), hexa, hexa.upper()):
+    for form in (b64, b64.rstrip("="), hexa, hexa.upper(), urlsafe, urlsafe.rstrip("="), repr(SECRET.raw)[2:-1]):
         assert form not in text
-    assert text.count("<redacted>") >= 8
-    assert len(lines(out)) == 4
+    assert text.count("<redacted>") >= 9
+    assert len(lines(out)) == 5
 
 
-def test_unregistered_keys_are_not_masked(out):
-    jsonlog.register_secret(SECRET.raw)
+def test_public_keys_are_masked_too_and_logged_short(out):
     other = PublicKey(bytes(range(50, 82)))
-    logging.getLogger("x").info("peer %s", other.base64())
+    logging.getLogger("x").info("peer %s %r", other.base64(), other)
     [rec] = lines(out)
-    assert rec["message"] == f"peer {other.base64()}"
+    assert rec["message"] == f"peer <redacted> <PublicKey {other.short()}>"
 
 
-def test_zero_key_is_not_registered(out):
-    jsonlog.register_secret(bytes(32))
+def test_redaction_cost_does_not_grow_with_the_number_of_keys(out):
+    """No registry: the formatter holds no per-key state at all (10,000 keys logged)."""
+    log = logging.getLogger("x")
+    for i in range(1, 10_001):
+        log.info("k %s", PrivateKey(i.to_bytes(32, "big")).base64())
+    assert "<redacted>" in out.getvalue() and "=" not in "".join(r["message"] for r in lines(out))
+    assert not any(isinstance(v, (set, dict)) and len(v) >= 10_000 for v in vars(jsonlog).values())
+
+
+def test_zero_key_is_not_masked(out):
     logging.getLogger("x").info("psk " + "0" * 64)
     assert lines(out)[0]["message"] == "psk " + "0" * 64
+
+def test_pyroute2_loggers_stay_at_warning_even_at_debug(monkeypatch) -> None:
+    from fzpoll.cli import _setup_logging
+
+    class Args:
+        log_level = "debug"
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        monkeypatch.delenv("FZPOLL_PYROUTE2_DEBUG", raising=False)
+        _setup_logging(Args())
+        assert logging.getLogger("pyroute2.netlink").getEffectiveLevel() == logging.WARNING
+        assert logging.getLogger("fzpoll.daemon").getEffectiveLevel() == logging.DEBUG
+        monkeypatch.setenv("FZPOLL_PYROUTE2_DEBUG", "1")
+        _setup_logging(Args())
+        assert logging.getLogger("pyroute2.netlink").getEffectiveLevel() == logging.DEBUG
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        logging.getLogger("pyroute2").setLevel(logging.NOTSET)

@@ -298,6 +298,8 @@ class _Loop:
 
     def remove_writer(self, fd): pass
 
+    def add_timer_source(self, next_deadline, handle): pass
+
 
 _PROBE = """
 import socket, sys

@@ -44,7 +44,6 @@ from fzpoll.wireguard.constants import (
     MESSAGE_TRANSPORT_DATA,
     PADDING_MULTIPLE,
     RESPONSE_SIZE,
-    TRANSPORT_HEADER_SIZE,
 )
 
 # linux/filter.h, linux/bpf_common.h: instruction classes, sizes, modes, operations, sources

@@ -24,7 +24,6 @@ import logging
 from typing import Callable
 
 from fzpoll.dns.forwarder import DnsForwarder
-from fzpoll.dns.lookup import Lookups
 from fzpoll.dns.sockets import QuerySockets
 from fzpoll.dns.stub import Resource
 from fzpoll.errors import LocalError

@@ -35,10 +35,10 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Iterable, Iterator, Protocol
 
 from fzpoll.errors import LocalError
-from fzpoll.io import firewall
+from fzpoll.io import firewall, netlink
 from fzpoll.io import rules as rt
 from fzpoll.io.rules import RT_TABLE_MAIN, Network, Rule
 
@@ -197,6 +197,12 @@ class PolicyRouting:
     def sync(self, networks: Iterable[Network], table_setting: str | None, device: FwmarkHost) -> None:
         """Make routes and rules what ``networks`` and ``Table`` ask for, changing only the
         difference: rules that go are removed before their routes, new ones added after."""
+        for _ in self.sync_steps(networks, table_setting, device):
+            pass
+
+    def sync_steps(self, networks: Iterable[Network], table_setting: str | None,
+                   device: FwmarkHost) -> Iterator[None]:
+        """:meth:`sync` with a step per batch of routes (one netlink round trip each)."""
         nets = set(networks)
         table = resolve_table(table_setting)
         default_table = self._default_table(device) if wants_policy_rules(nets, table) else 0
@@ -206,18 +212,28 @@ class PolicyRouting:
                 for rule in [r for r in self.rules if r.family == family]:
                     self._del_rule(rule)
                 del self.tables[family]
-        for entry in route_order(self.routes - plan.routes):
-            rt.del_route(self.ifname, entry[1], entry[0])
-            self.routes.discard(entry)
+        yield from self._change_routes(route_order(plan.routes - self.routes), route_order(self.routes - plan.routes))
         if not plan.default_families and self.auto_fwmark and device.fwmark == self.auto_fwmark:
             device.set_fwmark(0)  # we chose it for a full tunnel that is gone
             self.auto_fwmark = 0
-        for entry in route_order(plan.routes - self.routes):
-            rt.add_route(self.ifname, entry[1], entry[0])
-            self.routes.add(entry)
         for family in sorted(plan.default_families - set(self.tables), reverse=True):  # ::/0 first
             self._add_rules(family, plan.table)
         self._sync_firewall(plan)
+
+    def _change_routes(self, add: list[tuple[int, Network]],
+                       remove: list[tuple[int, Network]]) -> Iterator[None]:
+        """Routes in batches (one netlink round trip a step, see :func:`netlink.change_routes`);
+        if it fails, what it did is undone (best effort), so the routes stay as they were."""
+        try:
+            yield from netlink.iter_change_routes(self.ifname, add, remove)
+        except LocalError:
+            try:
+                netlink.change_routes(self.ifname, remove, add)
+            except LocalError as exc:
+                log.error("could not restore the routes", extra={"fields": {"error": str(exc)}})
+            raise
+        self.routes.difference_update(remove)
+        self.routes.update(add)
 
     def _sync_firewall(self, plan: Plan) -> None:
         """wg-quick's nftables table per full-tunnel family (see :mod:`fzpoll.io.firewall`), for

@@ -217,6 +217,15 @@ class Engine:
     def clear_allowed_ips(self, peer: Peer) -> None:
         self._allowed_ips.remove_value(peer)
 
+    def add_allowed_prefixes(self, peer: Peer, prefixes: list[int]) -> None:
+        """:meth:`add_allowed_ip` for many prefix keys (:func:`.allowedips.make_prefix`) at once:
+        the UAPI's bulk path (130,000 of them in one request)."""
+        self._allowed_ips.insert_prefixes(prefixes, peer)
+
+    def allowed_prefixes_of(self, peer: Peer) -> list[int]:
+        """The prefix keys routed to ``peer`` in insertion order (what ``get=1`` lists)."""
+        return self._allowed_ips.entries(peer)
+
     def allowed_ips(self) -> Iterator[tuple[Network, Peer]]:
         """Every ``(network, peer)`` of the routing table."""
         return iter(self._allowed_ips)

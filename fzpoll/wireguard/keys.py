@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import re
 
 from nacl.bindings import crypto_scalarmult_base
 
@@ -31,6 +32,27 @@ def _decode(text: str) -> bytes:
     if len(raw) != KEY_SIZE:
         raise LocalError("key must be 32 bytes")
     return raw
+
+
+# Any text that could be a key, whatever field it was pasted in: a run of 43 or more base64
+# characters, standard or URL-safe alphabet (a 32-byte key is 43 plus "=", and 64 hex digits are
+# such a run too; a file path mixes "/" with "-" or "_" and is left alone), or the repr of a bytes
+# value of 32 or more bytes. One scan of the text, whatever the
+# number of keys configured: no registry of secrets to keep, grow or forget.
+_KEY_SHAPED = re.compile(r"[A-Za-z0-9+/]{43,}=*|[A-Za-z0-9_-]{43,}=*|b'(?:[^'\\]|\\.){32,}'|b\"(?:[^\"\\]|\\.){32,}\"")
+REDACTED = "<redacted>"
+
+
+def _mask(match: re.Match[str]) -> str:
+    text = match.group()
+    if not text.strip("A=") or not text.strip("0"):
+        return text  # the all-zero key ("no preshared key") is no secret, and masking it is noise
+    return REDACTED
+
+
+def redact(text: str) -> str:
+    """``text`` with everything that could be a key (see above) replaced by ``<redacted>``."""
+    return _KEY_SHAPED.sub(_mask, text)
 
 
 class _Key:
@@ -84,7 +106,7 @@ class PublicKey(_Key):
     secret = False
 
     def __repr__(self) -> str:
-        return f"<PublicKey {self.base64()}>"
+        return f"<PublicKey {self.short()}>"  # the short form: a full key never reaches a log
 
     __str__ = __repr__
 
