@@ -266,6 +266,9 @@ class FakeEngine:
     def live_indices(self) -> frozenset[int]:
         return frozenset(self.indices)
 
+    def index_generation(self) -> int:
+        return hash(frozenset(self.indices))  # changes with the set, as the engine's counter
+
     def is_under_load(self, now: float) -> bool:
         return now < self.load_until
 
@@ -288,6 +291,24 @@ def test_prefilter_control_follows_the_engine() -> None:
         assert control.updates == 3 and control.under_load
         control(11.0)
         assert control.updates == 4 and not control.under_load
+
+
+def test_more_indices_than_the_kernel_checks_need_no_new_program() -> None:
+    """Beyond MAX_FILTER_INDICES the program does not check indices: a handshake then costs no
+    re-attach, and a pass with no handshake does not even build the set."""
+    engine = FakeEngine()
+    engine.indices = {i: object() for i in range(sockfilter.MAX_FILTER_INDICES + 1)}
+    control = sockfilter.PrefilterControl(engine, gro=False, check_indices=True)
+    r, _s = _receiver(gro=False, program_gro=False)
+    with r, _s:
+        assert control.set_sockets([r], gro=False)
+        updates = control.updates
+        engine.indices[10**6] = object()
+        control(0.0)
+        assert control.updates == updates
+        engine.indices.clear()  # back under the limit: the kernel checks indices again
+        control(0.0)
+        assert control.updates == updates + 1
 
 
 def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -97,6 +97,7 @@ class PrefilterControl:
         self.updates = 0  # programs attached since start (for fzpoll show)
         self.under_load = False
         self._indices: frozenset[int] = frozenset()
+        self._generation = -1  # of the engine's indices when the program was built
 
     def set_sockets(self, sockets: list[socket.socket], gro: bool) -> bool:
         """Filter these sockets from now on; False if the filter is off or refused."""
@@ -108,15 +109,22 @@ class PrefilterControl:
     def __call__(self, now: float) -> None:
         if not self.attached:
             return
-        if self.engine.is_under_load(now) != self.under_load or \
-                (self.check_indices and self.engine.live_indices() != self._indices):
+        if self.engine.is_under_load(now) != self.under_load:
             self._attach(now)
+        elif self.check_indices and self.engine.index_generation() != self._generation:
+            indices = self.engine.live_indices()
+            self._generation = self.engine.index_generation()
+            if indices != self._indices and (len(indices) <= MAX_FILTER_INDICES
+                                             or len(self._indices) <= MAX_FILTER_INDICES):
+                self._attach(now)  # else: too many to check in the kernel either way, same program
+            self._indices = indices
 
     def _attach(self, now: float | None = None) -> None:
         self.under_load = now is not None and self.engine.is_under_load(now)
         indices = None
         if self.check_indices:
             self._indices = self.engine.live_indices()
+            self._generation = self.engine.index_generation()
             indices = self._indices if len(self._indices) <= MAX_FILTER_INDICES else None
         program = wireguard_filter(self.gro, receiver_indices=indices,
                                    initiation_keep=INITIATION_KEEP_UNDER_LOAD if self.under_load else None)

@@ -283,6 +283,11 @@ class Engine:
         """Our receiver indices in use (sessions and handshakes in flight)."""
         return self._sessions.live_indices()
 
+    def index_generation(self) -> int:
+        """A number that changes whenever :meth:`live_indices` may have: O(1), for a caller that
+        mirrors the indices (the kernel prefilter) and must not rebuild them every pass."""
+        return self._sessions.generation
+
     def timer_entries(self) -> int:
         """Entries on the timer heap (bounded by a few per peer: see :mod:`.timers`)."""
         return len(self._timers)

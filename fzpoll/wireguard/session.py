@@ -105,11 +105,12 @@ class Keypair:
 class Sessions:
     """Every receiver index of one engine, and the keypair rotation rules."""
 
-    __slots__ = ("keypairs", "handshakes", "_random_bytes")
+    __slots__ = ("keypairs", "handshakes", "generation", "_random_bytes")
 
     def __init__(self, random_bytes: Callable[[int], bytes]) -> None:
         self.keypairs: dict[int, Keypair] = {}  # our index in a session -> its keypair
         self.handshakes: dict[int, Peer] = {}  # our index in an initiation in flight -> its peer
+        self.generation = 0  # moves whenever the set of live indices may have changed
         self._random_bytes = random_bytes
 
     def new_index(self) -> int:
@@ -131,6 +132,7 @@ class Sessions:
 
     def begin_initiation(self, peer: Peer, index: int, noise_state: object, ephemeral: bytes) -> None:
         """We sent an initiation under ``index``: a response naming it completes it."""
+        self.generation += 1
         self.clear_handshake(peer)
         self.handshakes[index] = peer
         peer.handshake_state = HandshakeState.INITIATION_SENT
@@ -139,6 +141,7 @@ class Sessions:
         peer.handshake_ephemeral = ephemeral
 
     def clear_handshake(self, peer: Peer) -> None:
+        self.generation += 1
         if peer.handshake_index is not None and self.handshakes.get(peer.handshake_index) is peer:
             del self.handshakes[peer.handshake_index]
         peer.handshake_index = None
@@ -151,6 +154,7 @@ class Sessions:
     def install_responder(self, peer: Peer, kp: Keypair) -> None:
         """A responder's keypair waits in ``next`` until confirmed; older unconfirmed and
         previous keypairs go."""
+        self.generation += 1
         self.clear_handshake(peer)
         self.keypairs[kp.local_index] = kp
         self._forget(peer.next)
@@ -160,6 +164,7 @@ class Sessions:
 
     def install_initiator(self, peer: Peer, kp: Keypair) -> None:
         """An initiator's keypair is confirmed by the response: it becomes current at once."""
+        self.generation += 1
         self.clear_handshake(peer)
         self.keypairs[kp.local_index] = kp
         if peer.next is not None:
@@ -174,6 +179,7 @@ class Sessions:
 
     def confirm_next(self, peer: Peer) -> None:
         """The initiator used our ``next`` keypair: it is confirmed and becomes current."""
+        self.generation += 1
         self._forget(peer.previous)
         peer.previous = peer.current
         peer.current = peer.next
@@ -187,5 +193,6 @@ class Sessions:
         peer.previous = peer.current = peer.next = None
 
     def _forget(self, kp: Keypair | None) -> None:
+        self.generation += 1
         if kp is not None and self.keypairs.get(kp.local_index) is kp:
             del self.keypairs[kp.local_index]
