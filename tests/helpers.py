@@ -38,6 +38,7 @@ _CHECKS: dict[str, Callable[[], str | None]] = {
     "root": lambda: None if os.geteuid() == 0 else "needs root",  # no more (no TUN, no ip)
     "netns": netns.need_root,  # root, /dev/net/tun, ip: what network namespaces need
     "wireguard-go": netns.need_wireguard_go,  # netns plus wireguard-go and wg
+    "wireguard-go-upstream": netns.need_upstream_wireguard_go,  # and the upstream binary
 }
 # Where a command comes from, for the skip reason.
 _SOURCES = {
@@ -129,10 +130,10 @@ class Pair:
         self.wire: list[tuple[str, bytes]] = []  # every datagram delivered: (direction, bytes)
         # What each engine handed over and the test has not consumed yet: the engine gives its
         # outputs away once, a test often looks before it delivers.
-        self._out: dict[Engine, list[tuple[bytes, tuple]]] = {self.a: [], self.b: []}
+        self._out: dict[Engine, list[tuple[bytes, tuple, object]]] = {self.a: [], self.b: []}
         self._tun: dict[Engine, list[bytes]] = {self.a: [], self.b: []}
 
-    def out(self, engine: Engine) -> list[tuple[bytes, tuple]]:
+    def out(self, engine: Engine) -> list[tuple[bytes, tuple, object]]:
         """The datagrams ``engine`` produced and nobody delivered yet (a live list: clear() it to drop them)."""
         buf = self._out[engine]
         buf.extend(engine.datagrams_to_send())
@@ -170,7 +171,7 @@ class Pair:
 
     def take(self, engine: Engine) -> list[bytes]:
         buf = self.out(engine)
-        out = [d for d, _ in buf]
+        out = [d for d, *_ in buf]
         buf.clear()
         return out
 

@@ -490,6 +490,26 @@ class WireguardGo:
         self._tmp.cleanup()
 
 
+# Upstream wireguard-go (with sticky sockets and offloads): FZPOLL_WIREGUARD_GO_UPSTREAM, else the
+# binary the project keeps beside its checkouts (shared/anchors/README.md says how it is built).
+UPSTREAM_WIREGUARD_GO = os.environ.get("FZPOLL_WIREGUARD_GO_UPSTREAM", "/work/shared/anchors/wireguard-go-upstream")
+
+
+def need_upstream_wireguard_go() -> str | None:
+    """Why tests against upstream wireguard-go cannot run here (None if they can)."""
+    reason = need_wireguard_go()
+    if reason is None and not os.access(UPSTREAM_WIREGUARD_GO, os.X_OK):
+        reason = f"needs upstream wireguard-go at {UPSTREAM_WIREGUARD_GO} (set FZPOLL_WIREGUARD_GO_UPSTREAM)"
+        print(f"skipping: {reason}", file=sys.stderr)
+    return reason
+
+
+class UpstreamWireguardGo(WireguardGo):
+    """Upstream wireguard-go, run and configured exactly as Debian's."""
+
+    program = (UPSTREAM_WIREGUARD_GO, "-f")
+
+
 class Fzpoll(WireguardGo):
     """fzpoll run exactly as wireguard-go is (``fzpoll -f IFNAME``, configured with ``wg``)."""
 

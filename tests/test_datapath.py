@@ -115,11 +115,11 @@ def test_an_exception_on_one_packet_does_not_abort_the_batch(rig, monkeypatch):
     real = p.b.receive
     calls = []
 
-    def flaky(data, addr, now):
+    def flaky(data, addr, now, local=None):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("bug on one packet")
-        return real(data, addr, now)
+        return real(data, addr, now, local)
 
     monkeypatch.setattr(p.b, "receive", flaky)
     rig.a_to_b(datagrams)

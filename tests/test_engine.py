@@ -28,7 +28,7 @@ def test_handshake_on_demand_then_data_both_ways_v4_and_v6(pair: Pair):
     p = pair
     first = ip4(TUN_A, TUN_B, b"first")
     assert p.a.send(first, p.now) is None
-    assert kinds(d for d, _ in p.out(p.a)) == [1]  # the packet is staged, an initiation goes out
+    assert kinds(d for d, *_ in p.out(p.a)) == [1]  # the packet is staged, an initiation goes out
     p.deliver()
     assert p.tun(p.b) == [first]
     p.tun(p.b).clear()
@@ -109,7 +109,7 @@ def test_new_handshake_when_data_sent_but_nothing_received(pair: Pair):
     p.a.send(ip4(TUN_A, TUN_B), p.now)
     p.take(p.a)  # b never hears it and never answers
     start = p.now
-    while not any(d[0] == 1 for d, _ in p.out(p.a)):
+    while not any(d[0] == 1 for d, *_ in p.out(p.a)):
         p.clock.now = p.a.next_deadline()
         p.a.handle_timer(p.now)
     waited = p.now - start
@@ -149,7 +149,7 @@ def test_session_expires_after_reject_after_time(pair: Pair):
     assert p.peer_b.current is old  # nothing was sent meanwhile: no rekey happened
     # a normal send after expiry stages the packet and starts a new handshake
     p.a.send(ip4(TUN_A, TUN_B, b"after"), p.now)
-    assert kinds(d for d, _ in p.out(p.a)) == [1] and len(p.peer_b.staged) == 1
+    assert kinds(d for d, *_ in p.out(p.a)) == [1] and len(p.peer_b.staged) == 1
     initiation = p.take(p.a)
     # a packet made with the expired keypair is refused by b
     p.a._encrypt(p.peer_b, old, ip4(TUN_A, TUN_B), p.now)
@@ -242,7 +242,7 @@ def test_flood_turns_on_under_load_and_rate_limits_per_source(pair: Pair):
     results = []
     for i in range(40):
         evil.initiate_handshake(target, p.now + 10 * i)
-        ((msg, _),) = evil.datagrams_to_send()
+        ((msg, _, _),) = evil.datagrams_to_send()
         results.append(p.b.receive(msg, ("192.0.2.50", 1000 + i), p.now + 0.001 * i))
     assert results[0] == D.UNKNOWN_PEER  # valid MAC1, unknown static key
     assert p.b.is_under_load(p.now + 0.05)

@@ -181,7 +181,7 @@ class FzpollEnd:
         self.flush()
 
     def flush(self) -> None:
-        for datagram, addr in self.engine.datagrams_to_send():
+        for datagram, addr, _ in self.engine.datagrams_to_send():
             self.sock.sendto(datagram, addr)
 
     def wait_for(self, match: Callable[[Echo], bool], timeout: float = WAIT) -> Echo:
@@ -298,8 +298,8 @@ def test_fzpoll_initiates_and_pings_wireguard_go(use_psk: bool) -> None:
         request = icmp_echo(OUR_TUN4, WG_TUN4, 0xBEEF, 1, b"fzpoll ping v4")
         assert engine.send(request, time.monotonic()) is None
         sent = engine.datagrams_to_send()
-        assert [d[0] for d, _ in sent] == [1]  # staged; a handshake initiation goes out
-        for datagram, addr in sent:
+        assert [d[0] for d, _, _ in sent] == [1]  # staged; a handshake initiation goes out
+        for datagram, addr, _ in sent:
             bed.ours.sock.sendto(datagram, addr)
 
         reply = bed.ours.wait_for(lambda e: e.reply and e.ident == 0xBEEF)

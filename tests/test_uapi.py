@@ -338,7 +338,7 @@ def test_persistent_keepalive_interval(host: FakeHost) -> None:
     peer = host.engine.get_peer(PublicKey.from_hex(PEER2))
     assert peer.persistent_keepalive_interval == 25
     sent = host.engine.datagrams_to_send()
-    assert [len(d) for d, _ in sent] == [INITIATION_SIZE]
+    assert [len(d) for d, _, _ in sent] == [INITIATION_SIZE]
     assert sent[0][1] == ("127.0.0.1", 5555)
     assert run_set(host, f"public_key={PEER2}\npersistent_keepalive_interval=65535") == 0
     assert peer.persistent_keepalive_interval == 65535

@@ -54,7 +54,7 @@ class Rig:
         a = self.link.a
         for p in packets:
             a.send(p, self.link.now)
-        for data, _ in a.datagrams_to_send():
+        for data, *_ in a.datagrams_to_send():
             self.udp_a.sendto(data, self.addr_b)
         spent, got, idle = 0.0, 0, 0
         while got < len(packets):

@@ -90,10 +90,10 @@ class Link:
         a, b = self.a, self.b
         out_a, out_b = a.datagrams_to_send(), b.datagrams_to_send()
         while out_a or out_b:
-            for data, _ in out_a:
+            for data, *_ in out_a:
                 b.receive(data, ADDR_A, self.now)
             out_b += b.datagrams_to_send()
-            for data, _ in out_b:
+            for data, *_ in out_b:
                 a.receive(data, ADDR_B, self.now)
             out_a, out_b = a.datagrams_to_send(), b.datagrams_to_send()
 
@@ -144,7 +144,7 @@ def bench_encrypt_decrypt(
         t0 = perf()
         for p in batch:
             send(p, now)
-        datagrams = [d for d, _ in a.datagrams_to_send()]
+        datagrams = [d for d, *_ in a.datagrams_to_send()]
         t1 = perf()
         for d in datagrams:
             receive(d, ADDR_A, now)

@@ -47,7 +47,7 @@ from typing import Callable
 
 from fzpoll.errors import DropReason as D
 from fzpoll.io.loop import EPOLLERR, EPOLLIN, EPOLLOUT, MAX_PENDING_WRITES, Loop, Outbox
-from fzpoll.io.udp import READ_SIZE, UdpSockets
+from fzpoll.io.udp import READ_SIZE, Datagram, UdpSockets
 from fzpoll.ippacket import destination_in, may_be_answered
 from fzpoll.wireguard.constants import (
     DEFAULT_BATCH_SIZE,
@@ -101,6 +101,7 @@ class Datapath:
         self.stats = Stats(loop)
         self.udp = UdpSockets(loop, max_pending)
         self.udp.on_blocked = self._blocked
+        self.udp.on_source_gone = engine.forget_local
         self._priority = loop.schedule == "priority"
         self._tun_fd = tun_fd
         self._tun_out = Outbox(max_pending)
@@ -151,7 +152,7 @@ class Datapath:
         """Steps 1-3: flush what waited, read a batch from every ready data fd, process it."""
         if not self._masks_clear:
             self._flush_waiting(events, drops)
-        udp_batch: list[tuple[bytes, tuple]] = []
+        udp_batch: list[Datagram] = []
         tun_batch: list[bytes] = []
         self._read(events, now, udp_batch, tun_batch, failures)
         self._tun_taken = len(tun_batch)
@@ -180,7 +181,7 @@ class Datapath:
                 elif fd in udp.by_fd:
                     udp.flush(fd, drops)
 
-    def _read(self, events: list[tuple[int, int]], now: float, udp_batch: list[tuple[bytes, tuple]],
+    def _read(self, events: list[tuple[int, int]], now: float, udp_batch: list[Datagram],
               tun_batch: list[bytes], failures: list[Exception]) -> None:
         """A batch from every ready data fd (strict priority: TUN only if UDP had nothing)."""
         ready = dict(events)
@@ -207,15 +208,15 @@ class Datapath:
                 last_read[tun_fd] = now
                 self._read_tun(tun_fd, tun_batch, failures, limit)
 
-    def _receive(self, batch: list[tuple[bytes, tuple]], now: float, drops: dict[str, int],
+    def _receive(self, batch: list[Datagram], now: float, drops: dict[str, int],
                  failures: list[Exception]) -> None:
         engine = self.engine
         receive = engine.receive
         if engine.is_under_load(now):
             batch = self._shed_handshakes(batch, drops)
-        for data, addr in batch:
+        for data, addr, local in batch:
             try:
-                reason = receive(data, addr, now)
+                reason = receive(data, addr, now, local)
                 if reason is not None:
                     drops[reason] += 1
             except Exception as exc:  # a bug on one packet must not cost the batch

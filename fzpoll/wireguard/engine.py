@@ -56,7 +56,7 @@ from fzpoll.errors import LocalError
 from fzpoll.wireguard.keys import PresharedKey, PrivateKey, PublicKey
 from fzpoll.wireguard.events import Event, HandshakeCompleted, HandshakeGaveUp, HandshakeInitiated, KeysZeroed
 from fzpoll.wireguard.handshake import LoadGuard
-from fzpoll.wireguard.peer import Endpoint, HandshakeState, Peer
+from fzpoll.wireguard.peer import Endpoint, HandshakeState, Local, Peer
 from fzpoll.wireguard.session import Keypair, Sessions
 from fzpoll.wireguard.timers import PeerTimer, TimerHeap
 
@@ -108,7 +108,7 @@ class Engine:
         self._peers: dict[bytes, Peer] = {}
         self.peers: Mapping[bytes, Peer] = MappingProxyType(self._peers)  # read-only view, by raw key
         self._allowed_ips: AllowedIPs[Peer] = AllowedIPs()
-        self._out: list[tuple[bytes, Endpoint]] = []
+        self._out: list[tuple[bytes, Endpoint, Local]] = []
         self._to_tun: list[bytes] = []
         self._events: list[Event] = []
         self._drops: Counter[str] = Counter()
@@ -201,8 +201,17 @@ class Engine:
         peer.preshared_key = key
 
     def set_endpoint(self, peer: Peer, endpoint: Endpoint | None) -> None:
-        """Where to send to ``peer`` until an authenticated packet from elsewhere moves it."""
+        """Where to send to ``peer`` until an authenticated packet from elsewhere moves it (from
+        the source address the kernel picks: the sticky one is forgotten)."""
         peer.endpoint = endpoint
+        peer.local = None
+
+    def forget_local(self, local: Local) -> None:
+        """The IO shell could not send from ``local`` (the address has gone): every peer sticky
+        to it sends from the kernel's choice until its next authenticated packet."""
+        for peer in self._peers.values():
+            if peer.local == local:
+                peer.local = None
 
     # ------------------------------------------------------------------ cryptokey routing
 
@@ -249,8 +258,10 @@ class Engine:
 
     # ------------------------------------------------------------------ outputs (the IO shell's seam)
 
-    def datagrams_to_send(self) -> list[tuple[bytes, Endpoint]]:
-        """Take the ``(datagram, endpoint)`` pairs produced since the last call."""
+    def datagrams_to_send(self) -> list[tuple[bytes, Endpoint, Local]]:
+        """Take the ``(datagram, endpoint, local)`` triples produced since the last call: ``local``
+        is what :meth:`receive` was given with the peer's latest authenticated datagram (the
+        source to send from, "sticky"), or None for the kernel's choice."""
         out, self._out = self._out, []
         return out
 
@@ -348,7 +359,7 @@ class Engine:
         _pack_header(view, 0, kp.header, counter)
         _seal(self._scratch_body, _NULL, packet, len(packet), _NULL, 0, _NULL, _pack_nonce(counter), kp.send_key)
         datagram = view[0:size]
-        self._out.append((datagram, peer.endpoint))
+        self._out.append((datagram, peer.endpoint, peer.local))
         peer.tx_bytes += len(datagram)
         # timers: any authenticated packet traversal / sent, data sent (wireguard-go timers.go)
         if peer.persistent_keepalive_interval:
@@ -389,8 +400,11 @@ class Engine:
 
     # ------------------------------------------------------------------ data plane: incoming
 
-    def receive(self, data: bytes, addr: Endpoint, now: float) -> D | None:
-        """Process one UDP datagram from ``addr``; decrypted packets go to :attr:`to_tun`."""
+    def receive(self, data: bytes, addr: Endpoint, now: float, local: Local = None) -> D | None:
+        """Process one UDP datagram from ``addr``; decrypted packets go to :meth:`packets_for_tun`.
+        ``local`` (opaque here) says which of our addresses it was sent to: if it authenticates,
+        what we send to its peer carries it back, as the kernel and wireguard-go answer from the
+        address the peer used."""
         if len(data) < 4:
             self._drops[D.TOO_SHORT] += 1
             return D.TOO_SHORT
@@ -399,18 +413,18 @@ class Engine:
             self._drops[D.BAD_TYPE] += 1
             return D.BAD_TYPE
         if kind == MESSAGE_TRANSPORT_DATA:
-            reason = self._on_transport(data, addr, now)
+            reason = self._on_transport(data, addr, now, local)
         else:
             handler = self._handlers.get(kind)
             if handler is None:
                 reason = D.BAD_TYPE
             else:
-                reason = handler(data, addr, now)
+                reason = handler(data, addr, now, local)
         if reason is not None:
             self._drops[reason] += 1
         return reason
 
-    def _on_transport(self, data: bytes, addr: Endpoint, now: float) -> D | None:
+    def _on_transport(self, data: bytes, addr: Endpoint, now: float, local: Local) -> D | None:
         if len(data) < KEEPALIVE_SIZE:
             return D.BAD_LENGTH
         index, counter = _unpack_header(data, 4)
@@ -441,6 +455,7 @@ class Engine:
             self._flush_staged(peer, now)
         if peer.endpoint != addr:
             peer.endpoint = addr  # roaming: follow the latest authenticated packet
+        peer.local = local
         peer.rx_bytes += len(data)
         # timers: keep key fresh, traversal, any authenticated packet received
         if (
@@ -492,16 +507,16 @@ class Engine:
 
     # ------------------------------------------------------------------ handshakes
 
-    def _check_load(self, data: bytes, addr: Endpoint, now: float) -> D | None:
+    def _check_load(self, data: bytes, addr: Endpoint, now: float, local: Local) -> D | None:
         cookies = self._cookies
         if cookies is None:
             return D.NO_PRIVATE_KEY
-        return self._load.check(cookies, data, addr, now, self._out)
+        return self._load.check(cookies, data, addr, now, self._out, local)
 
-    def _on_initiation(self, data: bytes, addr: Endpoint, now: float) -> D | None:
+    def _on_initiation(self, data: bytes, addr: Endpoint, now: float, local: Local) -> D | None:
         if len(data) != INITIATION_SIZE:
             return D.BAD_LENGTH
-        reason = self._check_load(data, addr, now)
+        reason = self._check_load(data, addr, now, local)
         if reason is not None:
             return reason
         try:
@@ -527,8 +542,8 @@ class Engine:
         recv_key, send_key = state.split()
         kp = Keypair(peer, send_key, recv_key, local_index, init.sender_index, now, is_initiator=False)
         self._sessions.install_responder(peer, kp)
-        peer.endpoint = addr
-        self._out.append((peer.cookies.add_macs(body, now), addr))
+        peer.endpoint, peer.local = addr, local
+        self._out.append((peer.cookies.add_macs(body, now), addr, local))
         peer.tx_bytes += RESPONSE_SIZE
         peer.rx_bytes += len(data)
         self._timers.arm(peer, _ZERO_KEYS, now + ZERO_KEYS_AFTER_TIME)
@@ -536,10 +551,10 @@ class Engine:
         peer.keepalive_at = None
         return None
 
-    def _on_response(self, data: bytes, addr: Endpoint, now: float) -> D | None:
+    def _on_response(self, data: bytes, addr: Endpoint, now: float, local: Local) -> D | None:
         if len(data) != RESPONSE_SIZE:
             return D.BAD_LENGTH
-        reason = self._check_load(data, addr, now)
+        reason = self._check_load(data, addr, now, local)
         if reason is not None:
             return reason
         sender, receiver = handshake.response_indices(data)
@@ -557,7 +572,7 @@ class Engine:
         local_index: int = peer.handshake_index  # type: ignore[assignment]
         kp = Keypair(peer, send_key, recv_key, local_index, sender, now, is_initiator=True)
         self._sessions.install_initiator(peer, kp)
-        peer.endpoint = addr
+        peer.endpoint, peer.local = addr, local
         peer.rx_bytes += len(data)
         self._timers.arm(peer, _ZERO_KEYS, now + ZERO_KEYS_AFTER_TIME)
         self._handshake_complete(peer)
@@ -566,7 +581,7 @@ class Engine:
         self._send_keepalive(peer, now)  # confirms the key to the responder, or sends what waited
         return None
 
-    def _on_cookie_reply(self, data: bytes, addr: Endpoint, now: float) -> D | None:
+    def _on_cookie_reply(self, data: bytes, addr: Endpoint, now: float, local: Local) -> D | None:
         if len(data) != COOKIE_REPLY_SIZE:
             return D.BAD_LENGTH
         peer = self._sessions.peer_of(int.from_bytes(data[4:8], "little"))
@@ -595,7 +610,7 @@ class Engine:
             self._private, peer.raw_public, ephemeral, index, self.wall_time()
         )
         self._sessions.begin_initiation(peer, index, state, ephemeral)
-        self._out.append((peer.cookies.add_macs(body, now), peer.endpoint))
+        self._out.append((peer.cookies.add_macs(body, now), peer.endpoint, peer.local))
         peer.tx_bytes += INITIATION_SIZE
         self._events.append(HandshakeInitiated(peer.public_key))
         self._authenticated_traversal(peer, now)
@@ -661,6 +676,7 @@ class Engine:
                 self._timers.arm(peer, _ZERO_KEYS, now + ZERO_KEYS_AFTER_TIME)
             return
         peer.handshake_attempts += 1
+        peer.local = None  # in case the sticky source is the trouble (as the kernel and wireguard-go)
         self._send_initiation(peer, now, is_retry=True)
 
     def _expired_keepalive(self, peer: Peer, now: float) -> None:
@@ -670,6 +686,7 @@ class Engine:
             self._timers.arm(peer, _KEEPALIVE, now + KEEPALIVE_TIMEOUT)
 
     def _expired_new_handshake(self, peer: Peer, now: float) -> None:
+        peer.local = None  # we stopped hearing back: maybe the sticky source is the trouble
         self.initiate_handshake(peer, now)
 
     def _expired_zero_keys(self, peer: Peer, now: float) -> None:

@@ -32,6 +32,9 @@ from fzpoll.wireguard.constants import (
 from fzpoll.wireguard.crypto import hash_, mac, tai64n, xaead_decrypt, xaead_encrypt
 
 Endpoint = tuple[Any, ...]  # a socket address as recvfrom returns it: (host, port) or (host, port, flow, scope)
+# Which of our addresses a peer's datagram arrived on, as the IO shell describes it (opaque to the
+# engine, compared with ==; None: let the kernel pick the source).
+Local = Any
 
 _INITIATION_HEADER = struct.Struct("<I I")  # type (with 3 reserved zero bytes), sender index
 _RESPONSE_HEADER = struct.Struct("<I I I")  # type, sender index, receiver index
@@ -217,9 +220,9 @@ class LoadGuard:
         return now < self.under_load_until
 
     def check(self, cookies: CookieChecker, data: bytes, addr: Endpoint, now: float,
-              replies: list[tuple[bytes, Endpoint]]) -> D | None:
-        """MAC1 always; under load MAC2 (else a cookie reply is added to ``replies``) and the
-        per-source rate limit. None means: go ahead."""
+              replies: list[tuple[bytes, Endpoint, Local]], local: Local = None) -> D | None:
+        """MAC1 always; under load MAC2 (else a cookie reply from ``local`` is added to
+        ``replies``) and the per-source rate limit. None means: go ahead."""
         if not cookies.check_mac1(data):
             return D.BAD_MAC1
         if now - self._window_start >= UNDER_LOAD_WINDOW:
@@ -232,7 +235,7 @@ class LoadGuard:
             return None
         source = source_bytes(addr)
         if not cookies.check_mac2(data, source, now):
-            replies.append((cookies.make_reply(data, source, now), addr))
+            replies.append((cookies.make_reply(data, source, now), addr, local))
             return D.BAD_MAC2
         return None if self._allow_source(source[:-2], now) else D.RATE_LIMITED
 

@@ -11,13 +11,13 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from fzpoll.wireguard.constants import MAX_STAGED_PACKETS
-from fzpoll.wireguard.handshake import CookieGenerator, Endpoint
+from fzpoll.wireguard.handshake import CookieGenerator, Endpoint, Local
 from fzpoll.wireguard.keys import PresharedKey, PublicKey
 
 if TYPE_CHECKING:
     from fzpoll.wireguard.session import Keypair
 
-__all__ = ["Endpoint", "HandshakeState", "Peer"]
+__all__ = ["Endpoint", "HandshakeState", "Local", "Peer"]
 
 
 class HandshakeState(enum.Enum):
@@ -32,7 +32,7 @@ class Peer:
     """A configured peer. Timer fields are absolute deadlines (monotonic seconds) or None."""
 
     __slots__ = (
-        "public_key", "raw_public", "preshared_key", "endpoint", "persistent_keepalive_interval",
+        "public_key", "raw_public", "preshared_key", "endpoint", "local", "persistent_keepalive_interval",
         "cookies", "removed",
         # handshake
         "handshake_state", "handshake_index", "handshake_state_noise", "handshake_ephemeral",
@@ -53,6 +53,7 @@ class Peer:
         self.raw_public = public_key.raw
         self.preshared_key = PresharedKey.zero()
         self.endpoint: Endpoint | None = None
+        self.local: Local = None  # the sticky source: see Engine.receive
         self.persistent_keepalive_interval = 0
         self.cookies = CookieGenerator(public_key.raw)
         self.removed = False
