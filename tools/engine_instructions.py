@@ -40,9 +40,9 @@ take_a, take_b = a.datagrams_to_send, b.datagrams_to_send
 packet = bytes([0x45, 0]) + size.to_bytes(2, "big") + bytes(8) + bytes([10, 0, 0, 1, 10, 0, 0, 2]) + bytes(size - 20)
 a.send(packet, 0.0)
 for _ in range(4):  # the handshake, and b's confirmation
-    for d, _ in take_a():
+    for d, *_ in take_a():
         b.receive(d, A, 0.0)
-    for d, _ in take_b():
+    for d, *_ in take_b():
         a.receive(d, B, 0.0)
 assert b.packets_for_tun() == [packet], "handshake failed"
 send, receive, tun = a.send, b.receive, b.packets_for_tun
