@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from netns import Fzpoll, Namespace, UpstreamWireguardGo, WireguardGo, genkey, pubkey, veth_pair
+from netns import Fzpoll, Namespace, UpstreamWireguardGo, WireguardGo, genkey, pubkey, transfer, veth_pair
 
 pytestmark = [pytest.mark.netns, pytest.mark.needs("wireguard-go")]
 
@@ -90,6 +90,8 @@ def test_replies_come_from_the_address_the_peer_used_and_move_when_it_goes(kind,
                 assert ping(peer, "100.64.0.1"), f"no ping through the tunnel via {address}"
                 assert bed.peer_sees() == endpoint(address, OUR_PORT), "answered from another address"
             assert bed.we_see() == endpoint(theirs, PEER_PORT)
+            transfer(ours, peer, "100.64.0.2", 1 << 20)  # bursts: GSO runs carry the source too
+            assert bed.peer_sees() == endpoint(second, OUR_PORT)
             # The address we are sticky to goes: our next packet is sent from the other one.
             ours.ip("addr", "del", second + prefix, "dev", bed.link.if_a)
             assert ping(ours, "100.64.0.2"), f"nothing went through once {second} was deleted"
