@@ -155,6 +155,7 @@ class Device:
         self.fwmark = mark
         for s in self.sockets:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        self.engine.forget_local()  # routing by mark may want other sources now
 
     def kernel_drops(self) -> int:
         """Datagrams the kernel dropped at our UDP sockets: rejected by the prefilter, or

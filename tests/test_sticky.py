@@ -11,6 +11,7 @@ import pytest
 
 from fzpoll.errors import DropReason as D
 from fzpoll.io import pktinfo
+from fzpoll.io.datapath import Datapath
 from fzpoll.io.loop import Loop
 from fzpoll.io.report import Drops
 from fzpoll.io.udp import SOL_UDP, UDP_SEGMENT, UdpSockets
@@ -74,6 +75,9 @@ def test_the_sticky_source_is_forgotten_on_a_new_endpoint_a_gone_address_and_a_r
     p.b.forget_local(L1)  # the IO shell could not send from it
     assert p.peer_a.local is None
     p.b.receive(data_from_a(p), ADDR_A, p.now, L1)
+    p.b.forget_local()  # all of them: new sockets, or a new fwmark
+    assert p.peer_a.local is None
+    p.b.receive(data_from_a(p), ADDR_A, p.now, L1)
     p.b.set_endpoint(p.peer_a, ADDR_A)  # configured: from the kernel's choice
     assert p.peer_a.local is None
     # A handshake that goes unanswered is retried without it (as the kernel and wireguard-go).
@@ -95,6 +99,13 @@ def loop():
     loop = Loop()
     yield loop
     loop.close()
+
+
+def test_new_sockets_forget_every_sticky_source(loop):
+    p = established()
+    p.b.receive(data_from_a(p), ADDR_A, p.now, L1)
+    Datapath(p.b, loop, None).set_udp_sockets([])  # a new listen port (as wireguard-go's BindUpdate)
+    assert p.peer_a.local is None
 
 
 def udp(family: int, host: str) -> socket.socket:

@@ -126,6 +126,7 @@ class Datapath:
         ones only after this. With ``offload``, GSO/GRO are probed (see :mod:`fzpoll.io.udp`)."""
         for fd in self.udp.replace(sockets, offload):
             self._last_read.pop(fd, None)
+        self.engine.forget_local()  # the sticky sources were seen on the old sockets
 
     def set_intercept(self, intercept: Callable[[bytes, float], bool], v4: frozenset[bytes],
                       v6: frozenset[bytes]) -> None:

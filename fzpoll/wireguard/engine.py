@@ -206,11 +206,12 @@ class Engine:
         peer.endpoint = endpoint
         peer.local = None
 
-    def forget_local(self, local: Local) -> None:
+    def forget_local(self, local: Local = None) -> None:
         """The IO shell could not send from ``local`` (the address has gone): every peer sticky
-        to it sends from the kernel's choice until its next authenticated packet."""
+        to it sends from the kernel's choice until its next authenticated packet. Without
+        ``local``, every peer's (new sockets or fwmark, as the kernel and wireguard-go do)."""
         for peer in self._peers.values():
-            if peer.local == local:
+            if local is None or peer.local == local:
                 peer.local = None
 
     # ------------------------------------------------------------------ cryptokey routing
