@@ -492,7 +492,10 @@ class WireguardGo:
 
 # Upstream wireguard-go (with sticky sockets and offloads): FZPOLL_WIREGUARD_GO_UPSTREAM, else the
 # binary the project keeps beside its checkouts (shared/anchors/README.md says how it is built).
-UPSTREAM_WIREGUARD_GO = os.environ.get("FZPOLL_WIREGUARD_GO_UPSTREAM", "/work/shared/anchors/wireguard-go-upstream")
+# The upstream build lies in ../shared/anchors beside the checkout (as CI lays it out).
+UPSTREAM_WIREGUARD_GO = os.environ.get(
+    "FZPOLL_WIREGUARD_GO_UPSTREAM",
+    str(Path(__file__).resolve().parent.parent.parent / "shared" / "anchors" / "wireguard-go-upstream"))
 
 
 def need_upstream_wireguard_go() -> str | None:
