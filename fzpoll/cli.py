@@ -158,7 +158,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
-    from fzpoll.wgquick.down import down
+    from fzpoll.up.down import down
 
     return down(args.target)
 

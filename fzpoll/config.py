@@ -11,7 +11,7 @@
     FwMark = 0x1234                     # or off
     Table = auto                        # off, auto, a number or a name from rt_tables
     PreUp = ...                         # wg-quick hooks, repeatable, run through bash; %i is
-    PostUp = ...                        #   the interface (see fzpoll.wgquick.hooks)
+    PostUp = ...                        #   the interface (see fzpoll.up.hooks)
     PreDown = ...
     PostDown = ...
 

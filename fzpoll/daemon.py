@@ -24,7 +24,7 @@ from typing import Iterator
 from fzpoll.io import netlink
 from fzpoll.config import Config, load_config
 from fzpoll.wireguard.constants import DEFAULT_BATCH_SIZE, DEFAULT_MTU
-from fzpoll import reload
+from fzpoll.up import reload
 from fzpoll.device import Device, bind_udp
 from fzpoll.dns.stub import PROXY_V4, PROXY_V6, Resource
 from fzpoll.dns.forwarder import DnsForwarder, make_stub, upstreams_from, write_resolv_conf
@@ -33,8 +33,8 @@ from fzpoll.gateway.client import ResourceClient
 from fzpoll.gateway.gateway import Gateway
 from fzpoll.io.resources import ResourcesIO
 from fzpoll.errors import LocalError
-from fzpoll.wgquick.hooks import HookError, run_hooks
-from fzpoll.wgquick.routing import PolicyRouting
+from fzpoll.up.hooks import HookError, run_hooks
+from fzpoll.up.routing import PolicyRouting
 from fzpoll.io.datapath import TunGone
 from fzpoll.sdnotify import Notifier
 from fzpoll.wireguard.events import Event, HandshakeCompleted, HandshakeGaveUp, HandshakeInitiated, KeysZeroed
@@ -124,7 +124,7 @@ class Daemon:
     def configure(self, config: Config, *, initial: bool,
                   resolved: dict[bytes, tuple] | None = None) -> Iterator[None]:
         """Apply ``config`` like ``wg setconf`` at start, like ``wg syncconf`` on reload, all or
-        nothing (see :mod:`fzpoll.reload`). A generator: its first steps do everything that can
+        nothing (see :mod:`fzpoll.up.reload`). A generator: its first steps do everything that can
         fail - resolving (blocking, only when ``resolved`` is None: before the loop runs),
         validating the peers (one step), then binding a new port, changing addresses and routes,
         the fwmark (the next) - and raise LocalError having changed nothing; the next steps commit
@@ -294,7 +294,7 @@ class Daemon:
                 self.reload()
 
     def reload(self) -> None:
-        """SIGHUP: start a reload; it finishes from the loop (see :mod:`fzpoll.reload`)."""
+        """SIGHUP: start a reload; it finishes from the loop (see :mod:`fzpoll.up.reload`)."""
         if self.reloader is None:
             log.warning("SIGHUP ignored: no configuration file to reload")
             return

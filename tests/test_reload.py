@@ -1,4 +1,4 @@
-"""Reloads (fzpoll/reload.py) without namespaces: the stages, the commit lock, the slices."""
+"""Reloads (fzpoll/up/reload.py) without namespaces: the stages, the commit lock, the slices."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from fzpoll import reload
+from fzpoll.up import reload
 from fzpoll.config import parse_config
 from fzpoll.errors import LocalError
 from fzpoll.uapi.protocol import CommitLock
@@ -124,7 +124,7 @@ def test_a_failed_check_changes_nothing_and_says_why(tmp_path, caplog) -> None:
 
     loop, r, ended = _reloader(tmp_path, CONF, configure)
     loop.waiting = lambda: r.parsing
-    with caplog.at_level(logging.ERROR, logger="fzpoll.reload"):
+    with caplog.at_level(logging.ERROR, logger="fzpoll.up.reload"):
         r.start()
         loop.run_timers()
         loop.run_timers()
@@ -152,7 +152,7 @@ def test_resolution_results_and_timeout(tmp_path, caplog) -> None:
     loop.run_timers(200.0)
     assert configured == [{PEER.raw: ("192.0.2.1", 1)}] and ended == [1]
     # a name server that never answers: the reload fails at the deadline, late answers are ignored
-    with caplog.at_level(logging.ERROR, logger="fzpoll.reload"):
+    with caplog.at_level(logging.ERROR, logger="fzpoll.up.reload"):
         r.start()
         loop.run_timers(0.0)
         loop.run_timers(100.0 + reload.RESOLVE_TIMEOUT - 0.1)
@@ -171,7 +171,7 @@ def test_a_file_that_does_not_parse_fails_the_reload_from_the_helper(tmp_path, c
 
     loop, r, ended = _reloader(tmp_path, CONF + "AllowedIPs = nonsense\n", configure)
     loop.waiting = lambda: r.parsing
-    with caplog.at_level(logging.ERROR, logger="fzpoll.reload"):
+    with caplog.at_level(logging.ERROR, logger="fzpoll.up.reload"):
         assert r.start()
         assert not ended  # parsed by a helper thread, not in this pass
         loop.run_timers()

@@ -249,7 +249,7 @@ Route = tuple  # (table, network)
 def change_routes(ifname: str, add: list[Route], remove: list[Route]) -> None:
     """Remove, then add, routes ``(table, network)`` through ``ifname``, one netlink round trip
     per ROUTE_BATCH (in the order given). A route to remove that is gone is fine; one to add that
-    exists is checked as :func:`fzpoll.io.rules.add_route` does (fine through ``ifname``, an
+    exists is checked as :func:`fzpoll.up.rules.add_route` does (fine through ``ifname``, an
     error naming the conflict through another interface). Raises LocalError at the first failure.
     """
     for _ in iter_change_routes(ifname, add, remove):
@@ -285,7 +285,7 @@ def iter_change_routes(ifname: str, add: list[Route], remove: list[Route]) -> It
                         hint = " (needs CAP_NET_ADMIN)" if code in (errno.EPERM, errno.EACCES) else ""
                         raise LocalError(f"cannot {verb} route {net} dev {ifname} table {table}: "
                                          f"{errno.errorcode.get(code, code)}{hint}")
-    from fzpoll.io import rules
+    from fzpoll.up import rules
 
     for table, net in existed:  # rare: each is checked with a dump
         rules.add_route(ifname, net, table)

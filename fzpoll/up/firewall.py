@@ -1,6 +1,6 @@
 """wg-quick's nftables rules for a full tunnel, made with the ``nft`` command.
 
-With a /0 routed into the tunnel (see :mod:`fzpoll.wgquick.routing`), wg-quick also adds, per
+With a /0 routed into the tunnel (see :mod:`fzpoll.up.routing`), wg-quick also adds, per
 family, an nftables table of three chains:
 
 - at prerouting, mangle priority: a UDP packet takes its connection's mark (``meta mark set ct

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fzpoll.wgquick.hooks import HookError, run_hooks
+from fzpoll.up.hooks import HookError, run_hooks
 
 
 def test_hooks_run_in_order_through_the_shell_with_the_interface_name(tmp_path):
@@ -48,7 +48,7 @@ def test_a_key_in_a_hook_is_masked_in_the_log(caplog):
 
     raw = bytes(range(100, 132))
     key = base64.b64encode(raw).decode()
-    with caplog.at_level(logging.INFO, logger="fzpoll.wgquick.hooks"):
+    with caplog.at_level(logging.INFO, logger="fzpoll.up.hooks"):
         run_hooks("PostUp", [f"true {key}"], "wg7")
     lines = [JsonFormatter().format(r) for r in caplog.records]
     assert lines and all(key not in line for line in lines), lines

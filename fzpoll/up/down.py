@@ -4,7 +4,7 @@ The daemon owns its teardown (SIGTERM from systemd must do the same thing), so t
 daemon serving IFACE through its UAPI socket (``get=fzpoll`` names its pid), sends it SIGTERM and
 waits until it is gone: it has then run PreDown, removed its rules and routes and its interface,
 and run PostDown (a failing hook is in the daemon's log and its exit code). If no daemon runs but
-a crashed one left rules behind (see :mod:`fzpoll.wgquick.routing`), they are removed.
+a crashed one left rules behind (see :mod:`fzpoll.up.routing`), they are removed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import signal
 import time
 
 from fzpoll.errors import LocalError
-from fzpoll.wgquick.routing import process_running, remove_leftovers
+from fzpoll.up.routing import process_running, remove_leftovers
 from fzpoll.show import QueryError, interface_status
 
 STOP_TIMEOUT = 60.0  # seconds: down hooks may take a while

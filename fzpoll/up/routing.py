@@ -16,7 +16,7 @@ wg-quick (``linux.bash``: ``add_route``, ``add_default``, ``del_if``) decides pe
   the LAN and the endpoint's own route keep working). For IPv4 it sets
   ``net.ipv4.conf.all.src_valid_mark=1`` and, like wg-quick, leaves it set (another tunnel may
   rely on it; it changes nothing without marks). Then the nftables table of
-  :mod:`fzpoll.io.firewall` (the replies to the marked UDP get the mark back, so a strict
+  :mod:`fzpoll.up.firewall` (the replies to the marked UDP get the mark back, so a strict
   reverse-path filter lets them in).
 
 Undoing: wg-quick's ``down`` deletes *every* rule that looks up table T and *every*
@@ -38,9 +38,10 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Protocol
 
 from fzpoll.errors import LocalError
-from fzpoll.io import firewall, netlink
-from fzpoll.io import rules as rt
-from fzpoll.io.rules import RT_TABLE_MAIN, Network, Rule
+from fzpoll.io import netlink
+from fzpoll.up import firewall
+from fzpoll.up import rules as rt
+from fzpoll.up.rules import RT_TABLE_MAIN, Network, Rule
 
 log = logging.getLogger("fzpoll.routing")
 
@@ -236,7 +237,7 @@ class PolicyRouting:
         self.routes.update(add)
 
     def _sync_firewall(self, plan: Plan) -> None:
-        """wg-quick's nftables table per full-tunnel family (see :mod:`fzpoll.io.firewall`), for
+        """wg-quick's nftables table per full-tunnel family (see :mod:`fzpoll.up.firewall`), for
         the addresses the interface has (as wg-quick, link-local ones included)."""
         gone = [family for family in self.firewall if family not in plan.default_families]
         if gone:

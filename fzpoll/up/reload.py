@@ -31,7 +31,7 @@ from fzpoll.errors import LocalError
 from fzpoll.uapi.protocol import CommitLock
 from fzpoll.uapi.transaction import SetTransaction
 
-log = logging.getLogger("fzpoll.reload")
+log = logging.getLogger("fzpoll.up.reload")
 
 RESOLVE_TIMEOUT = 5.0  # seconds a reload waits for host names before it fails
 COMMIT_BUDGET = 0.002  # seconds of a reload's commit per pass of the loop

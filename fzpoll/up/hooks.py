@@ -27,7 +27,7 @@ from typing import Iterable
 
 from fzpoll.errors import LocalError
 
-log = logging.getLogger("fzpoll.wgquick.hooks")
+log = logging.getLogger("fzpoll.up.hooks")
 
 STDERR_KEPT = 2000  # characters of a hook's stderr kept in the log line
 

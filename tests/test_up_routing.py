@@ -8,8 +8,8 @@ import socket
 import pytest
 
 from fzpoll.errors import LocalError
-from fzpoll.io.rules import RT_TABLE_MAIN, Rule
-from fzpoll.wgquick.routing import parse_rt_tables, plan_routes, resolve_table, route_order, rule_pair, wants_policy_rules
+from fzpoll.up.rules import RT_TABLE_MAIN, Rule
+from fzpoll.up.routing import parse_rt_tables, plan_routes, resolve_table, route_order, rule_pair, wants_policy_rules
 
 NETS = [ipaddress.ip_network(n) for n in ("0.0.0.0/0", "::/0", "10.0.0.0/8", "fd00::/64", "100.64.0.2/32")]
 
@@ -69,7 +69,7 @@ def test_rt_tables(tmp_path):
 
 
 def test_nft_script_replaces_the_table_in_one_transaction():
-    from fzpoll.io.firewall import full_tunnel_script
+    from fzpoll.up.firewall import full_tunnel_script
 
     text = full_tunnel_script("wg0", socket.AF_INET6, 51820, ["fd00::1"])
     lines = text.splitlines()
