@@ -37,7 +37,7 @@ from fzpoll.up.hooks import HookError, run_hooks
 from fzpoll.up.routing import PolicyRouting
 from fzpoll.io.datapath import TunGone
 from fzpoll.sdnotify import Notifier
-from fzpoll.wireguard.events import Event, HandshakeCompleted, HandshakeGaveUp, HandshakeInitiated, KeysZeroed
+from fzpoll.wireguard.peer import Event, HandshakeCompleted, HandshakeGaveUp, HandshakeInitiated, KeysZeroed
 
 log = logging.getLogger("fzpoll.daemon")
 

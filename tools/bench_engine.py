@@ -48,7 +48,7 @@ from nacl._sodium import ffi, lib  # noqa: E402  (pynacl's cffi module: libsodiu
 
 from fzpoll.wireguard.constants import REKEY_AFTER_TIME, REPLAY_WINDOW_SIZE  # noqa: E402
 from fzpoll.wireguard.engine import Engine
-from fzpoll.wireguard.events import HandshakeCompleted  # noqa: E402
+from fzpoll.wireguard.peer import HandshakeCompleted  # noqa: E402
 from fzpoll.wireguard.keys import PrivateKey  # noqa: E402
 
 ADDR_A = ("192.0.2.1", 51820)

@@ -12,8 +12,9 @@ returned. A datagram that fails authentication (unknown index, bad tag, replay, 
 MAC) changes no state; one that authenticates counts for the session, the endpoint (roaming) and
 the timers even when cryptokey routing then refuses its inner packet, as in the kernel and
 wireguard-go. Timers follow wireguard-go's timers.go (whitepaper section 6); the parts live in
-:mod:`.session` (keypairs and indices), :mod:`.timers` (the heap), :mod:`.handshake` (messages,
-cookies and rate limits under load) and :mod:`.allowedips` (cryptokey routing).
+:mod:`.handshaking` (the handshake half of this class), :mod:`.session` (keypairs and indices),
+:mod:`.timers` (the heap), :mod:`.handshake` (messages, cookies and rate limits under load) and
+:mod:`.allowedips` (cryptokey routing).
 """
 
 from __future__ import annotations
@@ -28,11 +29,8 @@ from fzpoll.wireguard import handshake
 from fzpoll.wireguard.allowedips import AllowedIPs, Network
 from fzpoll.wireguard.constants import (
     AEAD_TAG_SIZE,
-    COOKIE_REPLY_SIZE,
     DEFAULT_MTU,
     FZ_P2P_CONTROL_NEXT_HEADER,
-    HANDSHAKE_INITIATION_RATE,
-    INITIATION_SIZE,
     KEEPALIVE_SIZE,
     KEEPALIVE_TIMEOUT,
     MAX_QUEUED_CONTROL_PACKETS,
@@ -47,16 +45,15 @@ from fzpoll.wireguard.constants import (
     REKEY_AFTER_TIME,
     REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MAX,
-    RESPONSE_SIZE,
     ZERO_KEYS_AFTER_TIME,
 )
-from fzpoll.wireguard.crypto import CryptoError, InvalidPoint
 from fzpoll.errors import DropReason as D
 from fzpoll.errors import LocalError
 from fzpoll.wireguard.keys import PresharedKey, PrivateKey, PublicKey
-from fzpoll.wireguard.events import Event, HandshakeCompleted, HandshakeGaveUp, HandshakeInitiated, KeysZeroed
+from fzpoll.wireguard.peer import Event, HandshakeGaveUp, KeysZeroed
 from fzpoll.wireguard.handshake import LoadGuard
-from fzpoll.wireguard.peer import Endpoint, HandshakeState, Local, Peer
+from fzpoll.wireguard.handshaking import HandshakeDriver
+from fzpoll.wireguard.peer import Endpoint, Local, Peer
 from fzpoll.wireguard.session import Keypair, Sessions
 from fzpoll.wireguard.timers import PeerTimer, TimerHeap
 
@@ -90,7 +87,7 @@ def _is_control(plain: bytes) -> bool:
     return plain[0] >> 4 == 6 and plain[6] == FZ_P2P_CONTROL_NEXT_HEADER and plain[8:24] == _UNSPECIFIED_V6
 
 
-class Engine:
+class Engine(HandshakeDriver):
     """One WireGuard interface's protocol state: our static key, peers, sessions and timers."""
 
     def __init__(
@@ -272,7 +269,7 @@ class Engine:
         return packets
 
     def take_events(self) -> list[Event]:
-        """Take the events (:mod:`fzpoll.wireguard.events`) produced since the last call."""
+        """Take the events (:mod:`fzpoll.wireguard.peer`) produced since the last call."""
         events, self._events = self._events, []
         return events
 
@@ -481,11 +478,14 @@ class Engine:
         n = len(plain)
         length = ((plain[2] << 8) | plain[3]) if plain[0] >> 4 == 4 else ((plain[4] << 8) | plain[5]) + 40
         if _is_control(plain):
-            if len(self._control) >= MAX_QUEUED_CONTROL_PACKETS:  # nobody takes them (no resources)
-                return D.CONTROL_UNEXPECTED
-            self._control.append((peer.public_key, plain[:length]))
-            return None
+            return self._take_control(peer, plain[:length])
         self._to_tun.append(plain if length == n else plain[:length])  # without the padding
+        return None
+
+    def _take_control(self, peer: Peer, packet: bytes) -> D | None:
+        if len(self._control) >= MAX_QUEUED_CONTROL_PACKETS:  # nobody takes them (no resources)
+            return D.CONTROL_UNEXPECTED
+        self._control.append((peer.public_key, packet))
         return None
 
     def _check_inner(self, peer: Peer, plain: bytes) -> D | None:
@@ -505,129 +505,6 @@ class Engine:
         if source_peer is not peer and not _is_control(plain):
             return D.NOT_ALLOWED_SOURCE
         return None
-
-    # ------------------------------------------------------------------ handshakes
-
-    def _check_load(self, data: bytes, addr: Endpoint, now: float, local: Local) -> D | None:
-        cookies = self._cookies
-        if cookies is None:
-            return D.NO_PRIVATE_KEY
-        return self._load.check(cookies, data, addr, now, self._out, local)
-
-    def _on_initiation(self, data: bytes, addr: Endpoint, now: float, local: Local) -> D | None:
-        if len(data) != INITIATION_SIZE:
-            return D.BAD_LENGTH
-        reason = self._check_load(data, addr, now, local)
-        if reason is not None:
-            return reason
-        try:
-            init = handshake.parse_initiation(self._private, self._public, data)  # type: ignore[arg-type]
-        except (CryptoError, InvalidPoint):
-            return D.BAD_HANDSHAKE
-        peer = self._peers.get(init.remote_static)
-        if peer is None:
-            return D.UNKNOWN_PEER
-        if init.timestamp <= peer.last_timestamp:
-            return D.REPLAYED_HANDSHAKE
-        if now - peer.last_initiation_at < HANDSHAKE_INITIATION_RATE:
-            return D.HANDSHAKE_FLOOD
-        try:
-            ephemeral = self.random_bytes(32)
-            local_index = self._sessions.new_index()
-            body, state = handshake.build_response(init, ephemeral, peer.preshared_key.raw, local_index)
-        except InvalidPoint:  # a low-order ephemeral from the initiator
-            return D.BAD_HANDSHAKE
-        # Accepted: from here on the state changes.
-        peer.last_timestamp = init.timestamp
-        peer.last_initiation_at = now
-        recv_key, send_key = state.split()
-        kp = Keypair(peer, send_key, recv_key, local_index, init.sender_index, now, is_initiator=False)
-        self._sessions.install_responder(peer, kp)
-        peer.endpoint, peer.local = addr, local
-        self._out.append((peer.cookies.add_macs(body, now), addr, local))
-        peer.tx_bytes += RESPONSE_SIZE
-        peer.rx_bytes += len(data)
-        self._timers.arm(peer, _ZERO_KEYS, now + ZERO_KEYS_AFTER_TIME)
-        self._authenticated_traversal(peer, now)
-        peer.keepalive_at = None
-        return None
-
-    def _on_response(self, data: bytes, addr: Endpoint, now: float, local: Local) -> D | None:
-        if len(data) != RESPONSE_SIZE:
-            return D.BAD_LENGTH
-        reason = self._check_load(data, addr, now, local)
-        if reason is not None:
-            return reason
-        sender, receiver = handshake.response_indices(data)
-        peer = self._sessions.handshakes.get(receiver)
-        if peer is None or peer.handshake_state is not HandshakeState.INITIATION_SENT:
-            return D.UNEXPECTED_RESPONSE
-        try:
-            state = handshake.parse_response(
-                peer.handshake_state_noise, self._private, peer.handshake_ephemeral,  # type: ignore[arg-type]
-                peer.preshared_key.raw, data,
-            )
-        except (CryptoError, InvalidPoint):
-            return D.BAD_HANDSHAKE
-        send_key, recv_key = state.split()
-        local_index: int = peer.handshake_index  # type: ignore[assignment]
-        kp = Keypair(peer, send_key, recv_key, local_index, sender, now, is_initiator=True)
-        self._sessions.install_initiator(peer, kp)
-        peer.endpoint, peer.local = addr, local
-        peer.rx_bytes += len(data)
-        self._timers.arm(peer, _ZERO_KEYS, now + ZERO_KEYS_AFTER_TIME)
-        self._handshake_complete(peer)
-        self._authenticated_traversal(peer, now)
-        peer.new_handshake_at = None
-        self._send_keepalive(peer, now)  # confirms the key to the responder, or sends what waited
-        return None
-
-    def _on_cookie_reply(self, data: bytes, addr: Endpoint, now: float, local: Local) -> D | None:
-        if len(data) != COOKIE_REPLY_SIZE:
-            return D.BAD_LENGTH
-        peer = self._sessions.peer_of(int.from_bytes(data[4:8], "little"))
-        if peer is None:
-            return D.UNKNOWN_INDEX
-        if not peer.cookies.consume_reply(data, now):
-            return D.BAD_COOKIE
-        return None
-
-    def initiate_handshake(self, peer: Peer, now: float) -> None:
-        """Start a new handshake with ``peer`` (retries counted afresh), as its new-handshake
-        timer does; none within REKEY_TIMEOUT of the last one sent."""
-        self._send_initiation(peer, now, is_retry=False)
-
-    def _send_initiation(self, peer: Peer, now: float, *, is_retry: bool) -> None:
-        if not is_retry:
-            peer.handshake_attempts = 0
-        if now - peer.last_sent_handshake_at < REKEY_TIMEOUT:
-            return
-        if self._private is None or peer.endpoint is None:
-            return
-        peer.last_sent_handshake_at = now
-        ephemeral = self.random_bytes(32)
-        index = self._sessions.new_index()
-        body, state = handshake.build_initiation(
-            self._private, peer.raw_public, ephemeral, index, self.wall_time()
-        )
-        self._sessions.begin_initiation(peer, index, state, ephemeral)
-        self._out.append((peer.cookies.add_macs(body, now), peer.endpoint, peer.local))
-        peer.tx_bytes += INITIATION_SIZE
-        self._events.append(HandshakeInitiated(peer.public_key))
-        self._authenticated_traversal(peer, now)
-        peer.keepalive_at = None
-        self._timers.arm(peer, _RETRANSMIT, now + REKEY_TIMEOUT + self._jitter())
-
-    def _handshake_complete(self, peer: Peer) -> None:
-        peer.retransmit_at = None
-        peer.handshake_attempts = 0
-        peer.sent_last_minute_handshake = False
-        peer.last_handshake_wall = self.wall_time()
-        self._events.append(HandshakeCompleted(peer.public_key))
-
-    def _authenticated_traversal(self, peer: Peer, now: float) -> None:
-        if peer.persistent_keepalive_interval:
-            self._timers.arm(peer, _PERSISTENT, now + peer.persistent_keepalive_interval)
 
     # ------------------------------------------------------------------ cleanup
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fzpoll.wireguard.constants import MAX_STAGED_PACKETS
@@ -17,7 +18,10 @@ from fzpoll.wireguard.keys import PresharedKey, PublicKey
 if TYPE_CHECKING:
     from fzpoll.wireguard.session import Keypair
 
-__all__ = ["Endpoint", "HandshakeState", "Local", "Peer"]
+__all__ = [
+    "Endpoint", "Event", "HandshakeCompleted", "HandshakeGaveUp", "HandshakeInitiated", "HandshakeState", "KeysZeroed",
+    "Local", "Peer", "PeerEvent",
+]
 
 
 class HandshakeState(enum.Enum):
@@ -94,3 +98,42 @@ class Peer:
             self.staged.popleft()
             return False
         return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Events: what the engine reports about a peer besides packets (taken with Engine.take_events after a
+# pass, to log or act on). They carry the peer's public key, never a secret.
+
+
+@dataclass(frozen=True, slots=True)
+class PeerEvent:
+    """Something happened to the peer with this public key."""
+
+    peer: PublicKey
+
+
+class HandshakeInitiated(PeerEvent):
+    """We sent a handshake initiation to the peer (a first one, a rekey or a retry)."""
+
+    __slots__ = ()
+
+
+class HandshakeCompleted(PeerEvent):
+    """A new session with the peer is established (either side initiated)."""
+
+    __slots__ = ()
+
+
+class HandshakeGaveUp(PeerEvent):
+    """No answer after MAX_TIMER_HANDSHAKES retries: the staged packets were dropped."""
+
+    __slots__ = ()
+
+
+class KeysZeroed(PeerEvent):
+    """Every session key of the peer was erased (whitepaper 6.3, 3 x REJECT_AFTER_TIME)."""
+
+    __slots__ = ()
+
+
+Event = HandshakeInitiated | HandshakeCompleted | HandshakeGaveUp | KeysZeroed
