@@ -5,6 +5,13 @@ Opened with ``IFF_TUN | IFF_NO_PI`` so every read and write is exactly one IP pa
 already says). The fd is non-blocking because the loop owns all waiting: a read on an empty
 queue raises :class:`BlockingIOError` and the loop goes back to epoll.
 
+With ``offload=True`` the device is opened with ``IFF_VNET_HDR`` and ``TUNSETOFFLOAD`` asks the
+kernel for checksum offload, TSO4/TSO6 and (linux 6.2+) USO4/USO6, as upstream wireguard-go
+does: every read and write then carries a 10-byte virtio-net header, and reads may be ~64 KiB
+super-packets (:mod:`fzpoll.io.vnet` splits and coalesces them). What the kernel refuses is
+probed, not assumed: USO is dropped first, then the offloads altogether, in which case the device
+is opened plain, exactly as without offloads. :attr:`TunDevice.offloads` says what is on.
+
 This is a thin IO wrapper: it knows nothing about WireGuard. Errors that a user can fix (no TUN
 driver, no privilege, name taken) become :class:`~fzpoll.errors.LocalError` with a message that
 says what to do, instead of a bare ``OSError`` traceback.
@@ -17,6 +24,7 @@ import fcntl
 import os
 import socket
 import struct
+from collections.abc import Mapping
 
 from fzpoll.errors import LocalError
 
@@ -27,6 +35,21 @@ TUN_PATH = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUNGETFEATURES = 0x800454CF  # _IOR('T', 207, unsigned int): the IFF_ flags the driver supports
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_USO4 = 0x20  # linux 6.2+ (Debian 12's headers predate them)
+TUN_F_USO6 = 0x40
+# What we ask for, richest first: the kernel answers EINVAL to a flag it does not know.
+OFFLOAD_CHOICES = (
+    TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6,
+    TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6,
+)
+OFFLOAD_NAMES = {TUN_F_CSUM: "csum", TUN_F_TSO4: "tso4", TUN_F_TSO6: "tso6", TUN_F_USO4: "uso4",
+                 TUN_F_USO6: "uso6"}
 SIOCSIFTXQLEN = 0x8943
 SIOCSIFMTU = 0x8922  # <linux/sockios.h>
 
@@ -34,8 +57,15 @@ IFNAMSIZ = 16  # including the terminating NUL: at most 15 visible characters
 _IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, then ifr_flags, padded to 40 bytes
 _IFREQ_MTU = struct.Struct("16si20x")  # struct ifreq: name, then ifr_mtu
 
-# Largest IP packet a TUN read can return (IPv4 total length is 16 bits; we do not enable GSO).
+# Largest IP packet a TUN read can return (IPv4 total length is 16 bits; a GSO super-packet
+# too; an IPv6 one adds its fixed header), and the largest read with a virtio-net header.
 MAX_PACKET = 65535
+MAX_FRAME = 10 + 40 + 65535
+
+
+def offload_disabled(environ: Mapping[str, str] = os.environ) -> bool:
+    """FZPOLL_DISABLE_OFFLOAD=tun (a comma-separated list, as gso,gro) turns TUN offloads off."""
+    return "tun" in environ.get("FZPOLL_DISABLE_OFFLOAD", "").split(",")
 
 
 def _check_name(name: str) -> bytes:
@@ -48,32 +78,38 @@ def _check_name(name: str) -> bytes:
     return raw
 
 
+
+
 class TunDevice:
     """An open, non-blocking TUN interface; closing the fd removes the (non-persistent) link."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, offload: bool = False) -> None:
         raw = _check_name(name)
         self.fd: int = -1
         self.name: str = name
+        self.vnet_hdr: bool = False  # every read and write carries a virtio-net header
+        self.offload_flags: int = 0  # the TUN_F_* flags the kernel accepted
+        if offload and _has_vnet_hdr():
+            self._setiff(raw, IFF_TUN | IFF_NO_PI | IFF_VNET_HDR)
+            self.offload_flags = _set_offload(self.fd)
+            if self.offload_flags:
+                self.vnet_hdr = True
+                return
+            self.close()  # nothing accepted: the plain device, as without offloads
+        self._setiff(raw, IFF_TUN | IFF_NO_PI)
+
+    @property
+    def offloads(self) -> list[str]:
+        """The offloads on, by name (``["csum", "tso4", ...]``), for logs and ``fzpoll show``."""
+        return [label for flag, label in OFFLOAD_NAMES.items() if self.offload_flags & flag]
+
+    def _setiff(self, raw: bytes, flags: int) -> None:
+        fd = _open()
         try:
-            fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise LocalError(
-                f"{TUN_PATH} does not exist: load the tun module (modprobe tun) or, in a "
-                "container, pass the device in (--device /dev/net/tun)"
-            ) from None
-        except PermissionError:
-            raise LocalError(
-                f"permission denied opening {TUN_PATH}: run as root or with CAP_NET_ADMIN"
-            ) from None
-        except OSError as exc:
-            raise LocalError(f"cannot open {TUN_PATH}: {exc.strerror}") from None
-        try:
-            ifr = _IFREQ.pack(raw, IFF_TUN | IFF_NO_PI)
-            out = fcntl.ioctl(fd, TUNSETIFF, ifr)
+            out = fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(raw, flags))
         except OSError as exc:
             os.close(fd)
-            raise _setiff_error(name, exc) from None
+            raise _setiff_error(self.name, exc) from None
         self.fd = fd
         # The kernel writes back the final name (differs only for patterns like "tun%d").
         self.name = _IFREQ.unpack(out)[0].rstrip(b"\0").decode("ascii")
@@ -117,8 +153,9 @@ class TunDevice:
         return os.readv(self.fd, [buf])
 
     def read(self) -> bytes:
-        """Read one packet as new bytes; raises BlockingIOError when none is queued."""
-        return os.read(self.fd, MAX_PACKET)
+        """Read one packet (a frame with its virtio-net header if :attr:`vnet_hdr`) as new
+        bytes; raises BlockingIOError when none is queued."""
+        return os.read(self.fd, MAX_FRAME if self.vnet_hdr else MAX_PACKET)
 
     def write(self, packet: bytes | bytearray | memoryview) -> int:
         """Write one whole IP packet; raises BlockingIOError if the kernel queue is full."""
@@ -137,7 +174,47 @@ class TunDevice:
         self.close()
 
     def __repr__(self) -> str:
-        return f"TunDevice(name={self.name!r}, fd={self.fd})"
+        return f"TunDevice(name={self.name!r}, fd={self.fd}, offloads={self.offloads})"
+
+
+def _open() -> int:
+    """A new fd on the clone device, or an error that says what to do."""
+    try:
+        return os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise LocalError(
+            f"{TUN_PATH} does not exist: load the tun module (modprobe tun) or, in a "
+            "container, pass the device in (--device /dev/net/tun)"
+        ) from None
+    except PermissionError:
+        raise LocalError(
+            f"permission denied opening {TUN_PATH}: run as root or with CAP_NET_ADMIN"
+        ) from None
+    except OSError as exc:
+        raise LocalError(f"cannot open {TUN_PATH}: {exc.strerror}") from None
+
+
+def _has_vnet_hdr() -> bool:
+    """Does this kernel's TUN driver support IFF_VNET_HDR (TUNGETFEATURES)?"""
+    fd = _open()
+    try:
+        features = struct.unpack("I", fcntl.ioctl(fd, TUNGETFEATURES, bytes(4)))[0]
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return bool(features & IFF_VNET_HDR)
+
+
+def _set_offload(fd: int) -> int:
+    """The richest TUNSETOFFLOAD set the kernel accepts on ``fd``, or 0 if none."""
+    for flags in OFFLOAD_CHOICES:
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+        except OSError:
+            continue
+        return flags
+    return 0
 
 
 def _setiff_error(name: str, exc: OSError) -> LocalError:
