@@ -58,6 +58,7 @@ class DropReason(enum.StrEnum):
     STAGED_QUEUE_FULL = "staged_queue_full"
     HANDSHAKE_GAVE_UP = "handshake_gave_up"  # staged packets dropped after REKEY_ATTEMPT_TIME
     RESOURCE_BUFFER_FULL = "resource_buffer_full"  # client: packets waiting for DomainStatus Active
+    BAD_TUN_FRAME = "bad_tun_frame"  # a TUN read whose virtio-net header or super-packet is malformed
     # io
     BUFFER_FULL = "buffer_full"  # a bounded write buffer was full
     WRITE_FAILED = "write_failed"
