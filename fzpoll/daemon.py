@@ -381,6 +381,7 @@ class Daemon:
                 "config": self.options.config_path,
                 "uapi_clients": self.uapi.client_count,
                 "udp_offloads": datapath.offloads(),
+                "tun_offloads": self.device.tun.offloads,
             },
             "drops": dict(engine.drops),
             "kernel": {"filter": self.device.udp_filter, "drops": self.device.kernel_drops(),

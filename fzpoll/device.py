@@ -19,7 +19,7 @@ from fzpoll.wireguard.constants import DEFAULT_BATCH_SIZE
 from fzpoll.io.datapath import Datapath
 from fzpoll.io.loop import Loop
 from fzpoll.io import sockfilter
-from fzpoll.io.tun import TunDevice
+from fzpoll.io.tun import TunDevice, offload_disabled
 
 log = logging.getLogger("fzpoll.device")
 
@@ -90,7 +90,7 @@ class Device:
         schedule: str = "fair",
         listen_port: int = 0,
     ) -> None:
-        self.tun = TunDevice(ifname)
+        self.tun = TunDevice(ifname, offload=not offload_disabled())
         self.name = self.tun.name
         try:
             self.tun.set_mtu(mtu)  # as wireguard-go: the interface starts at the engine's MTU
@@ -100,7 +100,8 @@ class Device:
             raise
         self.engine = Engine(None, random_bytes=os.urandom, wall_time=time.time, mtu=mtu)
         self.loop = Loop(schedule=schedule)
-        self.datapath = Datapath(self.engine, self.loop, self.tun.fd, batch_size=batch_size)
+        self.datapath = Datapath(self.engine, self.loop, self.tun.fd, batch_size=batch_size,
+                                 tun_vnet=self.tun.vnet_hdr)
         self.fwmark = 0
         self.sockets: list[socket.socket] = []
         self.udp_filter = "off"  # the kernel prefilter on the sockets: "gro", "exact" or "off"

@@ -226,6 +226,10 @@ def _format_stats(stats: dict[str, Any] | None) -> list[str]:
         ("pid", "pid"), ("schedule", "schedule"), ("batch_size", "batch size"),
         ("listen_port", "listen port")) if key in daemon)
     out = [f"fzpoll: {head}" if head else "fzpoll:"]
+    if "udp_offloads" in daemon or "tun_offloads" in daemon:
+        udp = daemon.get("udp_offloads") or {}
+        on = [name for name, enabled in udp.items() if enabled] if isinstance(udp, dict) else list(udp)
+        out.append(f"  offloads: udp {','.join(on) or 'off'}; tun {','.join(daemon.get('tun_offloads') or []) or 'off'}")
     if poller:
         out.append(f"  loop: {poller.get('passes', 0)} passes, packets in: "
                    f"{poller.get('udp_packets_in', 0)} udp, {poller.get('tun_packets_in', 0)} tun; "

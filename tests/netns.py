@@ -375,6 +375,7 @@ class WireguardGo:
     """
 
     program: Sequence[str] = ("wireguard-go", "-f")  # the daemon, before the interface name
+    extra_env: dict[str, str] = {}
 
     def __init__(self, ns: Namespace, ifname: str | None = None,
                  log_level: str = "error") -> None:
@@ -395,7 +396,7 @@ class WireguardGo:
         if self.socket_path.exists() and _socket_is_stale(self.socket_path):
             self.socket_path.unlink(missing_ok=True)
         env = dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL=self.log_level,
-                   WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1")
+                   WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1", **self.extra_env)
         with open(self.log_path, "wb") as log:
             self.proc = self.ns.popen(self.argv(), env=env,
                                       stdout=log, stderr=subprocess.STDOUT)
@@ -489,6 +490,10 @@ class WireguardGo:
         self.socket_path.unlink(missing_ok=True)
         self._tmp.cleanup()
 
+    def vnet_hdr(self) -> bool:
+        """Whether the TUN device was opened with virtio-net headers (TUN offloads on)."""
+        return "vnet_hdr on" in self.ns.ip("-d", "link", "show", "dev", self.ifname).stdout
+
 
 # Upstream wireguard-go (with sticky sockets and offloads): FZPOLL_WIREGUARD_GO_UPSTREAM, else the
 # binary the project keeps beside its checkouts (shared/anchors/README.md says how it is built).
@@ -532,6 +537,12 @@ def wireguard_go_peer(ns_b: Namespace, pair: VethPair, key_a: str, port_a: int =
     b.up()
     b.route("100.64.0.1/32")
     return b, key_b
+
+
+class FzpollNoOffload(Fzpoll):
+    """fzpoll with its TUN offloads switched off (the path of kernels without them)."""
+
+    extra_env = {"FZPOLL_DISABLE_OFFLOAD": "tun"}
 
 
 def wg_pair(ns_a: Namespace, ns_b: Namespace, pair: VethPair, port_a: int = 51820,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from netns import Fzpoll, Namespace, WireguardGo, transfer, veth_pair, wg_pair
+from helpers import skip_unless
+from netns import Fzpoll, FzpollNoOffload, Namespace, UpstreamWireguardGo, WireguardGo, transfer, veth_pair, wg_pair
 
 pytestmark = [pytest.mark.netns, pytest.mark.needs("wireguard-go")]
 
@@ -22,11 +23,25 @@ def ping(ns: Namespace, address: str, count: int = 3) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("kinds", [(Fzpoll, WireguardGo), (Fzpoll, Fzpoll)], ids=["fzpoll-wggo", "fzpoll-fzpoll"])
+# TUN offloads (issue 16): fzpoll with them against Debian's wireguard-go (none), itself, upstream
+# wireguard-go (TSO/USO too), and fzpoll with them switched off against fzpoll with them on.
+KINDS = {
+    "fzpoll-wggo": (Fzpoll, WireguardGo),
+    "fzpoll-fzpoll": (Fzpoll, Fzpoll),
+    "fzpoll-upstream": (Fzpoll, UpstreamWireguardGo),
+    "nooffload-fzpoll": (FzpollNoOffload, Fzpoll),
+}
+
+
+@pytest.mark.parametrize("kinds", list(KINDS.values()), ids=list(KINDS))
 def test_tunnel_ping_and_tcp_both_ways(kinds):
+    if UpstreamWireguardGo in kinds:
+        skip_unless("wireguard-go-upstream")
     with Namespace("a") as ns_a, Namespace("b") as ns_b:
         pair = veth_pair(ns_a, ns_b)
         a, b = wg_pair(ns_a, ns_b, pair, kind_a=kinds[0], kind_b=kinds[1])
+        assert a.vnet_hdr() is (kinds[0] is Fzpoll)  # offloads on unless switched off
+        assert b.vnet_hdr() is (kinds[1] is not WireguardGo)
         try:
             ping(ns_a, "100.64.0.2", count=1)  # the very first ping: handshake on demand
             ping(ns_b, "100.64.0.1")

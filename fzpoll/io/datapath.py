@@ -47,7 +47,9 @@ from typing import Callable
 
 from fzpoll.errors import DropReason as D
 from fzpoll.io.loop import EPOLLERR, EPOLLIN, EPOLLOUT, MAX_PENDING_WRITES, Loop, Outbox
+from fzpoll.io.tun import MAX_FRAME
 from fzpoll.io.udp import READ_SIZE, Datagram, UdpSockets
+from fzpoll.io.vnet import coalesce, split_frame
 from fzpoll.ippacket import destination_in, may_be_answered
 from fzpoll.wireguard.constants import (
     DEFAULT_BATCH_SIZE,
@@ -94,7 +96,8 @@ class Datapath:
     """Feeds one :class:`Engine` from the TUN fd and the UDP sockets of a :class:`Loop`."""
 
     def __init__(self, engine: Engine, loop: Loop, tun_fd: int | None, *,
-                 batch_size: int = DEFAULT_BATCH_SIZE, max_pending: int = MAX_PENDING_WRITES) -> None:
+                 batch_size: int = DEFAULT_BATCH_SIZE, max_pending: int = MAX_PENDING_WRITES,
+                 tun_vnet: bool = False) -> None:
         self.engine = engine
         self.loop = loop
         self.batch_size = batch_size
@@ -104,6 +107,9 @@ class Datapath:
         self.udp.on_source_gone = engine.forget_local
         self._priority = loop.schedule == "priority"
         self._tun_fd = tun_fd
+        # The TUN device has virtio-net headers (offloads, fzpoll.io.tun): a read is a frame that
+        # may hold a super-packet to split, and what goes to TUN is coalesced into frames.
+        self._tun_vnet = tun_vnet
         self._tun_out = Outbox(max_pending)
         self._to_tun: list[bytes] = []  # packets other sources queued for TUN this pass
         # A TUN packet whose destination is in intercept_v4/v6 is offered to ``intercept`` first
@@ -278,12 +284,24 @@ class Datapath:
                 self._write(drops)
 
     def _read_tun(self, fd: int, batch: list[bytes], failures: list[Exception], limit: int) -> None:
+        """Up to ``limit`` packets; with virtio-net headers a frame may hold many (a super-packet
+        split by :func:`~fzpoll.io.vnet.split_frame`), and they all count against the limit."""
         read = os.read
         n = 0
         try:
-            while n < limit:
-                batch.append(read(fd, READ_SIZE))
-                n += 1
+            if self._tun_vnet:
+                while n < limit:
+                    packets = split_frame(read(fd, MAX_FRAME))
+                    if packets is None:
+                        self.engine.count_drop(D.BAD_TUN_FRAME)
+                        n += 1
+                        continue
+                    batch += packets
+                    n += len(packets)
+            else:
+                while n < limit:
+                    batch.append(read(fd, READ_SIZE))
+                    n += 1
         except BlockingIOError:
             pass
         except OSError as exc:
@@ -318,6 +336,10 @@ class Datapath:
         self._masks_clear = False  # a write waits now: _update_masks has work
 
     def _write_tun(self, packets: list[bytes], drops: dict[str, int]) -> None:
+        if self._tun_vnet:
+            # Decrypted packets were authenticated by the engine, and those other sources queue
+            # (DNS answers) are built here with their checksums: nothing to check again.
+            packets = coalesce(packets, authenticated=True)
         out = self._tun_out
         if out.pending:
             for p in packets:
