@@ -28,7 +28,7 @@ from fzpoll.io import vnet
 from fzpoll.io.tun import TunDevice
 
 other_ns, mode = sys.argv[1], sys.argv[2]
-a, b = TunDevice("fzoa", offload=True), TunDevice("fzob", offload=True)
+a, b = (TunDevice(name, offload=True, segmentation=mode != "notso") for name in ("fzoa", "fzob"))
 assert a.vnet_hdr and b.vnet_hdr, (a, b)
 subprocess.run(["ip", "link", "set", "fzob", "netns", other_ns], check=True)
 for prefix, dev, mine, theirs in (([], "fzoa", "1", "2"), (["-n", other_ns], "fzob", "2", "1")):
@@ -60,7 +60,7 @@ while True:
             stats["super_packets"] += len(segments) > 1
             packets += segments
         stats["segments"] += len(packets)
-        frames = vnet.coalesce(packets) if mode == "gso" else [vnet.NO_OFFLOAD + p for p in packets]
+        frames = [vnet.NO_OFFLOAD + p for p in packets] if mode == "plain" else vnet.coalesce(packets)
         for out in frames:
             if out[1] == vnet.GSO_NONE:
                 stats["plain_frames"] += 1
@@ -120,14 +120,16 @@ def udp_through(src: netns.Namespace, dst: netns.Namespace, address: str) -> lis
     return sorted(int(n) for n in out.split())
 
 
-@pytest.mark.parametrize("mode", ["gso", "plain"])
+# gso: super-packets read (TSO) and coalesced writes; plain: super-packets read, packets written one
+# by one; notso: no TSO asked for (single packets read), coalesced writes all the same
+@pytest.mark.parametrize("mode", ["gso", "plain", "notso"])
 def test_kernel_accepts_split_and_coalesced_packets(mode: str) -> None:
     with netns.Namespace() as a, netns.Namespace() as b:
         relay = a.popen(["env", f"PYTHONPATH={netns.Path(__file__).resolve().parent.parent}",
                          sys.executable, "-c", _RELAY, b.name, mode], stdout=subprocess.PIPE, text=True)
         assert relay.stdout is not None
         offloads = relay.stdout.readline().strip()
-        assert "tso4" in offloads, f"the relay did not start with offloads: {offloads!r}"
+        assert "gro" in offloads and ("tso4" in offloads) is (mode != "notso"), offloads
         for src, dst, address in ((a, b, "10.77.0.2"), (b, a, "10.77.0.1"), (a, b, "fd77::2"),
                                   (b, a, "fd77::1")):
             netns.transfer(src, dst, address, 1 << 20)
@@ -139,9 +141,12 @@ def test_kernel_accepts_split_and_coalesced_packets(mode: str) -> None:
     for address, sizes in udp.items():
         assert sizes == [77, 333] + [1000] * 8, (address, sizes)
     assert stats["bad"] == 0, stats
-    assert stats["super_packets"] > 0 and stats["largest_frame"] > 1500, \
-        f"the kernel never handed the relay a super-packet: {stats}"
-    if mode == "gso":
+    if mode == "notso":
+        assert stats["super_packets"] == 0 and stats["largest_frame"] <= 1430, stats
+    else:
+        assert stats["super_packets"] > 0 and stats["largest_frame"] > 1500, \
+            f"the kernel never handed the relay a super-packet: {stats}"
+    if mode != "plain":
         assert stats["gso_frames"] > 0, f"nothing was coalesced: {stats}"
     else:
         assert stats["gso_frames"] == 0 and stats["plain_frames"] == stats["segments"], stats
@@ -175,10 +180,12 @@ def test_offloads_can_be_switched_off() -> None:
     assert tun.offload_disabled({"FZPOLL_DISABLE_OFFLOAD": "gso,tun"})
     assert not tun.offload_disabled({"FZPOLL_DISABLE_OFFLOAD": "gso,gro"})
     assert not tun.offload_disabled({})
+    assert tun.segmentation_disabled({"FZPOLL_DISABLE_OFFLOAD": "tso"})
     with netns.Namespace() as ns:
         out = ns.python("from fzpoll.io.tun import TunDevice\n"
-                        "for on in (True, False):\n"
-                        "    with TunDevice('fzo%d', offload=on) as t:\n"
+                        "for on, tso in ((True, True), (True, False), (False, True)):\n"
+                        "    with TunDevice('fzo%d', offload=on, segmentation=tso) as t:\n"
                         "        print(on, t.vnet_hdr, ','.join(t.offloads))\n").stdout.split("\n")
-        assert out[0].startswith("True True csum,tso4,tso6"), out
-        assert out[1] == "False False ", out
+        assert out[0].startswith("True True gro,csum,tso4,tso6"), out
+        assert out[1] == "True True gro", out
+        assert out[2] == "False False ", out

@@ -216,3 +216,18 @@ def test_a_push_or_short_segment_closes_the_run() -> None:
     short = [tcp_segment(6, b"s" * 100, seq=0), tcp_segment(6, b"s" * 50, seq=100), tcp_segment(6, b"s" * 50, seq=150)]
     frames = vnet.coalesce(short)
     assert len(frames) == 2 and vnet.VNET_HDR.unpack_from(frames[0])[3] == 100
+
+
+def test_authenticated_packets_are_merged_without_summing_and_alone_say_data_valid() -> None:
+    """Decrypted packets (Poly1305-authenticated) are not summed again: a segment whose checksum
+    the peer got wrong is merged like any other (the kernel's WireGuard trusts them the same way),
+    and a packet that goes alone carries DATA_VALID instead of an empty header."""
+    first = tcp_segment(4, b"x" * 100, seq=1000)
+    unsummed = tcp_segment(4, b"x" * 100, seq=1100, checksum="partial")
+    (merged,) = vnet.coalesce([first, unsummed], authenticated=True)
+    assert vnet.VNET_HDR.unpack_from(merged)[:2] == (vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4)
+    assert merged.endswith(b"x" * 200)
+    udp = udp_datagram(6, b"u" * 10, checksum="full")
+    assert vnet.coalesce([udp], authenticated=True) == [vnet.DATA_VALID + udp]
+    assert vnet.VNET_HDR.unpack(vnet.DATA_VALID) == (vnet.F_DATA_VALID, vnet.GSO_NONE, 0, 0, 0, 0)
+    assert vnet.coalesce([first, unsummed]) == [vnet.NO_OFFLOAD + first, vnet.NO_OFFLOAD + unsummed]

@@ -68,6 +68,12 @@ def offload_disabled(environ: Mapping[str, str] = os.environ) -> bool:
     return "tun" in environ.get("FZPOLL_DISABLE_OFFLOAD", "").split(",")
 
 
+def segmentation_disabled(environ: Mapping[str, str] = os.environ) -> bool:
+    """FZPOLL_DISABLE_OFFLOAD=tso keeps the virtio-net headers (writes coalesced) but asks the
+    kernel for no TSO/USO/checksum offload: reads are single packets with their checksums done."""
+    return "tso" in environ.get("FZPOLL_DISABLE_OFFLOAD", "").split(",")
+
+
 def _check_name(name: str) -> bytes:
     """Encode an interface name, rejecting what the kernel would reject less clearly."""
     raw = name.encode("ascii", "replace")
@@ -83,7 +89,9 @@ def _check_name(name: str) -> bytes:
 class TunDevice:
     """An open, non-blocking TUN interface; closing the fd removes the (non-persistent) link."""
 
-    def __init__(self, name: str, offload: bool = False) -> None:
+    def __init__(self, name: str, offload: bool = False, segmentation: bool = True) -> None:
+        """``offload``: virtio-net headers, so that writes can be GSO frames; ``segmentation``
+        too: ask for TSO/USO/CSUM, so that reads can be super-packets (else single packets)."""
         raw = _check_name(name)
         self.fd: int = -1
         self.name: str = name
@@ -91,8 +99,8 @@ class TunDevice:
         self.offload_flags: int = 0  # the TUN_F_* flags the kernel accepted
         if offload and _has_vnet_hdr():
             self._setiff(raw, IFF_TUN | IFF_NO_PI | IFF_VNET_HDR)
-            self.offload_flags = _set_offload(self.fd)
-            if self.offload_flags:
+            self.offload_flags = _set_offload(self.fd) if segmentation else 0
+            if self.offload_flags or not segmentation:
                 self.vnet_hdr = True
                 return
             self.close()  # nothing accepted: the plain device, as without offloads
@@ -100,8 +108,10 @@ class TunDevice:
 
     @property
     def offloads(self) -> list[str]:
-        """The offloads on, by name (``["csum", "tso4", ...]``), for logs and ``fzpoll show``."""
-        return [label for flag, label in OFFLOAD_NAMES.items() if self.offload_flags & flag]
+        """The offloads on, by name (``["gro", "csum", "tso4", ...]``: ``gro`` for the
+        coalesced writes), for logs and ``fzpoll show``."""
+        on = [label for flag, label in OFFLOAD_NAMES.items() if self.offload_flags & flag]
+        return ["gro", *on] if self.vnet_hdr else on
 
     def _setiff(self, raw: bytes, flags: int) -> None:
         fd = _open()

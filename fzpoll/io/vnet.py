@@ -191,9 +191,14 @@ def _split(packet: bytes, version: int, proto: int, offset: int, gso_size: int) 
 
 
 class _Run:
-    """Consecutive segments of one TCP flow being merged (the first one's headers lead)."""
+    """Consecutive segments of one TCP flow being merged (the first one's headers lead).
 
-    __slots__ = ("packet", "version", "offset", "header_len", "segment", "next_seq", "count", "closed")
+    ``mid`` is what the next full-size segment must carry from ``mid_from`` to the end of the TCP
+    window field (addresses, ports, the expected sequence number, ACK, flags, window): with the
+    other unchanging bytes it lets :func:`coalesce` take such a segment in a few comparisons."""
+
+    __slots__ = ("packet", "version", "offset", "header_len", "segment", "next_seq", "count", "closed",
+                 "full", "head_to", "mid_from", "mid", "seq_in_mid")
 
     def __init__(self, packet: bytes, version: int, offset: int, header_len: int, seq: int) -> None:
         self.packet = bytearray(packet)
@@ -204,6 +209,33 @@ class _Run:
         self.next_seq = (seq + self.segment) & 0xFFFFFFFF
         self.count = 1
         self.closed = self.segment == 0 or bool(packet[offset + 13] & TCP_PSH)
+        self.full = len(packet)
+        # IPv4: version/IHL, TOS, total length (then 6:10 flags, TTL, protocol); IPv6: all but addresses
+        self.head_to = 4 if version == 4 else 8
+        self.mid_from = 12 if version == 4 else 8
+        self.mid = bytearray(packet[self.mid_from:offset + 16])
+        self.seq_in_mid = offset + 4 - self.mid_from
+        _U32.pack_into(self.mid, self.seq_in_mid, self.next_seq)
+
+    def follows(self, packet: bytes) -> bool:
+        """Is ``packet`` the next full-size segment of this run, with equal headers but for the
+        IP ID, the sequence number and the checksums? (Else :func:`_can_append` decides.)"""
+        first, offset = self.packet, self.offset
+        return len(packet) == self.full and not self.closed \
+            and packet[self.mid_from:offset + 16] == self.mid \
+            and packet[:self.head_to] == first[:self.head_to] \
+            and packet[offset + 18:self.header_len] == first[offset + 18:self.header_len] \
+            and (self.version == 6 or packet[6:10] == first[6:10])
+
+    def take(self, packet: bytes) -> None:
+        """Append a segment that :meth:`follows` (full-size, no PSH)."""
+        self.packet += memoryview(packet)[self.header_len:]
+        self.next_seq = (self.next_seq + self.segment) & 0xFFFFFFFF
+        _U32.pack_into(self.mid, self.seq_in_mid, self.next_seq)
+        self.count += 1
+        if self.count >= MAX_COALESCED_SEGMENTS or \
+                len(self.packet) + self.segment > MAX_SUPER_PACKET + (40 if self.version == 6 else 0):
+            self.closed = True
 
 
 def _tcp_candidate(packet: bytes) -> tuple[int, int, int] | None:
@@ -269,6 +301,7 @@ def _append(run: _Run, packet: bytes, header_len: int) -> None:
     size = len(packet) - header_len
     run.packet += memoryview(packet)[header_len:]
     run.next_seq = (run.next_seq + size) & 0xFFFFFFFF
+    _U32.pack_into(run.mid, run.seq_in_mid, run.next_seq)
     run.count += 1
     if size < run.segment or packet[run.offset + 13] & TCP_PSH:
         run.packet[run.offset + 13] |= packet[run.offset + 13] & TCP_PSH
@@ -306,7 +339,13 @@ def coalesce(packets: list[bytes], authenticated: bool = False) -> list[bytes]:
     plain = DATA_VALID if authenticated else NO_OFFLOAD
     frames: list[bytes | _Run] = []
     runs: dict[bytes, _Run] = {}
+    last: _Run | None = None  # the run the previous packet joined: the next one likely follows it
     for packet in packets:
+        if last is not None and last.follows(packet) and \
+                (authenticated or _checksum_valid(packet, last.version, last.offset)):
+            last.take(packet)
+            continue
+        last = None
         candidate = _tcp_candidate(packet)
         if candidate is None:
             frames.append(plain + packet)
@@ -320,7 +359,9 @@ def coalesce(packets: list[bytes], authenticated: bool = False) -> list[bytes]:
         run = runs.get(key)
         if run is not None and _can_append(run, packet, header_len, seq):
             _append(run, packet, header_len)
+            last = run
             continue
         run = runs[key] = _Run(packet, version, offset, header_len, seq)
         frames.append(run)
+        last = run
     return [f if isinstance(f, bytes) else _frame(f, plain) for f in frames]
