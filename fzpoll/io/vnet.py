@@ -150,39 +150,44 @@ def _split(packet: bytes, version: int, proto: int, offset: int, gso_size: int) 
     if transport_len < (20 if proto == PROTO_TCP else 8) or header_len > len(packet):
         return None
     template = bytearray(packet[:header_len])
-    payload = memoryview(packet)[header_len:]
     tcp = proto == PROTO_TCP
     seq, flags = (_U32.unpack_from(packet, offset + 4)[0], packet[offset + 13]) if tcp else (0, 0)
     ip_id = _U16.unpack_from(packet, 4)[0] if version == 4 else 0
     fixed, ip_fixed = _fixed_sums(template, version, proto, offset)
     checksum_at = offset + (16 if tcp else 6)
-    starts = range(0, len(payload), gso_size) if payload else range(1)
-    last = len(starts) - 1
+    payload_len = len(packet) - header_len
+    count = (payload_len + gso_size - 1) // gso_size or 1
+    last = count - 1
     segments = []
-    for i, start in enumerate(starts):
-        chunk = payload[start:start + gso_size]
+    from_bytes, join, pack16, pack32 = int.from_bytes, b"".join, _U16.pack_into, _U32.pack_into
+    for i in range(count):
+        start = header_len + i * gso_size
+        chunk = packet[start:start + gso_size]  # bytes: summed and joined without another copy
         size = header_len + len(chunk)
         length = size - offset  # of the TCP segment / UDP datagram
-        total = fixed + ones_complement_sum(chunk) + length
+        # the chunk's ones' complement sum, mod 0xFFFF (an odd tail padded with a zero byte); the
+        # total is never 0, as the pseudo header's protocol and length are in it
+        total = fixed + length + ((from_bytes(chunk, "big") << 8 if len(chunk) & 1 else from_bytes(chunk, "big"))
+                                  % 0xFFFF)
         if version == 4:
             ident = (ip_id + i) & 0xFFFF
-            _U16.pack_into(template, 2, size)
-            _U16.pack_into(template, 4, ident)
-            _U16.pack_into(template, 10, ~_fold(ip_fixed + size + ident) & 0xFFFF)
+            pack16(template, 2, size)
+            pack16(template, 4, ident)
+            pack16(template, 10, ~_fold(ip_fixed + size + ident) & 0xFFFF)
         else:
-            _U16.pack_into(template, 4, length)
+            pack16(template, 4, length)
         if tcp:
-            this_seq = (seq + start) & 0xFFFFFFFF
+            this_seq = (seq + start - header_len) & 0xFFFFFFFF
             this_flags = flags if i == last else flags & ~(TCP_FIN | TCP_PSH)
-            _U32.pack_into(template, offset + 4, this_seq)
+            pack32(template, offset + 4, this_seq)
             template[offset + 13] = this_flags
             total += (this_seq >> 16) + (this_seq & 0xFFFF) + this_flags
-            _U16.pack_into(template, checksum_at, ~_fold(total) & 0xFFFF)
+            pack16(template, checksum_at, ~_fold(total) & 0xFFFF)
         else:
-            _U16.pack_into(template, offset + 4, length)
+            pack16(template, offset + 4, length)
             total += length  # the UDP length field, besides the pseudo header's
-            _U16.pack_into(template, checksum_at, ~_fold(total) & 0xFFFF or 0xFFFF)
-        segments.append(bytes(template) + chunk)
+            pack16(template, checksum_at, ~_fold(total) & 0xFFFF or 0xFFFF)
+        segments.append(join((template, chunk)))
     return segments
 
 
