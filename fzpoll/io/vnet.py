@@ -328,7 +328,7 @@ def _frame(run: _Run, plain: bytes) -> bytes:
         gso_type = GSO_TCPV6
     packet[offset + 16:offset + 18] = _U16.pack(_pseudo_sum(packet, version, PROTO_TCP, len(packet) - offset))
     header = VNET_HDR.pack(F_NEEDS_CSUM, gso_type, run.header_len, run.segment, offset, 16)
-    return header + bytes(packet)
+    return header + packet  # bytes + bytearray: one copy
 
 
 def coalesce(packets: list[bytes], authenticated: bool = False) -> list[bytes]:
