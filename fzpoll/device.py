@@ -19,7 +19,7 @@ from fzpoll.wireguard.constants import DEFAULT_BATCH_SIZE
 from fzpoll.io.datapath import Datapath
 from fzpoll.io.loop import Loop
 from fzpoll.io import sockfilter
-from fzpoll.io.tun import TunDevice, offload_disabled, segmentation_disabled
+from fzpoll.io.tun import TunDevice, offload_disabled, segmentation_enabled
 
 log = logging.getLogger("fzpoll.device")
 
@@ -90,7 +90,7 @@ class Device:
         schedule: str = "fair",
         listen_port: int = 0,
     ) -> None:
-        self.tun = TunDevice(ifname, offload=not offload_disabled(), segmentation=not segmentation_disabled())
+        self.tun = TunDevice(ifname, offload=not offload_disabled(), segmentation=segmentation_enabled())
         self.name = self.tun.name
         try:
             self.tun.set_mtu(mtu)  # as wireguard-go: the interface starts at the engine's MTU

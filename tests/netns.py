@@ -545,6 +545,12 @@ class FzpollNoOffload(Fzpoll):
     extra_env = {"FZPOLL_DISABLE_OFFLOAD": "tun"}
 
 
+class FzpollTso(Fzpoll):
+    """fzpoll reading TSO/USO super-packets from TUN (split in Python), not only coalescing."""
+
+    extra_env = {"FZPOLL_ENABLE_OFFLOAD": "tso"}
+
+
 def wg_pair(ns_a: Namespace, ns_b: Namespace, pair: VethPair, port_a: int = 51820,
             port_b: int = 51821, kind_a: type = WireguardGo,
             kind_b: type = WireguardGo) -> tuple[WireguardGo, WireguardGo]:

@@ -8,13 +8,22 @@ ways, IPv4 and IPv6 inside the tunnel.
 from __future__ import annotations
 
 
+import json
+import sys
+
 import pytest
 
 from helpers import skip_unless
-from netns import Fzpoll, FzpollNoOffload, Namespace, UpstreamWireguardGo, WireguardGo, transfer, veth_pair, wg_pair
+from netns import Fzpoll, FzpollNoOffload, FzpollTso, Namespace, UpstreamWireguardGo, WireguardGo, transfer, veth_pair, wg_pair
 
 pytestmark = [pytest.mark.netns, pytest.mark.needs("wireguard-go")]
 
+
+
+def tun_offloads(daemon: Fzpoll) -> list[str]:
+    """The TUN offloads an fzpoll daemon reports (``fzpoll show --json``)."""
+    out = daemon.ns.run([sys.executable, "-m", "fzpoll", "show", daemon.ifname, "--json"]).stdout
+    return json.loads(out)["interfaces"][0]["stats"]["daemon"]["tun_offloads"]
 
 
 def ping(ns: Namespace, address: str, count: int = 3) -> None:
@@ -23,13 +32,15 @@ def ping(ns: Namespace, address: str, count: int = 3) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# TUN offloads (issue 16): fzpoll with them against Debian's wireguard-go (none), itself, upstream
-# wireguard-go (TSO/USO too), and fzpoll with them switched off against fzpoll with them on.
+# TUN offloads (issue 16): fzpoll with them (coalesced writes) against Debian's wireguard-go (no
+# offloads), itself, upstream wireguard-go (TSO/USO too); fzpoll reading TSO super-packets against
+# upstream and against fzpoll with TUN offloads switched off.
 KINDS = {
     "fzpoll-wggo": (Fzpoll, WireguardGo),
     "fzpoll-fzpoll": (Fzpoll, Fzpoll),
     "fzpoll-upstream": (Fzpoll, UpstreamWireguardGo),
-    "nooffload-fzpoll": (FzpollNoOffload, Fzpoll),
+    "tso-upstream": (FzpollTso, UpstreamWireguardGo),
+    "tso-nooffload": (FzpollTso, FzpollNoOffload),
 }
 
 
@@ -40,8 +51,10 @@ def test_tunnel_ping_and_tcp_both_ways(kinds):
     with Namespace("a") as ns_a, Namespace("b") as ns_b:
         pair = veth_pair(ns_a, ns_b)
         a, b = wg_pair(ns_a, ns_b, pair, kind_a=kinds[0], kind_b=kinds[1])
-        assert a.vnet_hdr() is (kinds[0] is Fzpoll)  # offloads on unless switched off
-        assert b.vnet_hdr() is (kinds[1] is not WireguardGo)
+        assert a.vnet_hdr() is (kinds[0] is not FzpollNoOffload)  # offloads on unless switched off
+        assert b.vnet_hdr() is (kinds[1] not in (WireguardGo, FzpollNoOffload))
+        if kinds[0] is FzpollTso:  # the kernel was asked for TSO: reads are super-packets to split
+            assert "tso4" in tun_offloads(a)
         try:
             ping(ns_a, "100.64.0.2", count=1)  # the very first ping: handshake on demand
             ping(ns_b, "100.64.0.1")

@@ -180,7 +180,7 @@ def test_offloads_can_be_switched_off() -> None:
     assert tun.offload_disabled({"FZPOLL_DISABLE_OFFLOAD": "gso,tun"})
     assert not tun.offload_disabled({"FZPOLL_DISABLE_OFFLOAD": "gso,gro"})
     assert not tun.offload_disabled({})
-    assert tun.segmentation_disabled({"FZPOLL_DISABLE_OFFLOAD": "tso"})
+    assert tun.segmentation_enabled({"FZPOLL_ENABLE_OFFLOAD": "tso"}) and not tun.segmentation_enabled({})
     with netns.Namespace() as ns:
         out = ns.python("from fzpoll.io.tun import TunDevice\n"
                         "for on, tso in ((True, True), (True, False), (False, True)):\n"

@@ -5,12 +5,14 @@ Opened with ``IFF_TUN | IFF_NO_PI`` so every read and write is exactly one IP pa
 already says). The fd is non-blocking because the loop owns all waiting: a read on an empty
 queue raises :class:`BlockingIOError` and the loop goes back to epoll.
 
-With ``offload=True`` the device is opened with ``IFF_VNET_HDR`` and ``TUNSETOFFLOAD`` asks the
-kernel for checksum offload, TSO4/TSO6 and (linux 6.2+) USO4/USO6, as upstream wireguard-go
-does: every read and write then carries a 10-byte virtio-net header, and reads may be ~64 KiB
-super-packets (:mod:`fzpoll.io.vnet` splits and coalesces them). What the kernel refuses is
-probed, not assumed: USO is dropped first, then the offloads altogether, in which case the device
-is opened plain, exactly as without offloads. :attr:`TunDevice.offloads` says what is on.
+With ``offload=True`` the device is opened with ``IFF_VNET_HDR``: every read and write carries a
+10-byte virtio-net header, and a write may be a TCP super-packet that the kernel takes in one go
+(:func:`fzpoll.io.vnet.coalesce` builds them, as upstream wireguard-go's GRO). With
+``segmentation=True`` too, ``TUNSETOFFLOAD`` asks for checksum offload, TSO4/TSO6 and (linux
+6.2+) USO4/USO6, as upstream wireguard-go does, and reads may be ~64 KiB super-packets
+(:func:`fzpoll.io.vnet.split_frame` cuts them). What the kernel refuses is probed, not assumed:
+USO is dropped first, then the offloads altogether, in which case the device is opened plain,
+exactly as without offloads. :attr:`TunDevice.offloads` says what is on.
 
 This is a thin IO wrapper: it knows nothing about WireGuard. Errors that a user can fix (no TUN
 driver, no privilege, name taken) become :class:`~fzpoll.errors.LocalError` with a message that
@@ -68,10 +70,12 @@ def offload_disabled(environ: Mapping[str, str] = os.environ) -> bool:
     return "tun" in environ.get("FZPOLL_DISABLE_OFFLOAD", "").split(",")
 
 
-def segmentation_disabled(environ: Mapping[str, str] = os.environ) -> bool:
-    """FZPOLL_DISABLE_OFFLOAD=tso keeps the virtio-net headers (writes coalesced) but asks the
-    kernel for no TSO/USO/checksum offload: reads are single packets with their checksums done."""
-    return "tso" in environ.get("FZPOLL_DISABLE_OFFLOAD", "").split(",")
+def segmentation_enabled(environ: Mapping[str, str] = os.environ) -> bool:
+    """FZPOLL_ENABLE_OFFLOAD=tso also asks the kernel for TSO/USO/checksum offload on TUN reads
+    (super-packets, split in Python). Off by default: measured slower here (BENCHMARKS.md, issue
+    16) - a 64 KB super-packet costs a pass ~0.3 ms of splitting and encrypting before any of it
+    leaves, and the sender's TCP small queues then keep only about two of them in flight."""
+    return "tso" in environ.get("FZPOLL_ENABLE_OFFLOAD", "").split(",")
 
 
 def _check_name(name: str) -> bytes:
