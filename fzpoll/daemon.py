@@ -18,26 +18,24 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from fzpoll.io import netlink
-from fzpoll.config import Config, load_config
 from fzpoll.wireguard.constants import DEFAULT_BATCH_SIZE, DEFAULT_MTU
-from fzpoll.up import reload
 from fzpoll.device import Device, bind_udp
-from fzpoll.dns.stub import PROXY_V4, PROXY_V6, Resource
-from fzpoll.dns.forwarder import DnsForwarder, make_stub, upstreams_from, write_resolv_conf
-from fzpoll.dns.lookup import Lookups
-from fzpoll.gateway.client import ResourceClient
-from fzpoll.gateway.gateway import Gateway
-from fzpoll.io.resources import ResourcesIO
 from fzpoll.errors import LocalError
 from fzpoll.up.hooks import HookError, run_hooks
-from fzpoll.up.routing import PolicyRouting
+from fzpoll.io import forked
+from fzpoll.io.linkwatch import LinkWatcher
 from fzpoll.io.datapath import TunGone
+from fzpoll.io.loop import MAX_PENDING_WRITES
 from fzpoll.sdnotify import Notifier
 from fzpoll.wireguard.peer import Event, HandshakeCompleted, HandshakeGaveUp, HandshakeInitiated, KeysZeroed
+
+if TYPE_CHECKING:  # imported where used: a daemon without a config file, DNS or resources never loads them
+    from fzpoll.up import reload
+    from fzpoll.config import Config
+    from fzpoll.dns.forwarder import DnsForwarder
+    from fzpoll.io.resources import ResourcesIO
 
 log = logging.getLogger("fzpoll.daemon")
 
@@ -87,7 +85,9 @@ class Daemon:
         self.loop = self.device.loop
         self.notifier = Notifier()
         self.exit_code = 0
-        self.routing: PolicyRouting | None = None  # routes and rules, made on the first config
+        # Routes and rules (up.routing.PolicyRouting), made on the first config by the
+        # configuration child and kept here pickled: unpickling would import pyroute2.
+        self._routing_state: bytes | None = None
         self.hooks_armed = False  # PostUp done: PreDown/PostDown run when we stop
         self._addresses: set[str] = set()
         self.dns: DnsForwarder | None = None
@@ -96,6 +96,7 @@ class Daemon:
         self._watchdog_interval = self.notifier.watchdog_interval()
         self._notify_enabled = self.notifier.enabled  # fixed: the environment is read once
         self._last_watchdog = float("-inf")
+        self.link: LinkWatcher | None = None
         try:
             self.uapi = UapiServer(self.device.name, self.device, self.loop, stats=self.stats_snapshot)
         except BaseException:
@@ -107,7 +108,10 @@ class Daemon:
         self.loop.add_reader(self._signal_r.fileno(), self._on_signal)
         self.loop.add_timer_source(self._next_housekeeping, self._housekeeping)
         self.reloader: reload.Reloader | None = None
+        self._watch_link(mtu)
         if options.config_path is not None:
+            from fzpoll.up import reload
+
             self.reloader = reload.Reloader(
                 options.config_path, self.loop,
                 lambda config, resolved: self.configure(config, initial=False, resolved=resolved),
@@ -129,6 +133,8 @@ class Daemon:
         validating the peers (one step), then binding a new port, changing addresses and routes,
         the fwmark (the next) - and raise LocalError having changed nothing; the next steps commit
         the peers in slices (they cannot fail), then the new sockets and the DNS stub go in."""
+        from fzpoll.up import reload
+
         if initial:
             for warning in config.warnings:
                 log.warning(warning)
@@ -188,6 +194,9 @@ class Daemon:
 
     def _sync_dns(self, config: Config) -> None:
         """The DNS stub runs when the config names DNS servers or declares resources."""
+        from fzpoll.dns.forwarder import DnsForwarder, make_stub, write_resolv_conf
+        from fzpoll.dns.stub import Resource
+
         resources = [Resource(r.name, r.peer.base64()) for r in config.resources]
         if self.dns is not None:
             self.dns.stub.set_resources(resources)
@@ -216,6 +225,12 @@ class Daemon:
             return
         if not config.resources and gateway_config is None:
             return
+        from fzpoll.dns.forwarder import upstreams_from
+        from fzpoll.dns.lookup import Lookups
+        from fzpoll.gateway.client import ResourceClient
+        from fzpoll.gateway.gateway import Gateway
+        from fzpoll.io.resources import ResourcesIO
+
         client = ResourceClient() if config.resources else None
         gateway = None
         if gateway_config is not None:
@@ -231,6 +246,8 @@ class Daemon:
         """Sentinels, and the proxy ranges when resources exist, are routed into the tunnel."""
         if self.dns is None:
             return set()
+        from fzpoll.dns.stub import PROXY_V4, PROXY_V6
+
         routes = {str(ipaddress.ip_network(s)) for s in self.dns.stub.sentinels}
         if config.resources:
             routes |= {str(PROXY_V4), str(PROXY_V6)}
@@ -243,7 +260,32 @@ class Daemon:
             pass
 
     def _sync_network_steps(self, config: Config) -> Iterator[None]:
-        """:meth:`_sync_network`, a step per batch of routes (a reload does one per pass)."""
+        """:meth:`_sync_network` in a forked child, so that pyroute2 never enters the daemon's
+        memory (see :mod:`fzpoll.io.forked`), while the loop goes on (a step per pass until the
+        child answers). The child sends back what it configured and the fwmark it chose for a
+        full tunnel (already set on the shared UDP sockets); on failure it has undone its
+        additions and its LocalError is raised here, nothing changed."""
+        self._addresses, self._routing_state, fwmark = yield from forked.steps(
+            self._sync_network_in_child, config, os.getpid())
+        if fwmark != self.device.fwmark:
+            self.device.set_fwmark(fwmark)
+
+    def _sync_network_in_child(self, config: Config, daemon_pid: int) -> tuple[set[str], bytes, int]:
+        import pickle
+
+        from fzpoll.io import netlink
+        from fzpoll.up.routing import PolicyRouting
+
+        if self._routing_state is None:
+            routing = PolicyRouting(self.device.name, owner_pid=daemon_pid)
+        else:
+            routing = pickle.loads(self._routing_state)
+        for _ in self._network_batches(config, routing, netlink):
+            pass
+        return self._addresses, pickle.dumps(routing), self.device.fwmark
+
+    def _network_batches(self, config: Config, routing, netlink) -> Iterator[None]:
+        """Addresses, MTU, routes (in batches: one netlink round trip each) and rules."""
         name = self.device.name
         addresses = {str(address) for address in config.interface.addresses}
         added: list[str] = []
@@ -256,17 +298,20 @@ class Daemon:
             netlink.set_up(name)
             wanted = {net for p in config.peers for net in p.allowed_ips}
             wanted |= {ipaddress.ip_network(cidr) for cidr in self._dns_routes(config)}
-            if self.routing is None:
-                self.routing = PolicyRouting(name)
-            yield from self.routing.sync_steps(wanted, config.interface.table, self.device)  # undone on failure
+            yield from routing.sync_steps(wanted, config.interface.table, self.device)  # undone on failure
         except LocalError:
-            self._undo_addresses(added)
+            self._undo_addresses(added, netlink)
             raise
         for address in sorted(self._addresses - addresses):
             netlink.del_address(name, address)
         self._addresses = addresses
 
-    def _undo_addresses(self, addresses: list[str]) -> None:
+    def _close_routing_in_child(self, state: bytes) -> None:
+        import pickle
+
+        pickle.loads(state).close()
+
+    def _undo_addresses(self, addresses: list[str], netlink) -> None:
         """Best effort: take back the addresses a failed :meth:`_sync_network` added."""
         try:
             for address in addresses:
@@ -292,6 +337,25 @@ class Daemon:
                 self.loop.stop()
             elif signum == signal.SIGHUP:
                 self.reload()
+
+    def _watch_link(self, mtu: int) -> None:
+        """Hear of our link's deletion and MTU changes from the loop (see io/linkwatch.py)."""
+        try:
+            self.link = LinkWatcher(self.device.name, mtu)
+        except OSError as exc:
+            self.close()
+            raise LocalError(f"cannot watch link events of {self.device.name}: {exc.strerror}") from None
+        self.loop.add_reader(self.link.fileno(), self._on_link)
+
+    def _on_link(self, now: float) -> None:
+        assert self.link is not None
+        state = self.link.read()
+        if state.mtu is not None:
+            self.device.engine.set_mtu(state.mtu)
+            log.info("MTU changed", extra={"fields": {"interface": self.device.name, "mtu": state.mtu}})
+        if state.gone:
+            log.info("interface deleted, exiting", extra={"fields": {"interface": self.device.name}})
+            self.loop.stop()
 
     def reload(self) -> None:
         """SIGHUP: start a reload; it finishes from the loop (see :mod:`fzpoll.up.reload`)."""
@@ -377,6 +441,7 @@ class Daemon:
                 "interface": self.device.name,
                 "schedule": self.loop.schedule,
                 "batch_size": datapath.batch_size,
+                "mtu": engine.mtu,
                 "listen_port": self.device.listen_port,
                 "config": self.options.config_path,
                 "uapi_clients": self.uapi.client_count,
@@ -390,6 +455,10 @@ class Daemon:
             "poller": datapath.stats.as_dict(),
             "pending_writes": datapath.pending_writes(),
             "staged_packets": engine.staged_packet_count(),
+            # every table remote input can fill: in use and limit; hitting one is counted among
+            # the drops (staged_*_full, buffer_full, control_unexpected) or as resets
+            "bounds": {**engine.bounds(), "pending_writes_per_fd": {
+                "used": max(datapath.pending_writes().values()), "limit": MAX_PENDING_WRITES}},
             "uapi": dict(self.uapi.counters),  # accepted, answered, evicted, timed_out, slices
         }
         if self.dns is not None:
@@ -421,9 +490,12 @@ class Daemon:
         if self.reloader is not None:
             self.reloader.close()
         self.uapi.close()
-        if self.routing is not None:
+        if self.link is not None:
+            self.link.close()
+        if self._routing_state is not None:
             try:
-                self.routing.close()
+                forked.call(self._close_routing_in_child, self._routing_state)
+                self._routing_state = None
             except LocalError as exc:
                 log.error(str(exc))
                 self.exit_code = 1
@@ -499,9 +571,11 @@ def run(options: Options) -> int:
             return code
     daemon: Daemon | None = None
     try:
+        if options.config_path:
+            from fzpoll.config import load_config
         config = load_config(options.config_path) if options.config_path else None
         if config is not None:
-            if netlink.link_exists(options.ifname):  # as wg-quick, before any hook runs
+            if _link_exists(options.ifname):  # as wg-quick, before any hook runs
                 raise LocalError(f"{options.ifname} already exists")
             run_hooks("PreUp", config.interface.pre_up, options.ifname)
         daemon = Daemon(options, config)
@@ -522,8 +596,17 @@ def run(options: Options) -> int:
     return daemon.run()
 
 
+def _link_exists(ifname: str) -> bool:
+    """Whether an interface of that name exists in this network namespace (no netlink needed)."""
+    try:
+        socket.if_nametoindex(ifname)
+    except OSError:
+        return False
+    return True
+
+
 def interface_name_from_config(path: str) -> str:
     """wg-quick's rule: the interface is named after the file, without ``.conf``."""
-    name = Path(path).name
+    name = os.path.basename(path)
     return name[: -len(".conf")] if name.endswith(".conf") else name
 

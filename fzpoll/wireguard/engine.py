@@ -197,6 +197,10 @@ class Engine(HandshakeDriver):
         """Mixed into the peer's next handshakes (whitepaper 5.4.2, the psk of IKpsk2)."""
         peer.preshared_key = key
 
+    def set_mtu(self, mtu: int) -> None:
+        """The interface's MTU changed (``ip link set mtu``): padding is capped at it from now on."""
+        self.mtu = mtu
+
     def set_endpoint(self, peer: Peer, endpoint: Endpoint | None) -> None:
         """Where to send to ``peer`` until an authenticated packet from elsewhere moves it (from
         the source address the kernel picks: the sticky one is forgotten)."""

@@ -7,7 +7,6 @@ required. Pure functions and small objects; the engine decides what to do with t
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import struct
 from typing import Any
@@ -29,7 +28,7 @@ from fzpoll.wireguard.constants import (
     UNDER_LOAD_HANDSHAKES_PER_WINDOW,
     UNDER_LOAD_WINDOW,
 )
-from fzpoll.wireguard.crypto import hash_, mac, tai64n, xaead_decrypt, xaead_encrypt
+from fzpoll.wireguard.crypto import compare_digest, hash_, mac, tai64n, xaead_decrypt, xaead_encrypt
 
 Endpoint = tuple[Any, ...]  # a socket address as recvfrom returns it: (host, port) or (host, port, flow, scope)
 # Which of our addresses a peer's datagram arrived on, as the IO shell describes it (opaque to the
@@ -39,7 +38,7 @@ Local = Any
 _INITIATION_HEADER = struct.Struct("<I I")  # type (with 3 reserved zero bytes), sender index
 _RESPONSE_HEADER = struct.Struct("<I I I")  # type, sender index, receiver index
 _ZERO_MAC = bytes(16)
-_compare = hmac.compare_digest
+_compare = compare_digest
 
 
 class Initiation:

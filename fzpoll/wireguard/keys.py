@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import re
 
 from nacl.bindings import crypto_scalarmult_base
 
 from fzpoll.wireguard.constants import KEY_SIZE
+from fzpoll.wireguard.crypto import compare_digest
 from fzpoll.errors import LocalError
 
 
@@ -88,7 +88,7 @@ class _Key:
         return not any(self.raw)
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and hmac.compare_digest(self.raw, other.raw)  # type: ignore[attr-defined]
+        return type(other) is type(self) and compare_digest(self.raw, other.raw)  # type: ignore[attr-defined]
 
     def __hash__(self) -> int:
         return hash(self.raw)
