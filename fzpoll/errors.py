@@ -55,7 +55,8 @@ class DropReason(enum.StrEnum):
     NO_ROUTE = "no_route"  # outgoing packet with no peer for its destination
     MULTICAST = "multicast"  # outgoing multicast with no peer (the kernel's own IPv6 chatter)
     NO_ENDPOINT = "no_endpoint"
-    STAGED_QUEUE_FULL = "staged_queue_full"
+    STAGED_QUEUE_FULL = "staged_queue_full"  # the peer's own bound: its oldest staged packet gave way
+    STAGED_TOTAL_FULL = "staged_total_full"  # the bound over all peers: the new packet is dropped
     HANDSHAKE_GAVE_UP = "handshake_gave_up"  # staged packets dropped after REKEY_ATTEMPT_TIME
     RESOURCE_BUFFER_FULL = "resource_buffer_full"  # client: packets waiting for DomainStatus Active
     BAD_TUN_FRAME = "bad_tun_frame"  # a TUN read whose virtio-net header or super-packet is malformed

@@ -243,11 +243,22 @@ def _format_stats(stats: dict[str, Any] | None) -> list[str]:
     pending = stats.get("pending_writes")
     if isinstance(pending, dict):
         out.append("  pending writes: " + (", ".join(f"{k} {v}" for k, v in pending.items()) or "none"))
-    shown = {"daemon", "poller", "drops", "kernel", "pending_writes"}
+    bounds = stats.get("bounds")
+    if isinstance(bounds, dict):
+        out.append("  bounds: " + (", ".join(_bound(k, v) for k, v in bounds.items()) or "none"))
+    shown = {"daemon", "poller", "drops", "kernel", "pending_writes", "bounds"}
     for key in sorted(k for k in stats if k not in shown):  # whatever later daemons add
         value = stats[key]
         out.append(f"  {key.replace('_', ' ')}: {_counts(value) if isinstance(value, dict) else value}")
     return out
+
+
+def _bound(name: str, bound: Any) -> str:
+    """``staged packets 12/4096`` (plus any count of times it was full, e.g. ``resets 2``)."""
+    if not isinstance(bound, dict):
+        return f"{name.replace('_', ' ')} {bound}"
+    extra = "".join(f", {k} {v}" for k, v in bound.items() if k not in ("used", "limit"))
+    return f"{name.replace('_', ' ')} {bound.get('used', '?')}/{bound.get('limit', '?')}{extra}"
 
 
 def format_text(statuses: list[InterfaceStatus], now: float) -> str:

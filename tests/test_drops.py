@@ -8,10 +8,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fzpoll.wireguard.constants import HANDSHAKE_INITIATION_RATE, MAX_TIMER_HANDSHAKES
+from fzpoll.wireguard.constants import (
+    HANDSHAKE_INITIATION_RATE,
+    MAX_STAGED_PACKETS,
+    MAX_STAGED_PACKETS_TOTAL,
+    MAX_TIMER_HANDSHAKES,
+    REKEY_ATTEMPT_TIME,
+    REKEY_TIMEOUT,
+)
 from fzpoll.wireguard.engine import Engine
 from fzpoll.errors import DropReason as D
-from fzpoll.wireguard.keys import PrivateKey
+from fzpoll.wireguard.keys import PrivateKey, PublicKey
 from helpers import ADDR_A, ADDR_B, TUN_A, TUN_B, Pair, established, ip4, ip6
 
 
@@ -242,3 +249,51 @@ def test_arbitrary_datagrams_never_raise_nor_change_state(blob, kind):
     assert reason is not None
     assert snapshot(p.b) == (before, ([], []))
     assert sum(p.b.drops.values()) == 1
+
+
+def _silent_peers(engine, count: int) -> list[str]:
+    """``count`` peers with endpoints that never answer; returns an address routed to each."""
+    rng = random.Random(7)
+    addresses = []
+    for i in range(count):
+        peer = engine.add_peer(PrivateKey.generate(rng.randbytes).public_key)
+        address = f"10.{1 + i // 65536}.{i // 256 % 256}.{i % 256}"
+        engine.add_allowed_ip(peer, f"{address}/32")
+        engine.set_endpoint(peer, ("192.0.2.9", 1000 + i))
+        addresses.append(address)
+    return addresses
+
+
+def test_one_global_bound_on_staged_packets():
+    """Per peer, the oldest staged packet gives way; over all peers, new packets are dropped
+    once MAX_STAGED_PACKETS_TOTAL wait; both counted. Removing peers gives the budget back."""
+    p = Pair()
+    silent = _silent_peers(p.a, 2 * MAX_STAGED_PACKETS_TOTAL // MAX_STAGED_PACKETS)
+    for address in silent:
+        for _ in range(MAX_STAGED_PACKETS + 3):
+            p.a.send(ip4(TUN_A, address), p.now)
+    half = len(silent) // 2
+    assert p.a.staged_packet_count() == MAX_STAGED_PACKETS_TOTAL
+    assert p.a.bounds()["staged_packets"] == {"used": MAX_STAGED_PACKETS_TOTAL, "limit": MAX_STAGED_PACKETS_TOTAL}
+    assert p.a.drops[D.STAGED_QUEUE_FULL] == 3 * half  # the first half each filled its own queue
+    assert p.a.drops[D.STAGED_TOTAL_FULL] == (MAX_STAGED_PACKETS + 3) * half  # the rest found none
+    assert p.a.staged_packet_count() == sum(len(peer.staged) for peer in p.a.peers.values())
+    for key in list(p.a.peers)[:4]:
+        p.a.remove_peer(PublicKey(key))
+    assert p.a.staged_packet_count() == sum(len(peer.staged) for peer in p.a.peers.values())
+    assert p.a.staged_packet_count() < MAX_STAGED_PACKETS_TOTAL
+
+
+def test_staged_budget_comes_back_when_handshakes_give_up_or_complete():
+    p = Pair()
+    silent = _silent_peers(p.a, 3)
+    for address in [*silent, TUN_B]:
+        p.a.send(ip4(TUN_A, address), p.now)
+    assert p.a.staged_packet_count() == 4
+    p.deliver()  # b answers: its packet is sent, the silent ones still wait
+    assert p.a.staged_packet_count() == 3
+    while p.now < REKEY_ATTEMPT_TIME + 2 * REKEY_TIMEOUT:  # every silent handshake gives up
+        p.clock.now = p.a.next_deadline() or p.now + 1.0
+        p.a.handle_timer(p.now)
+        p.out(p.a).clear()
+    assert p.a.staged_packet_count() == 0 and p.a.drops[D.HANDSHAKE_GAVE_UP] == 3

@@ -53,6 +53,7 @@ TAI64N_NANOSECOND_MASK = ~0xFFFFFF
 
 # Bounds on our own memory (not in the paper; chosen by us).
 MAX_STAGED_PACKETS = 128  # packets queued per peer while a handshake is under way
+MAX_STAGED_PACKETS_TOTAL = 4096  # ... and over all peers (~6 MiB of 1420-byte packets)
 HANDSHAKE_RATE_PER_SOURCE = 20.0  # handshakes/s per source IP while under load (wireguard-go)
 HANDSHAKE_BURST_PER_SOURCE = 5
 UNDER_LOAD_WINDOW = 0.125  # handshake messages are counted in windows this long ...

@@ -53,7 +53,7 @@ from fzpoll.wireguard.keys import PresharedKey, PrivateKey, PublicKey
 from fzpoll.wireguard.peer import Event, HandshakeGaveUp, KeysZeroed
 from fzpoll.wireguard.handshake import LoadGuard
 from fzpoll.wireguard.handshaking import HandshakeDriver
-from fzpoll.wireguard.peer import Endpoint, Local, Peer
+from fzpoll.wireguard.peer import Endpoint, Local, Peer, StagedBudget
 from fzpoll.wireguard.session import Keypair, Sessions
 from fzpoll.wireguard.timers import PeerTimer, TimerHeap
 
@@ -116,6 +116,7 @@ class Engine(HandshakeDriver):
         self._timers = TimerHeap()
         self._load = LoadGuard()
         self._control: list[tuple[PublicKey, bytes]] = []  # in-tunnel control packets (never to TUN)
+        self._staged = StagedBudget()  # one bound on staged packets over every peer
         self._private: bytes | None = None
         self._public: bytes = b""
         self._cookies: handshake.CookieChecker | None = None
@@ -169,7 +170,7 @@ class Engine(HandshakeDriver):
         if peer is None:
             if public_key.raw == self._public:
                 raise LocalError("a peer cannot have the interface's own public key")
-            peer = self._peers[public_key.raw] = Peer(public_key)
+            peer = self._peers[public_key.raw] = Peer(public_key, self._staged)
         return peer
 
     def remove_peer(self, public_key: PublicKey) -> None:
@@ -290,7 +291,13 @@ class Engine(HandshakeDriver):
 
     def staged_packet_count(self) -> int:
         """Packets waiting for a session, over every peer."""
-        return sum(len(peer.staged) for peer in self._peers.values())
+        return self._staged.count
+
+    def bounds(self) -> dict[str, dict[str, int]]:
+        """The engine's tables that remote input can fill: in use and limit (``fzpoll show``);
+        what each does when full is counted among the drops or here."""
+        return {"staged_packets": {"used": self._staged.count, "limit": self._staged.limit},
+                **self._load.bounds()}
 
     def live_indices(self) -> frozenset[int]:
         """Our receiver indices in use (sessions and handshakes in flight)."""
@@ -337,12 +344,11 @@ class Engine(HandshakeDriver):
             or now - kp.created_at >= REJECT_AFTER_TIME
             or peer.staged
         ):
-            full = not peer.stage(packet)
+            reason = peer.stage(packet)
             self._flush_staged(peer, now)
-            if full:
-                self._drops[D.STAGED_QUEUE_FULL] += 1
-                return D.STAGED_QUEUE_FULL
-            return None
+            if reason is not None:
+                self._drops[reason] += 1
+            return reason
         self._encrypt(peer, kp, packet, now)
         return None
 

@@ -207,13 +207,19 @@ def source_bytes(addr: Endpoint) -> bytes:
 class LoadGuard:
     """Decides, per handshake message, whether the engine may spend a DH on it."""
 
-    __slots__ = ("under_load_until", "_window_start", "_window_count", "_buckets")
+    __slots__ = ("under_load_until", "_window_start", "_window_count", "_buckets", "_resets")
 
     def __init__(self) -> None:
         self.under_load_until = float("-inf")
         self._window_start = float("-inf")
         self._window_count = 0
         self._buckets: dict[bytes, list[float]] = {}
+        self._resets = 0  # times the table was full and started afresh
+
+    def bounds(self) -> dict[str, dict[str, int]]:
+        """The per-source table: in use, limit, and how often it was full (``fzpoll show``)."""
+        return {"rate_limiter_sources": {"used": len(self._buckets), "limit": MAX_RATE_LIMITER_SOURCES,
+                                         "resets": self._resets}}
 
     def is_under_load(self, now: float) -> bool:
         return now < self.under_load_until
@@ -244,6 +250,7 @@ class LoadGuard:
         if bucket is None:
             if len(self._buckets) >= MAX_RATE_LIMITER_SOURCES:
                 self._buckets.clear()  # bounded memory; a flood resets to a fresh table
+                self._resets += 1
             bucket = self._buckets[ip] = [float(HANDSHAKE_BURST_PER_SOURCE), now]
         tokens = min(HANDSHAKE_BURST_PER_SOURCE, bucket[0] + (now - bucket[1]) * HANDSHAKE_RATE_PER_SOURCE)
         bucket[1] = now
