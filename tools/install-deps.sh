@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what fzpoll's tests and demo need on a Debian machine: the real WireGuard peers
 # (wireguard-go, wg), iproute2 for namespaces, ping (v4 and v6), util-linux's setpriv (drops
-# CAP_NET_ADMIN in a test), systemd-analyze (the unit is verified), jq (the log recipes), and the
+# CAP_NET_ADMIN in a test), systemd-analyze (the unit is verified), jq (the log recipes),
+# systemd-nspawn and Debian's python3 with fzpoll's runtime dependencies (tests/test_systemd_nspawn.py
+# runs the unit under a real systemd in a container that shares the host's /usr), and the
 # Python dependencies, from one of two sets:
 #   bash tools/install-deps.sh            # PyPI: pip install -e '.[test,dev]' for `python3`
 #   bash tools/install-deps.sh --debian   # Debian: /usr/bin/python3 and apt's python3-nacl,
@@ -13,7 +15,7 @@ cd "$(dirname "$0")/.."
 mode=${1:-pypi}
 case "$mode" in pypi|--pypi) mode=pypi ;; --debian) mode=debian ;;
     *) echo "usage: $0 [--debian]" >&2; exit 2 ;; esac
-DEBS="wireguard-go wireguard-tools iproute2 iputils-ping iperf3 socat nftables dnsmasq-base dnsutils curl procps util-linux systemd jq"
+DEBS="wireguard-go wireguard-tools iproute2 iputils-ping iperf3 socat nftables dnsmasq-base dnsutils curl procps util-linux systemd jq systemd-container python3 python3-nacl python3-pyroute2 python3-dnslib"
 # Debian's own python3 is "externally managed" (PEP 668): pip must not write into it, or its
 # packages would shadow apt's and the Debian set would no longer be what apt installed.
 externally_managed() {
