@@ -78,13 +78,11 @@ def _rss_mib(pid: int) -> float:
 
 
 @pytest.mark.netns
+@pytest.mark.needs("netns")
 def test_flood_at_5000_silent_peers_stays_under_the_memory_bound() -> None:
     import netns
     from fzpoll.show import interface_status, query
 
-    reason = netns.need_root()
-    if reason:
-        pytest.skip(reason)
     with netns.Namespace("flood") as ns:
         daemon = netns.Fzpoll(ns, log_level="error").start()
         # silent endpoints: routed into a TUN device nobody reads, nothing ever answers

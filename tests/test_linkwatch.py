@@ -95,10 +95,8 @@ print(json.dumps(out))
 
 
 @pytest.mark.netns
+@pytest.mark.needs("netns")
 def test_watcher_sees_mtu_change_and_deletion_in_a_namespace() -> None:
-    reason = netns.need_root()
-    if reason:
-        pytest.skip(reason)
     with netns.Namespace("lw") as ns:
         out = json.loads(ns.python(_WATCH).stdout)
     assert out == {"idle": [False, None], "mtu": [False, 1280], "resync": [False, None], "deleted": [True, None]}
@@ -138,13 +136,11 @@ def _wire_size_of_ping(ns: netns.Namespace, peer: netns.WireguardGo, payload: in
 
 
 @pytest.mark.netns
+@pytest.mark.needs("wireguard-go")
 def test_mtu_follows_the_link() -> None:
     """`ip link set mtu` after start-up: pings that fit the new MTU go through, and the engine
     pads (whitepaper 5.4.6: to a multiple of 16, capped at the MTU) to the new MTU; with
     wireguard-go as the peer (its rx bytes are our datagrams' sizes)."""
-    reason = netns.need_root() or netns.need_wireguard_go()
-    if reason:
-        pytest.skip(reason)
     with netns.Namespace("a") as ns_a, netns.Namespace("b") as ns_b:
         pair = netns.veth_pair(ns_a, ns_b)
         a, b = netns.wg_pair(ns_a, ns_b, pair, kind_a=netns.Fzpoll, kind_b=netns.WireguardGo)

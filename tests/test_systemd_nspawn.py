@@ -31,7 +31,7 @@ import pytest
 
 import netns
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.needs("wireguard-go", "systemd-nspawn", "nsenter", "jq", "setpriv")]
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "fzpoll@.service"
@@ -47,12 +47,6 @@ CAP_NET_ADMIN = 12
 
 
 def _why_not() -> str | None:
-    reason = netns.need_root() or netns.need_wireguard_go()
-    if reason:
-        return reason
-    for tool in ("systemd-nspawn", "nsenter", "jq", "setpriv"):
-        if shutil.which(tool) is None:
-            return f"the systemd test needs {tool} (tools/install-deps.sh installs it)"
     if not os.path.exists(PYTHON) or subprocess.run(
             [PYTHON, "-c", "import nacl, pyroute2, dnslib"], capture_output=True).returncode != 0:
         return f"the systemd test needs {PYTHON} with python3-nacl, python3-pyroute2, python3-dnslib"
