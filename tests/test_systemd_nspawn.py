@@ -284,6 +284,10 @@ def _exercise(c: Container, scratch: Path, ns_sd: netns.Namespace, ns_peer: netn
     # Enforced only where systemd has a memory controller: not in this container on a host whose
     # cgroup v1 memory hierarchy is not delegated to it (MemoryCurrent is then "[not set]").
     print("memory accounting:", c.show("MemoryCurrent")["MemoryCurrent"])
+    status = c.run("cat", f"/proc/{pid}/status").stdout
+    rss = int(re.search(r"^VmRSS:\s*(\d+) kB$", status, re.M).group(1)) << 10  # type: ignore[union-attr]
+    print(f"fzpoll up under systemd, idle after a reload: VmRSS {rss / 2**20:.1f} MiB")
+    assert rss < memory_max / 2  # the footprint the MemoryMax= margin is built on
 
     # the watchdog: a stopped daemon sends no WATCHDOG=1; systemd kills it and starts it again
     c.run("kill", "-STOP", str(pid))  # the container's pid: signalled from inside it
