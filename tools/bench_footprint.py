@@ -40,6 +40,7 @@ UPSTREAM_DEFAULT = UPSTREAM if UPSTREAM.exists() else Path("/work/shared/anchors
 FZPOLL_MAIN = "import sys; from fzpoll.cli import main; sys.exit(main())"
 REPO = str(Path(__file__).resolve().parents[1])
 IDLE_SECONDS = 2.0
+PEERS_PER_SET = 1000
 
 
 def _uapi(path: Path, request: bytes, timeout: float = 30.0) -> str:
@@ -97,10 +98,18 @@ class Run:
         self.startup_cpu = _cpu_seconds(self.proc.pid)
 
     def configure(self, peers: int) -> None:
-        lines = [f"private_key={secrets.token_hex(32)}", "listen_port=0"]
-        for i in range(peers):
-            lines += [f"public_key={secrets.token_hex(32)}", f"endpoint=10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:51820",
-                      f"allowed_ip=100.{64 + (i >> 16)}.{i >> 8 & 255}.{i & 255}/32"]
+        """A private key, then ``peers`` peers in requests of PEERS_PER_SET (a UAPI request is
+        bounded: fzpoll takes 1 MiB)."""
+        self._set([f"private_key={secrets.token_hex(32)}", "listen_port=0"])
+        for start in range(0, peers, PEERS_PER_SET):
+            lines = []
+            for i in range(start, min(peers, start + PEERS_PER_SET)):
+                lines += [f"public_key={secrets.token_hex(32)}",
+                          f"endpoint=10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:51820",
+                          f"allowed_ip=100.{64 + (i >> 16)}.{i >> 8 & 255}.{i & 255}/32"]
+            self._set(lines)
+
+    def _set(self, lines: list[str]) -> None:
         answer = _uapi(self.sock, ("set=1\n" + "\n".join(lines) + "\n\n").encode(), timeout=120)
         if "errno=0" not in answer:
             raise RuntimeError(f"set failed: {answer.strip()}")
@@ -138,6 +147,26 @@ def implementations(args: argparse.Namespace) -> list[Impl]:
     return impls
 
 
+def _one(impl: Impl, ns: str, peers: int) -> dict[str, float]:
+    """Start, configure ``peers`` peers, idle, measure, stop; {} (and a line on stderr) if it failed."""
+    try:
+        run = Run(impl, ns)
+    except RuntimeError as exc:
+        print(f"{impl.name}: {exc}", file=sys.stderr)
+        return {}
+    try:
+        run.configure(peers)
+        time.sleep(IDLE_SECONDS)
+        rss, uss = run.memory()
+    except (OSError, RuntimeError) as exc:
+        print(f"{impl.name} with {peers} peers: {exc}", file=sys.stderr)
+        return {}
+    finally:
+        run.stop()
+    return {"startup_ms": run.startup * 1e3, "startup_cpu_ms": run.startup_cpu * 1e3,
+            "idle_rss_mib": rss, "idle_uss_mib": uss}
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     ns = f"fzfp-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
@@ -146,27 +175,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for _ in range(args.rounds):
             for impl in impls:
-                run = Run(impl, ns)
-                try:
-                    run.configure(1)
-                    time.sleep(IDLE_SECONDS)
-                    rss, uss = run.memory()
-                finally:
-                    run.stop()
-                for key, value in (("startup_ms", run.startup * 1e3), ("startup_cpu_ms", run.startup_cpu * 1e3),
-                                   ("idle_rss_mib", rss), ("idle_uss_mib", uss)):
+                figures = _one(impl, ns, 1)
+                for key, value in figures.items():
                     results[impl.name].setdefault(key, []).append(value)
         for peers in args.peers:
             for _ in range(args.peer_rounds):
                 for impl in impls:
-                    run = Run(impl, ns)
-                    try:
-                        run.configure(peers)
-                        time.sleep(IDLE_SECONDS)
-                        rss, _ = run.memory()
-                    finally:
-                        run.stop()
-                    results[impl.name].setdefault(f"rss_{peers}_peers_mib", []).append(rss)
+                    rss = _one(impl, ns, peers).get("idle_rss_mib")
+                    if rss is not None:
+                        results[impl.name].setdefault(f"rss_{peers}_peers_mib", []).append(rss)
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
     return {"rounds": args.rounds, "peer_rounds": args.peer_rounds, "results": results}

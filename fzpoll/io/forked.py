@@ -10,6 +10,7 @@ parent waits for it: the daemon is single-threaded and this happens only outside
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ def _child(write_fd: int, fn: Callable[..., Any], args: tuple) -> None:
     """In the child: run ``fn`` and report; never returns."""
     code = 0
     try:
+        gc.freeze()  # a collection in the child must not touch (and so copy) the parent's objects
         signal.set_wakeup_fd(-1)  # the parent's signal pipe is not ours to write
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
