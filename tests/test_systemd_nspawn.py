@@ -237,7 +237,9 @@ def _exercise(c: Container, scratch: Path, ns_sd: netns.Namespace, ns_peer: netn
     # active the interface exists and the UAPI answers, with no retry
     started = time.monotonic()
     c.run("systemctl", "start", "--no-block", SERVICE)
-    assert c.show("ActiveState")["ActiveState"] == "activating"
+    state = _wait_until(lambda: (c.show("ActiveState")["ActiveState"] != "inactive"
+                                 and c.show("ActiveState")["ActiveState"]), 10, "the start job to run")
+    assert state == "activating"
     _wait_until(lambda: c.show("ActiveState")["ActiveState"] != "activating", 60, "the unit to start")
     assert time.monotonic() - started >= PRE_UP_SECONDS
     props = c.show("ActiveState", "SubState", "StatusText", "MainPID", "NRestarts", "MemoryMax")
