@@ -297,6 +297,7 @@ class Engine(HandshakeDriver):
         """The engine's tables that remote input can fill: in use and limit (``fzpoll show``);
         what each does when full is counted among the drops or here."""
         return {"staged_packets": {"used": self._staged.count, "limit": self._staged.limit},
+                "control_packets": {"used": len(self._control), "limit": MAX_QUEUED_CONTROL_PACKETS},
                 **self._load.bounds()}
 
     def live_indices(self) -> frozenset[int]:
