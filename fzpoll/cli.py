@@ -130,9 +130,7 @@ def _log_level_given(args: argparse.Namespace) -> bool:
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    from fzpoll.jsonlog import setup_logging
-
-    from fzpoll.io.netlink import quiet_pyroute2
+    from fzpoll.jsonlog import quiet_pyroute2, setup_logging
 
     # An unknown $LOG_LEVEL is a LocalError naming the accepted levels (main() prints it).
     setup_logging(_log_level(args))

@@ -289,11 +289,3 @@ def iter_change_routes(ifname: str, add: list[Route], remove: list[Route]) -> It
 
     for table, net in existed:  # rare: each is checked with a dump
         rules.add_route(ifname, net, table)
-
-
-def quiet_pyroute2(debug: bool = False) -> None:
-    """pyroute2's own loggers stay at warning (their debug output is most of a debug log and
-    costs time per message) unless ``debug`` asks for them (FZPOLL_PYROUTE2_DEBUG=1)."""
-    import logging
-
-    logging.getLogger("pyroute2").setLevel(logging.DEBUG if debug else logging.WARNING)
