@@ -24,7 +24,7 @@ from fzpoll.wireguard.constants import DEFAULT_BATCH_SIZE, DEFAULT_MTU
 from fzpoll.device import Device, bind_udp
 from fzpoll.errors import LocalError
 from fzpoll.up.hooks import HookError, run_hooks
-from fzpoll.io import forked
+from fzpoll.up import forked
 from fzpoll.io.linkwatch import LinkWatcher
 from fzpoll.io.datapath import TunGone
 from fzpoll.io.loop import MAX_PENDING_WRITES
@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # imported where used: a daemon without a config file, DNS or
     from fzpoll.up import reload
     from fzpoll.config import Config
     from fzpoll.dns.forwarder import DnsForwarder
-    from fzpoll.io.resources import ResourcesIO
+    from fzpoll.dns.resources import ResourcesIO
 
 log = logging.getLogger("fzpoll.daemon")
 
@@ -229,7 +229,7 @@ class Daemon:
         from fzpoll.dns.lookup import Lookups
         from fzpoll.gateway.client import ResourceClient
         from fzpoll.gateway.gateway import Gateway
-        from fzpoll.io.resources import ResourcesIO
+        from fzpoll.dns.resources import ResourcesIO
 
         client = ResourceClient() if config.resources else None
         gateway = None
@@ -261,7 +261,7 @@ class Daemon:
 
     def _sync_network_steps(self, config: Config) -> Iterator[None]:
         """:meth:`_sync_network` in a forked child, so that pyroute2 never enters the daemon's
-        memory (see :mod:`fzpoll.io.forked`), while the loop goes on (a step per pass until the
+        memory (see :mod:`fzpoll.up.forked`), while the loop goes on (a step per pass until the
         child answers). The child sends back what it configured and the fwmark it chose for a
         full tunnel (already set on the shared UDP sockets); on failure it has undone its
         additions and its LocalError is raised here, nothing changed."""

@@ -171,5 +171,5 @@ def quiet_pyroute2(debug: bool = False) -> None:
     """pyroute2's own loggers stay at warning (their debug output is most of a debug log and
     costs time per message) unless ``debug`` asks for them (FZPOLL_PYROUTE2_DEBUG=1). Here, not
     in io/netlink.py: setting a logger's level must not import pyroute2 (19 MiB) into the daemon,
-    which only its configuration child uses (io/forked.py)."""
+    which only its configuration child uses (up/forked.py)."""
     logging.getLogger("pyroute2").setLevel(logging.DEBUG if debug else logging.WARNING)

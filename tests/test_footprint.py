@@ -18,7 +18,7 @@ _MODULES = "import json, sys; {}; print(json.dumps(sorted(sys.modules)))"
 # What `fzpoll [-f] IFACE` and `fzpoll up` load to run: the command line, the daemon, its UAPI.
 _DAEMON = ("import argparse, fzpoll.cli, fzpoll.daemon, fzpoll.uapi.server, fzpoll.jsonlog, fzpoll.sdnotify; "
            "fzpoll.cli._setup_logging(argparse.Namespace(log_level='error'))")
-# Loaded only where used: pyroute2 and its asyncio in the configuration child (io/forked.py),
+# Loaded only where used: pyroute2 and its asyncio in the configuration child (up/forked.py),
 # dnslib with the DNS stub, OpenSSL's libcrypto (hashlib/hmac) never, pickle with a config file.
 _NOT_AT_START = ("pyroute2", "asyncio", "dnslib", "_hashlib", "hashlib", "hmac", "pickle", "datetime",
                  "fzpoll.config", "fzpoll.dns.stub", "fzpoll.io.netlink")

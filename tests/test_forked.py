@@ -1,4 +1,4 @@
-"""io/forked.py: a function run in a forked child, its result or error brought back."""
+"""up/forked.py: a function run in a forked child, its result or error brought back."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from fzpoll.errors import LocalError
-from fzpoll.io import forked
+from fzpoll.up import forked
 
 
 def _imports_and_returns(name: str) -> tuple[int, bool]:

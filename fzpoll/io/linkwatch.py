@@ -1,6 +1,6 @@
 """Link events for our interface from a small rtnetlink socket of our own, watched in the loop.
 
-pyroute2 configures the interface (short-lived, see :mod:`fzpoll.io.forked`); the running
+pyroute2 configures the interface (short-lived, see :mod:`fzpoll.up.forked`); the running
 daemon only needs to hear two things about its link: that it was deleted (exit cleanly) and that
 its MTU changed (``ip link set wg0 mtu N``: the engine's padding follows, as wireguard-go's
 ``RoutineTUNEventReader``). For that one socket bound to RTMGRP_LINK and a parser of

@@ -189,7 +189,7 @@ class PolicyRouting:
         self.ifname = ifname
         self.state_dir = state_dir
         # The daemon's pid, written to the state file: the daemon syncs from a short-lived child
-        # (io/forked.py), whose own pid would make a live daemon's rules look like a crash's.
+        # (up/forked.py), whose own pid would make a live daemon's rules look like a crash's.
         self.owner_pid = os.getpid() if owner_pid is None else owner_pid
         self.routes: set[tuple[int, Network]] = set()
         self.tables: dict[int, int] = {}  # family -> full-tunnel table of the rules we added

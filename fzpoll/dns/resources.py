@@ -35,7 +35,7 @@ from fzpoll.io.loop import Loop
 from fzpoll.wireguard.engine import Engine
 from fzpoll.wireguard.keys import PublicKey
 
-log = logging.getLogger("fzpoll.io.resources")
+log = logging.getLogger("fzpoll.dns.resources")
 
 DEFAULT_MAX_LOOKUP_SOCKETS = 512
 
