@@ -79,15 +79,18 @@ class DnsForwarder:
         loop.add_timer_source(self.tcp_server.next_deadline, self.tcp_server.handle_timer)
 
     def _intercept(self, packet: bytes, now: float) -> bool:
+        """A TUN packet to one of our addresses: ours (True) only if it is to a sentinel; the
+        DNS resources chain their proxy addresses through here, and their traffic is neither
+        counted as queries nor shed."""
+        v4 = packet[0] >> 4 == 4
+        if (packet[16:20] if v4 else packet[24:40]) not in self._sentinels:
+            return False
         self._queries += 1
         self._window_queries += 1
         if self.shedding and self._queries > MAX_QUERIES_PER_PASS:
             self.stub.count_drop(D.DNS_SHED)
             return True
-        v4 = packet[0] >> 4 == 4
         if packet[9 if v4 else 6] == _PROTO_TCP:
-            if (packet[16:20] if v4 else packet[24:40]) not in self._sentinels:
-                return False
             self.tcp_server.handle_segment(packet, now)
             return True
         return self.stub.handle_packet(packet, now)
