@@ -20,6 +20,7 @@ def run(program: list[tuple[int, int, int, int]], packet: bytes, rand: int = 0) 
     """A cBPF interpreter for the instructions bpf.py emits (anything else is an error);
     ``rand`` is what the kernel's random ancillary load returns."""
     a = x = pc = 0
+    mem = [0] * 16
     while True:
         code, jt, jf, k = program[pc]
         pc += 1
@@ -28,17 +29,26 @@ def run(program: list[tuple[int, int, int, int]], packet: bytes, rand: int = 0) 
             a = len(packet)
         elif code == BPF_LD | bpf.BPF_W | bpf.BPF_ABS and k == (bpf.SKF_AD_OFF + bpf.SKF_AD_RANDOM) & 0xFFFFFFFF:
             a = rand
-        elif code == BPF_LD | bpf.BPF_W | bpf.BPF_ABS:
-            if k + 4 > len(packet):
+        elif code in (BPF_LD | bpf.BPF_W | bpf.BPF_ABS, BPF_LD | bpf.BPF_B | bpf.BPF_ABS):
+            size = 4 if code & 0x18 == bpf.BPF_W else 1
+            if k + size > len(packet):
                 return 0  # the kernel aborts the program on an out-of-bounds load
-            a = int.from_bytes(packet[k:k + 4], "big")
+            a = int.from_bytes(packet[k:k + size], "big")
+        elif code == BPF_LD | bpf.BPF_IMM:
+            a = k
+        elif code == BPF_LD | bpf.BPF_MEM:
+            a = mem[k]
+        elif code == bpf.BPF_ST:
+            mem[k] = a
         elif cls == BPF_ALU:
-            a = {bpf.BPF_SUB: lambda: a - k, bpf.BPF_AND: lambda: a & k}[code & 0xF0]() & 0xFFFFFFFF
+            operand = x if code & bpf.BPF_X else k
+            a = {bpf.BPF_SUB: lambda: a - operand, bpf.BPF_AND: lambda: a & operand,
+                 bpf.BPF_OR: lambda: a | operand, bpf.BPF_LSH: lambda: a << operand}[code & 0xF0]() & 0xFFFFFFFF
         elif code == BPF_MISC | bpf.BPF_TAX:
             x = a
         elif code == BPF_MISC | bpf.BPF_TXA:
             a = x
-        elif cls == BPF_JMP:
+        elif cls == BPF_JMP and not code & bpf.BPF_X:
             taken = {bpf.BPF_JEQ: a == k, bpf.BPF_JGT: a > k, bpf.BPF_JGE: a >= k}[code & 0xF0]
             pc += jt if taken else jf
         elif cls == BPF_RET:
@@ -120,6 +130,62 @@ def test_receiver_indices() -> None:
     assert run(bpf.wireguard_filter(receiver_indices=[]), udp(transport(7))) == 0  # no session
     with pytest.raises(ValueError):
         bpf.wireguard_filter(receiver_indices=range(bpf.MAX_FILTER_INDICES + 1))
+
+
+def counted(index: int, counter: int, n: int = 48) -> bytes:
+    """A transport message to ``index`` with ``counter`` (64-bit little-endian, bytes 8-15)."""
+    return transport(index, n)[:8] + counter.to_bytes(8, "little") + bytes(n - 16)
+
+
+def engine_may_accept(counter: int, floor: int) -> bool:
+    """What a floor promises, written apart from the program: below it, dropped; a counter of
+    2^32 or more is left to Python (the filter compares the low word only)."""
+    return counter >= floor or counter >> 32 != 0
+
+
+def test_counter_floors_below_at_above() -> None:
+    floors = {7: 1000, 0xDEADBEEF: 0x01020304, 1 << 31: 0xFFFFFFFF, 42: 0}
+    live = [*floors, 9]  # 9: a live index without a floor (a handshake's)
+    counters = [0, 1, 255, 256, 65535, 65536, 0xFFFFFF, 0x1000000, 0x7FFFFFFF, 0x80000000,
+                0xFFFFFFFE, 0xFFFFFFFF, 1 << 32, (1 << 32) + 5, 1 << 40, (1 << 64) - 1]
+    wrong = []
+    for gro in (False, True):
+        program = bpf.wireguard_filter(gro, receiver_indices=live, counter_floors=floors)
+        for index in live:
+            floor = floors.get(index, 0)
+            near = [floor + d for d in (-257, -256, -255, -2, -1, 0, 1, 255, 256) if floor + d >= 0]
+            for counter in sorted({*counters, *near}):
+                for n in (32, 48, 1452):
+                    got = run(program, udp(counted(index, counter, n))) == bpf.ACCEPT
+                    if got != engine_may_accept(counter, floor):
+                        wrong.append((gro, hex(index), hex(counter), n))
+            assert run(program, udp(counted(index, 1 << 20, 40))) == 0  # the length is still checked
+        for index in (0, 8, 43, 0xEFBEADDE):  # unknown indices stay out, whatever the counter
+            assert run(program, udp(counted(index, 1 << 33))) == 0
+            assert run(program, udp(counted(index, 5000))) == 0
+        assert run(program, udp(b"\x01\x00\x00\x00" + bytes(144))) == bpf.ACCEPT  # not transport
+    assert not wrong, wrong[:20]
+
+
+def test_counter_floor_on_every_index_of_a_full_filter() -> None:
+    """MAX_FILTER_INDICES indices, each with its own floor: each sees only its own."""
+    live = [0x9E3779B9 * (i + 1) & 0xFFFFFFFF for i in range(bpf.MAX_FILTER_INDICES)]
+    floors = {index: 1000 + 3 * i for i, index in enumerate(live)}
+    program = bpf.wireguard_filter(True, receiver_indices=live, counter_floors=floors)
+    assert len(program) <= bpf.BPF_MAXINSNS
+    for index, floor in floors.items():
+        assert run(program, udp(counted(index, floor))) == bpf.ACCEPT
+        assert run(program, udp(counted(index, floor - 1))) == 0
+        assert run(program, udp(counted(index, floor - 1 + (1 << 32)))) == bpf.ACCEPT
+
+
+def test_counter_floors_need_their_index_checked() -> None:
+    with pytest.raises(ValueError):
+        bpf.wireguard_filter(counter_floors={7: 10})
+    with pytest.raises(ValueError):
+        bpf.wireguard_filter(receiver_indices=[8], counter_floors={7: 10})
+    no_floor = bpf.wireguard_filter(receiver_indices=[7])
+    assert bpf.wireguard_filter(receiver_indices=[7], counter_floors={7: 0}) == no_floor
 
 
 def test_initiations_shed_at_random_under_load() -> None:
@@ -256,6 +322,26 @@ def test_kernel_index_check_and_random_shedding() -> None:
         sockfilter.attach(r, bpf.wireguard_filter(initiation_keep=65536))
         s.send(initiation)
         assert _drain(r, 1) == [initiation]
+
+
+def test_kernel_agrees_on_counter_floors() -> None:
+    """The real kernel assembles the little-endian counter and compares it as the oracle does."""
+    r, s = _receiver(gro=False, program_gro=False)
+    with r, s:
+        floors = {7: 0x01020304, 9: 5}
+        sockfilter.attach(r, bpf.wireguard_filter(receiver_indices=[7, 9, 11], counter_floors=floors))
+        cases = [(index, counter) for index in (7, 9, 11, 12)
+                 for counter in (0, 4, 5, 6, 0x01020303, 0x01020304, 0x01020305, 0x04030201, 0xFFFFFFFF,
+                                 1 << 32, 0x01020303 + (1 << 32))]
+        expected = []
+        for index, counter in cases:
+            datagram = counted(index, counter)
+            s.send(datagram)
+            if index != 12 and engine_may_accept(counter, floors.get(index, 0)):
+                expected.append(datagram)
+        got = _drain(r, len(expected))
+        assert sorted(got) == sorted(expected)
+        assert sockfilter.kernel_drops(r) == len(cases) - len(expected)
 
 
 class FakeEngine:

@@ -27,6 +27,12 @@ multiples of 16 or over 100 bytes, so it passes; the ``gro`` program also passes
 run: at least its first message plus a 32-byte one (any length: the last may be an MTU-capped
 transport datagram).
 Rejecting those would drop a whole run of good traffic.
+
+Counter floors (against replays, see :class:`fzpoll.io.sockfilter.ReplayGuard`): a transport
+datagram to an index with a floor passes only if its 64-bit little-endian counter (message bytes
+8-15) is at least the floor. cBPF loads are big-endian, so the low 32 bits are assembled from
+single bytes; a counter whose high 32 bits are not zero always passes (Python decides). On a GRO
+socket the filter sees the first datagram's counter, the lowest of a run from the peer.
 """
 
 from __future__ import annotations
@@ -48,15 +54,18 @@ from fzpoll.wireguard.constants import (
 
 # linux/filter.h, linux/bpf_common.h: instruction classes, sizes, modes, operations, sources
 BPF_LD, BPF_LDX, BPF_ALU, BPF_JMP, BPF_RET, BPF_MISC = 0x00, 0x01, 0x04, 0x05, 0x06, 0x07
-BPF_W = 0x00
-BPF_ABS, BPF_LEN = 0x20, 0x80
-BPF_SUB, BPF_AND = 0x10, 0x50
+BPF_ST = 0x02
+BPF_W, BPF_B = 0x00, 0x10
+BPF_IMM, BPF_ABS, BPF_MEM, BPF_LEN = 0x00, 0x20, 0x60, 0x80
+BPF_SUB, BPF_OR, BPF_AND, BPF_LSH = 0x10, 0x40, 0x50, 0x60
 BPF_JEQ, BPF_JGT, BPF_JGE = 0x10, 0x20, 0x30
 BPF_K, BPF_X = 0x00, 0x08
 BPF_TAX, BPF_TXA = 0x00, 0x80
 BPF_MAXINSNS = 4096
 SKF_AD_OFF, SKF_AD_RANDOM = -0x1000, 56  # ancillary loads live at negative offsets
-MAX_FILTER_INDICES = 200  # one jump each, and cBPF jumps reach at most 255 instructions ahead
+MAX_FILTER_INDICES = 200  # compared one after the other: bounds the filter's cost per datagram
+COUNTER_SCRATCH = 0  # M[0]: the counter's low 32 bits (all ones if its high 32 bits are not 0)
+MAX_COUNTER_FLOOR = 0xFFFFFFFF  # a floor the low word alone can express
 
 UDP_HEADER = 8  # the filter's offset 0 is the UDP header
 # Padding stops at the sender's MTU (whitepaper 5.4.6; wireguard-go and the kernel: padded size =
@@ -93,8 +102,28 @@ def ld_word(offset: int) -> Insn:
     return Insn(BPF_LD | BPF_W | BPF_ABS, k=offset)
 
 
+def ld_byte(offset: int) -> Insn:
+    return Insn(BPF_LD | BPF_B | BPF_ABS, k=offset)
+
+
+def ld_imm(k: int) -> Insn:
+    return Insn(BPF_LD | BPF_IMM, k=k)
+
+
+def ld_mem(slot: int) -> Insn:
+    return Insn(BPF_LD | BPF_MEM, k=slot)
+
+
+def st(slot: int) -> Insn:
+    return Insn(BPF_ST, k=slot)
+
+
 def alu(op: int, k: int) -> Insn:
     return Insn(BPF_ALU | op | BPF_K, k=k)
+
+
+def alu_x(op: int) -> Insn:
+    return Insn(BPF_ALU | op | BPF_X)
 
 
 def ld_random() -> Insn:
@@ -158,34 +187,69 @@ def _handshake(kind: int, size: int, gro: bool, keep: int | None) -> list[Insn |
     return items
 
 
-def _transport(indices: list[int] | None) -> list[Insn | Label]:
+def _transport(indices: list[int] | None, floors: dict[int, int]) -> list[Insn | Label]:
     """A = payload length: >= 32, and 0 modulo 16 unless it is long enough to be capped by the
     sender's MTU (a GRO run is either long enough or all 0 modulo 16). With ``indices``, the
-    receiver index (u32 little-endian after the type) must also be one of them."""
-    ok = "accept" if indices is None else "index"
+    receiver index (u32 little-endian after the type) must also be one of them, and its counter
+    at least its floor in ``floors`` (if any). Placed last, with its own returns: no jump in it
+    reaches far, however many indices there are."""
+    ok = "accept4" if indices is None else "index"
     items: list[Insn | Label] = [
-        Label(f"type{MESSAGE_TRANSPORT_DATA}"), txa(), jump(BPF_JGE, KEEPALIVE_SIZE, 0, "reject"),
+        Label(f"type{MESSAGE_TRANSPORT_DATA}"), txa(), jump(BPF_JGE, KEEPALIVE_SIZE, 0, "reject4"),
         jump(BPF_JGE, KEEPALIVE_SIZE + IPV4_MIN_MTU, ok, 0),
-        alu(BPF_AND, PADDING_MULTIPLE - 1), jump(BPF_JEQ, 0, ok, "reject"),
+        alu(BPF_AND, PADDING_MULTIPLE - 1), jump(BPF_JEQ, 0, ok, "reject4"),
+        Label("reject4"), ret(REJECT),
     ]
-    if indices is not None:
-        items += [Label("index"), ld_word(UDP_HEADER + 4)]
-        items += [jump(BPF_JEQ, int.from_bytes(i.to_bytes(4, "little"), "big"), "accept", 0) for i in indices]
-        items.append(ret(REJECT))
+    if indices is None:
+        return [*items, Label("accept4"), ret(ACCEPT)]
+    items.append(Label("index"))
+    if floors:
+        items += _load_counter()
+    items.append(ld_word(UDP_HEADER + 4))
+    for index in indices:
+        items += _index_check(index, floors.get(index, 0))
+    return [*items, ret(REJECT)]
+
+
+def _load_counter() -> list[Insn | Label]:
+    """M[COUNTER_SCRATCH] = the counter's low 32 bits (message bytes 8-11, little-endian), or all
+    ones if its high 32 bits (bytes 12-15) are not zero: such a counter passes every floor."""
+    low = UDP_HEADER + 8
+    items: list[Insn | Label] = [ld_imm(MAX_COUNTER_FLOOR), st(COUNTER_SCRATCH),
+                                 ld_word(low + 4), jump(BPF_JEQ, 0, 0, "counter")]
+    items += [ld_byte(low + 3), alu(BPF_LSH, 24), tax()]
+    for byte in (2, 1):
+        items += [ld_byte(low + byte), alu(BPF_LSH, 8 * byte), alu_x(BPF_OR), tax()]
+    items += [ld_byte(low), alu_x(BPF_OR), st(COUNTER_SCRATCH), Label("counter")]
     return items
 
 
+def _index_check(index: int, floor: int) -> list[Insn]:
+    """A = the receiver index word: accept if it is ``index`` (and the counter >= ``floor``),
+    else fall through to the next check. Self-contained (its own returns)."""
+    word = int.from_bytes(index.to_bytes(4, "little"), "big")
+    if floor <= 0:
+        return [jump(BPF_JEQ, word, 0, 1), ret(ACCEPT)]
+    return [jump(BPF_JEQ, word, 0, 4), ld_mem(COUNTER_SCRATCH),
+            jump(BPF_JGE, min(floor, MAX_COUNTER_FLOOR), 0, 1), ret(ACCEPT), ret(REJECT)]
+
+
 def wireguard_filter(gro: bool = False, *, initiation_keep: int | None = None,
-                     receiver_indices: Iterable[int] | None = None) -> list[tuple[int, int, int, int]]:
+                     receiver_indices: Iterable[int] | None = None,
+                     counter_floors: dict[int, int] | None = None) -> list[tuple[int, int, int, int]]:
     """The prefilter program; ``gro`` for a socket with UDP_GRO on (see the module docstring).
 
     ``initiation_keep``: pass only that many initiations in 65536, at random (under load).
     ``receiver_indices``: pass only transport datagrams addressed to one of these (at most
-    MAX_FILTER_INDICES; None: any index).
+    MAX_FILTER_INDICES; None: any index). ``counter_floors``: for some of them, the lowest
+    counter that passes (only with ``receiver_indices``; a floor <= 0 checks nothing).
     """
     indices = None if receiver_indices is None else sorted(receiver_indices)
     if indices is not None and len(indices) > MAX_FILTER_INDICES:
         raise ValueError("too many receiver indices for the filter")
+    floors = {i: f for i, f in (counter_floors or {}).items() if f > 0}
+    if floors and (indices is None or not floors.keys() <= set(indices)):
+        raise ValueError("a counter floor for an index the filter does not check")
     kinds = [MESSAGE_TRANSPORT_DATA, *SIZE_BY_TYPE]  # transport first: the common case
     items: list[Insn | Label] = [
         ld_len(), jump(BPF_JGE, UDP_HEADER + 4, 0, "reject"),
@@ -194,10 +258,10 @@ def wireguard_filter(gro: bool = False, *, initiation_keep: int | None = None,
     ]
     items += [jump(BPF_JEQ, _header_word(kind), f"type{kind}", 0) for kind in kinds]
     items.append(ret(REJECT))
-    items += _transport(indices)
     for kind, size in SIZE_BY_TYPE.items():
         items += _handshake(kind, size, gro, initiation_keep if kind == MESSAGE_HANDSHAKE_INITIATION else None)
     items += [Label("accept"), ret(ACCEPT), Label("reject"), ret(REJECT)]
+    items += _transport(indices, floors)
     return assemble(items)
 
 
