@@ -240,6 +240,9 @@ def _format_stats(stats: dict[str, Any] | None) -> list[str]:
     if isinstance(kernel, dict):
         out.append(f"  kernel drops: {kernel.get('drops', 0)} (prefilter {kernel.get('filter', 'off')}; "
                    "junk it rejected and receive-buffer overflows)")
+        if kernel.get("replay_floods"):
+            out.append(f"  replay floods: {kernel['replay_floods']} (counter floors in the prefilter: "
+                       f"{'on' if kernel.get('replay_floors') else 'off'})")
     pending = stats.get("pending_writes")
     if isinstance(pending, dict):
         out.append("  pending writes: " + (", ".join(f"{k} {v}" for k, v in pending.items()) or "none"))

@@ -346,14 +346,19 @@ def test_kernel_agrees_on_counter_floors() -> None:
 
 class FakeEngine:
     def __init__(self) -> None:
-        self.indices: dict[int, object] = {}
+        self.indices: dict[int, int] = {}  # receiver index -> newest counter accepted
         self.load_until = 0.0
+        self.drops: dict[str, int] = {}
+        self.handshakes = 0  # the engine's generation also moves when an index is reused
+
+    def receive_counters(self) -> dict[int, int]:
+        return dict(self.indices)
 
     def live_indices(self) -> frozenset[int]:
         return frozenset(self.indices)
 
     def index_generation(self) -> int:
-        return hash(frozenset(self.indices))  # changes with the set, as the engine's counter
+        return hash((frozenset(self.indices), self.handshakes))  # changes with the set, as the engine's counter
 
     def is_under_load(self, now: float) -> bool:
         return now < self.load_until
@@ -368,7 +373,7 @@ def test_prefilter_control_follows_the_engine() -> None:
         control(0.0)
         assert control.updates == 1  # nothing changed: no new program
         s.send(transport(5))
-        engine.indices[5] = object()  # a new session, announced in this pass
+        engine.indices[5] = -1  # a new session, announced in this pass
         control(0.0)
         s.send(transport(5))
         assert _drain(r, 1) == [transport(5)]  # the one sent before the pass was dropped
@@ -383,18 +388,106 @@ def test_more_indices_than_the_kernel_checks_need_no_new_program() -> None:
     """Beyond MAX_FILTER_INDICES the program does not check indices: a handshake then costs no
     re-attach, and a pass with no handshake does not even build the set."""
     engine = FakeEngine()
-    engine.indices = {i: object() for i in range(sockfilter.MAX_FILTER_INDICES + 1)}
+    engine.indices = {i: -1 for i in range(sockfilter.MAX_FILTER_INDICES + 1)}
     control = sockfilter.PrefilterControl(engine, gro=False, check_indices=True)
     r, _s = _receiver(gro=False, program_gro=False)
     with r, _s:
         assert control.set_sockets([r], gro=False)
         updates = control.updates
-        engine.indices[10**6] = object()
+        engine.indices[10**6] = -1
         control(0.0)
         assert control.updates == updates
         engine.indices.clear()  # back under the limit: the kernel checks indices again
         control(0.0)
         assert control.updates == updates + 1
+
+
+def _floored_control(newest: int) -> tuple[FakeEngine, sockfilter.PrefilterControl]:
+    engine = FakeEngine()
+    engine.indices = {5: newest, 9: -1}  # 9: a session that has received nothing yet
+    return engine, sockfilter.PrefilterControl(engine, gro=False, check_indices=True)
+
+
+def _passes(r: socket.socket, s: socket.socket, datagrams: list[bytes]) -> list[bytes]:
+    for datagram in datagrams:
+        s.send(datagram)
+    return _drain(r, 0)
+
+
+def test_replay_flood_puts_counter_floors_in_the_kernel() -> None:
+    """Replays above REPLAY_FLOOD_RATE switch the floors on (newest - margin per session), the
+    kernel's drops keep them on while the replays no longer reach the engine, they follow the
+    newest counter at every refresh, and they go REPLAY_FLOOD_HOLD after the flood."""
+    margin, step = sockfilter.REPLAY_FLOOR_MARGIN, sockfilter.REPLAY_FLOOD_CHECK
+    engine, control = _floored_control(10_000)
+    r, s = _receiver(gro=False, program_gro=False)
+    with r, s:
+        assert control.set_sockets([r], gro=False)
+        now = 1.0
+        control(now)  # the first sample: nothing yet
+        old = counted(5, 10_000 - margin - 1)
+        assert _passes(r, s, [old]) == [old]  # no flood: no floor, the engine decides
+        now += step
+        engine.drops["replayed"] = int(sockfilter.REPLAY_FLOOD_RATE * step) + 1
+        control(now)
+        assert control.replay.active and control.replay.activations == 1
+        edge = [counted(5, 10_000 - margin), counted(5, 10_001), counted(9, 0), counted(5, 1 << 32)]
+        assert sorted(_passes(r, s, [old, *edge])) == sorted(edge)
+        drops = sockfilter.kernel_drops(r)
+        for _ in range(int(sockfilter.REPLAY_FLOOD_RATE * step) + 1):  # the flood goes on, in the kernel
+            s.send(old)
+        assert _drain(r, 0) == [] and sockfilter.kernel_drops(r) > drops
+        engine.indices[5] = 50_000  # the session moved on
+        now += step
+        control(now)
+        assert control.replay.active
+        assert _passes(r, s, [counted(5, 50_000 - margin - 1), counted(5, 50_000 - margin)]) == [
+            counted(5, 50_000 - margin)]
+        updates = control.updates
+        now += step
+        control(now)  # the replays stopped; the floors hold, with nothing to refresh
+        assert control.replay.active and control.updates == updates
+        now += sockfilter.REPLAY_FLOOD_HOLD
+        control(now)
+        assert not control.replay.active and control.updates == updates + 1
+        assert _passes(r, s, [old]) == [old]
+
+
+def test_replays_below_the_rate_set_no_floor() -> None:
+    """A few replays (a duplicating network) never narrow what the kernel lets through."""
+    engine, control = _floored_control(10_000)
+    r, s = _receiver(gro=False, program_gro=False)
+    with r, s:
+        assert control.set_sockets([r], gro=False)
+        now = 1.0
+        for _ in range(100):
+            now += sockfilter.REPLAY_FLOOD_CHECK
+            engine.drops["replayed"] = engine.drops.get("replayed", 0) + 5
+            control(now)
+            assert not control.replay.active
+        assert control.updates == 1
+        old = counted(5, 0)
+        assert _passes(r, s, [old]) == [old]
+
+
+def test_a_new_session_under_floors_has_none() -> None:
+    """A handshake during a replay flood (even one reusing an index) rebuilds the floors: the
+    new session's counters start at 0."""
+    engine, control = _floored_control(10_000)
+    r, s = _receiver(gro=False, program_gro=False)
+    with r, s:
+        assert control.set_sockets([r], gro=False)
+        control(1.0)
+        engine.drops["replayed"] = 10_000
+        control(1.0 + sockfilter.REPLAY_FLOOD_CHECK)
+        assert control.replay.active
+        engine.indices[5] = -1  # index 5 now names a new session: the same set of indices
+        engine.handshakes += 1
+        control(1.0 + sockfilter.REPLAY_FLOOD_CHECK)  # same pass time: not a sample, a handshake
+        assert _passes(r, s, [counted(5, 0)]) == [counted(5, 0)]
+        engine.indices[7] = -1  # a new index: the set changed
+        control(1.0 + sockfilter.REPLAY_FLOOD_CHECK)
+        assert _passes(r, s, [counted(7, 0), counted(5, 1)]) == [counted(7, 0), counted(5, 1)]
 
 
 def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,6 +11,14 @@ socket's ``sk_drops`` - as does a datagram dropped because the receive buffer wa
 with a bad checksum) - and ``sk_drops`` is what ``SO_MEMINFO`` reports (``SK_MEMINFO_DROPS``), the
 "drops" column of /proc/net/udp and the ``SO_RXQ_OVFL`` ancillary value. So ``fzpoll show`` prints
 one per-socket figure, "kernel drops": junk the filter rejected plus receive-buffer overflows.
+
+Replays (:class:`ReplayGuard`): a replayed transport datagram carries a live receiver index and a
+well-formed header, so only its counter gives it away. While a replay flood is seen, the program
+gets a counter floor per session: the newest counter the engine had accepted at the last refresh
+minus REPLAY_FLOOR_MARGIN. The trade-off: the engine itself accepts anything unseen within
+REPLAY_WINDOW_SIZE (8128) behind its newest counter, as wireguard-go and the kernel do, so a
+legitimate datagram reordered by more than the margin is dropped by the floor (and counted among
+the kernel drops) - but only during a flood; without one the program has no floor at all.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import os
 import socket
 import struct
 
+from fzpoll.errors import DropReason
 from fzpoll.io.bpf import MAX_FILTER_INDICES, pack, wireguard_filter
 
 log = logging.getLogger("fzpoll.io.sockfilter")
@@ -33,6 +42,10 @@ SK_MEMINFO_VARS = 9
 DISABLE_ENV = "FZPOLL_DISABLE_FILTER"
 INDEX_ENV = "FZPOLL_FILTER_INDICES"
 INITIATION_KEEP_UNDER_LOAD = 4096  # in 65536: 1/16 of the initiations reach the loop under load
+REPLAY_FLOOD_CHECK = 0.05  # s between samples of the replay rate (and floor refreshes while on)
+REPLAY_FLOOD_RATE = 1000  # replays per second (once on: kernel drops per second) that mean a flood
+REPLAY_FLOOD_HOLD = 1.0  # s the floors stay after the last sample above the rate
+REPLAY_FLOOR_MARGIN = 64  # counters below the newest accepted (at the refresh) that still pass
 
 
 def filter_disabled() -> bool:
@@ -76,6 +89,42 @@ def kernel_drops(sock: socket.socket) -> int | None:
     return struct.unpack_from("=I", info, 4 * SK_MEMINFO_DROPS)[0]
 
 
+class ReplayGuard:
+    """When the prefilter carries counter floors: from a sample of the engine's ``replayed`` drops
+    above REPLAY_FLOOD_RATE until REPLAY_FLOOD_HOLD after the last sample above it. Once on, the
+    replays are dropped in the kernel and stop reaching the engine, so the kernel's drops above
+    the rate also keep it on (a flood of junk alongside too: it only costs reordering). Sampled at
+    most every REPLAY_FLOOD_CHECK (a comparison per loop pass otherwise), and never wakes the loop.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.activations = 0  # replay floods seen since start (for fzpoll show)
+        self._sampled_at = 0.0
+        self._replays = 0
+        self._kernel_drops = 0
+        self._until = 0.0
+
+    def due(self, now: float) -> bool:
+        return now - self._sampled_at >= REPLAY_FLOOD_CHECK
+
+    def sample(self, now: float, replays: int, kernel_drops: int) -> bool:
+        """Take the engine's replay count and the sockets' kernel drops (both since start); True
+        if the floors are to be attached again: switched on, refreshed, or switched off."""
+        threshold = REPLAY_FLOOD_RATE * (now - self._sampled_at)
+        flood = (replays - self._replays >= threshold
+                 or (self.active and kernel_drops - self._kernel_drops >= threshold))
+        self._sampled_at, self._replays, self._kernel_drops = now, replays, kernel_drops
+        if flood:
+            self.activations += not self.active
+            self.active, self._until = True, now + REPLAY_FLOOD_HOLD
+            return True
+        if self.active and now >= self._until:
+            self.active = False
+            return True
+        return self.active
+
+
 class PrefilterControl:
     """Keeps the prefilter of a device's sockets in step with the engine; called once per loop
     pass (a loop flusher: after the pass's input, before its output is written, so a receiver
@@ -96,28 +145,44 @@ class PrefilterControl:
         self.attached = False
         self.updates = 0  # programs attached since start (for fzpoll show)
         self.under_load = False
+        self.replay = ReplayGuard()
         self._indices: frozenset[int] = frozenset()
         self._generation = -1  # of the engine's indices when the program was built
+        self._program: list[tuple[int, int, int, int]] = []
 
     def set_sockets(self, sockets: list[socket.socket], gro: bool) -> bool:
         """Filter these sockets from now on; False if the filter is off or refused."""
         self.sockets, self.gro = sockets, gro
         self.attached = not filter_disabled()
+        self._program = []
         self._attach()
         return self.attached
 
     def __call__(self, now: float) -> None:
         if not self.attached:
             return
-        if self.engine.is_under_load(now) != self.under_load:
-            self._attach(now)
-        elif self.check_indices and self.engine.index_generation() != self._generation:
+        rebuild = self.engine.is_under_load(now) != self.under_load
+        if self.check_indices and self.engine.index_generation() != self._generation:
             indices = self.engine.live_indices()
             self._generation = self.engine.index_generation()
-            if indices != self._indices and (len(indices) <= MAX_FILTER_INDICES
-                                             or len(self._indices) <= MAX_FILTER_INDICES):
-                self._attach(now)  # else: too many to check in the kernel either way, same program
+            # beyond MAX_FILTER_INDICES both programs check no index: the same program
+            rebuild |= indices != self._indices and (len(indices) <= MAX_FILTER_INDICES
+                                                     or len(self._indices) <= MAX_FILTER_INDICES)
+            rebuild |= self.replay.active  # a new session (even at a reused index) has no floor
             self._indices = indices
+        if self.check_indices and self.replay.due(now):
+            rebuild |= self.replay.sample(now, self.engine.drops.get(DropReason.REPLAYED, 0),
+                                          sum(kernel_drops(s) or 0 for s in self.sockets))
+        if rebuild:
+            self._attach(now)
+
+    def _floors(self, indices: frozenset[int] | None) -> dict[int, int] | None:
+        """Counter floors while a replay flood is on: below them the engine may still accept a
+        datagram only if it was reordered by more than REPLAY_FLOOR_MARGIN."""
+        if indices is None or not self.replay.active:
+            return None
+        return {i: newest - REPLAY_FLOOR_MARGIN for i, newest in self.engine.receive_counters().items()
+                if i in indices}
 
     def _attach(self, now: float | None = None) -> None:
         self.under_load = now is not None and self.engine.is_under_load(now)
@@ -126,8 +191,11 @@ class PrefilterControl:
             self._indices = self.engine.live_indices()
             self._generation = self.engine.index_generation()
             indices = self._indices if len(self._indices) <= MAX_FILTER_INDICES else None
-        program = wireguard_filter(self.gro, receiver_indices=indices,
+        program = wireguard_filter(self.gro, receiver_indices=indices, counter_floors=self._floors(indices),
                                    initiation_keep=INITIATION_KEEP_UNDER_LOAD if self.under_load else None)
+        if program == self._program:
+            return  # e.g. floors refreshed while no datagram of the sessions arrived
+        self._program = program
         for sock in self.sockets:
             if self.attached:
                 try:

@@ -304,6 +304,12 @@ class Engine(HandshakeDriver):
         """Our receiver indices in use (sessions and handshakes in flight)."""
         return self._sessions.live_indices()
 
+    def receive_counters(self) -> dict[int, int]:
+        """The newest counter each session has accepted, by our receiver index (-1: none yet).
+        Every counter the session can still accept is above ``newest - REPLAY_WINDOW_SIZE``: what
+        the kernel prefilter may drop below (O(sessions): for a caller that samples it)."""
+        return self._sessions.newest_counters()
+
     def index_generation(self) -> int:
         """A number that changes whenever :meth:`live_indices` may have: O(1), for a caller that
         mirrors the indices (the kernel prefilter) and must not rebuild them every pass."""

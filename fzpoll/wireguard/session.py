@@ -128,6 +128,9 @@ class Sessions:
     def live_indices(self) -> frozenset[int]:
         return frozenset(self.keypairs) | frozenset(self.handshakes)
 
+    def newest_counters(self) -> dict[int, int]:
+        return {index: kp.replay.newest for index, kp in self.keypairs.items()}
+
     # ------------------------------------------------------------------ handshakes
 
     def begin_initiation(self, peer: Peer, index: int, noise_state: object, ephemeral: bytes) -> None:
