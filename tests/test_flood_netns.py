@@ -1,11 +1,14 @@
 """A real junk flood at a running daemon (in namespaces): the kernel prefilter drops it, so it is
 counted as kernel drops in ``fzpoll show --json``, not as engine drops, and the tunnel works on.
-With ``FZPOLL_DISABLE_FILTER=1`` the same junk reaches the engine (and is counted there)."""
+With ``FZPOLL_DISABLE_FILTER=1`` the same junk reaches the engine (and is counted there). A flood
+of replayed transport datagrams puts counter floors in the filter, which then drops it."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +122,91 @@ def test_filter_off_lets_junk_reach_the_engine(monkeypatch: pytest.MonkeyPatch) 
         after = _stats(ns_b, b.ifname)
         assert sum(after["drops"].values()) + after["kernel"]["drops"] >= JUNK
         assert _junk_drops(after["drops"]) > 0
+
+
+# Captures, on B's veth, the first COUNT B-bound transport datagrams (as A sends them) into OUT.
+_CAPTURE = """
+import socket, sys
+ifname, port, count, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+s.bind((ifname, 0)); s.settimeout(20)
+print("ready", flush=True)
+found = []
+while len(found) < count:
+    frame, addr = s.recvfrom(65535)
+    ip = frame[14:]
+    if addr[2] == socket.PACKET_OUTGOING or ip[9] != 17:
+        continue
+    udp = ip[(ip[0] & 15) * 4:]
+    if int.from_bytes(udp[2:4], "big") == port and udp[8:9] == b"\\x04":
+        found.append(udp[8:int.from_bytes(udp[4:6], "big")])
+open(out, "w").write("\\n".join(d.hex() for d in found))
+print(len(found), flush=True)
+"""
+
+# Sends every captured datagram ROUNDS times, round robin, to HOST:PORT.
+_REPLAY = """
+import socket, sys
+host, port, path, rounds = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+pool = [bytes.fromhex(line) for line in open(path).read().split()]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+for _ in range(rounds):
+    for datagram in pool:
+        s.sendto(datagram, (host, port))
+print(len(pool) * rounds, flush=True)
+"""
+CAPTURED, ROUNDS = 50, 400
+
+
+def _capture_replays(veth, a, b, path: Path) -> list[str]:
+    """B-bound transport datagrams of the current session: the first CAPTURED of 150 pings, so
+    the session's newest counter is ~100 ahead of the last captured one."""
+    cap = b.ns.popen([sys.executable, "-c", _CAPTURE, veth.if_b, "51821", str(CAPTURED), str(path)],
+                     stdout=subprocess.PIPE, text=True)
+    assert cap.stdout is not None and cap.stdout.readline().strip() == "ready"
+    a.ns.run(["ping", "-n", "-q", "-c", "150", "-i", "0.01", "-W", "2", "100.64.0.2"], timeout=30)
+    out, _ = cap.communicate(timeout=20)
+    assert out.strip() == str(CAPTURED)
+    return path.read_text().split()
+
+
+def _kernel_and_replayed(stats: dict[str, Any]) -> tuple[int, int]:
+    return stats["kernel"]["drops"], stats["drops"].get("replayed", 0)
+
+
+@pytest.mark.netns
+def test_replay_flood_is_dropped_by_the_counter_floor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ordinary traffic never switches the floors on nor loses a datagram to them; a flood of
+    replays does, and then most of it is dropped by the kernel, the rest by the engine
+    (``replayed``), while the tunnel works on; after the flood the floors go."""
+    reason = netns.need_root()
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setenv("FZPOLL_FILTER_INDICES", "1")
+    netns.cleanup_stale()
+    with netns.Namespace("a") as ns_a, netns.Namespace("b") as ns_b:
+        veth = netns.veth_pair(ns_a, ns_b)
+        a, b = netns.wg_pair(ns_a, ns_b, veth, kind_a=netns.Fzpoll, kind_b=netns.Fzpoll)
+        ns_a.run(["ping", "-c", "2", "-i", "0.2", "-W", "3", "100.64.0.2"], timeout=20)
+        netns.transfer(ns_a, ns_b, "100.64.0.2", 4_000_000)
+        replays = _capture_replays(veth, a, b, tmp_path / "captured")
+        before = _stats(ns_b, b.ifname)
+        assert before["kernel"]["drops"] == 0 and before["drops"].get("replayed", 0) == 0
+        assert before["kernel"]["replay_floods"] == 0 and not before["kernel"]["replay_floors"]
+        sent = int(ns_a.run([sys.executable, "-c", _REPLAY, veth.ip_b, "51821", str(tmp_path / "captured"),
+                             str(ROUNDS)], timeout=60).stdout)
+        assert sent == len(replays) * ROUNDS
+        ns_a.run(["ping", "-c", "5", "-i", "0.05", "-W", "3", "100.64.0.2"], timeout=20)  # all answered
+        during = _stats(ns_b, b.ifname)
+        kernel, replayed = (x - y for x, y in zip(_kernel_and_replayed(during), _kernel_and_replayed(before)))
+        assert during["kernel"]["replay_floods"] >= 1
+        assert kernel + replayed >= sent, (kernel, replayed, sent)  # every replay dropped somewhere
+        assert kernel >= sent // 2, (kernel, replayed, sent)  # most of them in the kernel
+        deadline = time.monotonic() + 20
+        while _stats(ns_b, b.ifname)["kernel"]["replay_floors"]:  # off REPLAY_FLOOD_HOLD after the flood
+            assert time.monotonic() < deadline, "the counter floors stayed on after the flood"
+            ns_a.run(["ping", "-c", "5", "-i", "0.2", "-W", "3", "100.64.0.2"], timeout=20)
+        after = _stats(ns_b, b.ifname)
+        netns.transfer(ns_a, ns_b, "100.64.0.2", 4_000_000)
+        assert _stats(ns_b, b.ifname)["kernel"]["drops"] == after["kernel"]["drops"]
