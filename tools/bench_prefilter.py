@@ -10,7 +10,14 @@ the socket filter, and the drop or the enqueue. Rows:
                              sender CPU + the receiver's (recvfrom and ``Engine.receive``);
   filter: header/length      fzpoll's prefilter rejects it (junk with a wrong type byte);
   filter: index, N live      a transport datagram of the right shape for an unknown receiver index,
-                             rejected after N index comparisons (N = 4, 64, 200).
+                             rejected after N index comparisons (N = 4, 64, 200);
+  replay, filter: floor      a transport datagram to a live index (the last of N, each with a
+                             counter floor) whose counter is below its floor (a replay).
+
+And what a new program costs the daemon (in its own thread: CPU us per re-attach, median of
+``--count`` / 100): building it in Python (bpf.wireguard_filter) and ``SO_ATTACH_FILTER`` on
+two sockets (the kernel checks the program and translates it), with N indices, each with a
+counter floor - what the replay guard does every REPLAY_FLOOD_CHECK during a replay flood.
 
     python3 tools/bench_prefilter.py [--count 200000] [--rounds 3]
 
@@ -101,6 +108,27 @@ def filtered(program: list[tuple[int, int, int, int]]) -> socket.socket:
     return r
 
 
+def replay_pool(live: list[int], floor: int, rng: random.Random) -> list[bytes]:
+    """Replays of the last live index's session: counters below its floor."""
+    header = b"\x04\x00\x00\x00" + live[-1].to_bytes(4, "little")
+    return [header + rng.randrange(floor).to_bytes(8, "little") + bytes(16 * rng.randint(1, 8)) for _ in range(1024)]
+
+
+def reattach_cost(n: int, count: int) -> float:
+    """CPU us per re-attach of a program with ``n`` indices, all with floors, on two sockets."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    live = list(range(1, n + 1))
+    start = _cpu()
+    for i in range(count):
+        program = bpf.wireguard_filter(True, receiver_indices=live, counter_floors={x: 1000 + i for x in live})
+        for sock in socks:
+            sockfilter.attach(sock, program)
+    cost = (_cpu() - start) / count * 1e6
+    for sock in socks:
+        sock.close()
+    return cost
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--count", type=int, default=200_000)
@@ -118,12 +146,22 @@ def main() -> int:
         live = [rng.getrandbits(32) for _ in range(n)]
         rows[f"unknown index, filter: index, {n} live"] = (
             lambda live=live: send_cost(filtered(bpf.wireguard_filter(True, receiver_indices=live)), unknown, args.count))
+    for n in (4, 64, 200):
+        live = [rng.getrandbits(32) for _ in range(n)]
+        floors = {index: 1 << 20 for index in live}
+        rows[f"replay, filter: floor, {n} live"] = (
+            lambda live=live, floors=floors: send_cost(
+                filtered(bpf.wireguard_filter(True, receiver_indices=live, counter_floors=floors)),
+                replay_pool(live, 1 << 20, rng), args.count))
+    for n in (4, 64, 200):
+        rows[f"re-attach (build + 2 sockets), {n} indices with floors"] = (
+            lambda n=n: reattach_cost(n, max(args.count // 100, 10)))
     results = {name: [] for name in rows}
     for _ in range(args.rounds):
         for name, fn in rows.items():  # interleaved rounds
             results[name].append(fn())
     print(f"python3 tools/bench_prefilter.py --count {args.count} --rounds {args.rounds}  ({os.cpu_count()} CPUs)")
-    print("| case | CPU us per datagram (median) | rounds |")
+    print("| case | CPU us per datagram, or per re-attach (median) | rounds |")
     print("|---|--:|---|")
     for name, values in results.items():
         print(f"| {name} | {statistics.median(values):.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
