@@ -18,7 +18,9 @@ gets a counter floor per session: the newest counter the engine had accepted at 
 minus REPLAY_FLOOR_MARGIN. The trade-off: the engine itself accepts anything unseen within
 REPLAY_WINDOW_SIZE (8128) behind its newest counter, as wireguard-go and the kernel do, so a
 legitimate datagram reordered by more than the margin is dropped by the floor (and counted among
-the kernel drops) - but only during a flood; without one the program has no floor at all.
+the kernel drops) - but only during a flood; without one the program has no floor at all. On a
+UDP_GRO socket a coalesced run is judged by its first datagram (the lowest counter of a run the
+peer sent): a run that GRO merged behind a replay from a spoofed peer address is dropped whole.
 """
 
 from __future__ import annotations
