@@ -40,6 +40,27 @@ def test_handshake_on_demand_then_data_both_ways_v4_and_v6(pair: Pair):
     assert p.peer_a.rx_bytes > 0 and p.peer_b.tx_bytes > 0
 
 
+def test_receive_counters_bound_what_a_session_still_accepts(pair: Pair):
+    """receive_counters() gives each session's newest accepted counter: the kernel prefilter's
+    safe floor is REPLAY_WINDOW_SIZE below it (anything lower the engine refuses as replayed)."""
+    p = pair
+    p.a.send(ip4(TUN_A, TUN_B, b"first"), p.now)
+    p.deliver()
+    (index,) = p.b.receive_counters()  # the confirmed session; the handshake index is gone
+    assert p.b.receive_counters() == {index: 0} and index in p.b.live_indices()
+    datagrams = []
+    for i in range(3):
+        p.a.send(ip4(TUN_A, TUN_B, bytes([i])), p.now)
+        datagrams += p.take(p.a)
+    for datagram in datagrams[1:]:
+        assert p.b.receive(datagram, ADDR_A, p.now) is None
+    assert p.b.receive_counters() == {index: 3}
+    assert p.b.receive(datagrams[0], ADDR_A, p.now) is None  # reordered, not below the window
+    assert p.b.receive(datagrams[0], ADDR_A, p.now) == D.REPLAYED
+    assert p.b.receive_counters() == {index: 3}
+    assert list(p.a.receive_counters().values()) == [-1]  # a has received nothing in its session yet
+
+
 def test_responder_sends_only_after_key_confirmation(pair: Pair):
     p = pair
     p.a.send(ip4(TUN_A, TUN_B), p.now)
