@@ -195,7 +195,8 @@ class Daemon:
     def _sync_dns(self, config: Config) -> None:
         """The DNS stub runs when the config names DNS servers or declares resources."""
         from fzpoll.dns.forwarder import DnsForwarder, make_stub, write_resolv_conf
-        from fzpoll.dns.stub import Resource
+        from fzpoll.dns.shaper import DnsRateLimit
+        from fzpoll.dns.stub import SENTINELS_V4, SENTINELS_V6, Resource
 
         resources = [Resource(r.name, r.peer.base64()) for r in config.resources]
         if self.dns is not None:
@@ -206,6 +207,7 @@ class Daemon:
             return
         stub = make_stub(list(config.interface.dns), resources)
         self.dns = DnsForwarder(stub, self.loop, self.device.datapath)
+        self.dns.kernel_limit = DnsRateLimit.start(self.device.name, [str(SENTINELS_V4), str(SENTINELS_V6)])
         log.info("DNS stub ready", extra={"fields": {
             "sentinels": [str(s) for s in stub.sentinels],
             "upstreams": [f"{h}:{p}" for h, p in (stub.upstream_for(s) for s in stub.sentinels)],
@@ -468,6 +470,8 @@ class Daemon:
             tcp = self.dns.tcp_server
             stats["dns"] = {"in_flight": stub.in_flight, "drops": dict(stub.drops + tcp.drops),
                             "stats": dict(stub.stats + tcp.stats), "tcp_connections": len(tcp)}
+            if self.dns.kernel_limit is not None:
+                stats["dns"]["kernel"] = self.dns.kernel_limit.stats()
         if self.resources is not None:
             stats["resources"] = self.resources.stats()
         return stats

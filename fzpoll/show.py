@@ -249,10 +249,27 @@ def _format_stats(stats: dict[str, Any] | None) -> list[str]:
     bounds = stats.get("bounds")
     if isinstance(bounds, dict):
         out.append("  bounds: " + (", ".join(_bound(k, v) for k, v in bounds.items()) or "none"))
-    shown = {"daemon", "poller", "drops", "kernel", "pending_writes", "bounds"}
+    dns = stats.get("dns")
+    if isinstance(dns, dict):
+        out += _dns_lines(dns)
+    shown = {"daemon", "poller", "drops", "kernel", "pending_writes", "bounds", "dns"}
     for key in sorted(k for k in stats if k not in shown):  # whatever later daemons add
         value = stats[key]
         out.append(f"  {key.replace('_', ' ')}: {_counts(value) if isinstance(value, dict) else value}")
+    return out
+
+
+def _dns_lines(dns: dict[str, Any]) -> list[str]:
+    """The DNS stub: queries in flight, its drops, and the kernel's rate limit on the sentinels."""
+    out = [f"  dns: {dns.get('in_flight', 0)} in flight, {dns.get('tcp_connections', 0)} tcp connections; "
+           f"drops: {_counts(dns.get('drops'))}; stats: {_counts(dns.get('stats'))}"]
+    limit = dns.get("kernel")
+    if isinstance(limit, dict):
+        if limit.get("rate"):
+            out.append(f"  dns kernel limit: {limit['rate']} queries/s to the sentinels; passed "
+                       f"{limit.get('passed', 0)}, dropped {limit.get('dropped', 0)}, queued {limit.get('queued', 0)}")
+        else:
+            out.append(f"  dns kernel limit: off ({limit.get('off', 'not installed')})")
     return out
 
 

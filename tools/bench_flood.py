@@ -12,7 +12,9 @@ as root)::
 ``fzpoll up CONF`` with a DNS stub: ``DNS =`` X's address, ``[Resource] Name = *.corp.test``), or
 both run upstream wireguard-go (/work/shared/anchors/wireguard-go-upstream, ``$WG_GO_UPSTREAM``);
 ``fzpoll-noindex`` and ``fzpoll-nofilter`` are fzpoll without the kernel's receiver-index check
-(FZPOLL_FILTER_INDICES=0) or without the kernel prefilter at all (FZPOLL_DISABLE_FILTER=1).
+(FZPOLL_FILTER_INDICES=0) or without the kernel prefilter at all (FZPOLL_DISABLE_FILTER=1);
+``fzpoll-nodnslimit`` is fzpoll without the kernel's rate limit on the DNS sentinels
+(FZPOLL_DNS_RATE=0, fzpoll/dns/shaper.py).
 Both setups stay up for the whole run and the cells alternate between them (flood by flood), so
 a disturbance of the shared machine hits both alike. ``--attackers N`` flooding processes (each
 ``sendmmsg`` of 256 datagrams per call from a pool prepared beforehand, tools/flood_attack.py),
@@ -98,6 +100,7 @@ IMPL_ENV = {
     "fzpoll": {},
     "fzpoll-noindex": {"FZPOLL_FILTER_INDICES": "0"},  # no receiver-index check in the kernel
     "fzpoll-nofilter": {"FZPOLL_DISABLE_FILTER": "1"},  # no kernel prefilter at all
+    "fzpoll-nodnslimit": {"FZPOLL_DNS_RATE": "0"},  # no kernel rate limit on the DNS sentinels
     "wireguard-go": {},
 }
 FLOODS = {
@@ -396,6 +399,10 @@ def stats_delta(before: dict, after: dict) -> dict:
     dns = {k: v - dns_before.get(k, 0) for k, v in dns_after.items() if v - dns_before.get(k, 0)}
     if dns:
         out["dns_drops"] = dns
+    limit_before, limit_after = (s.get("dns", {}).get("kernel") or {} for s in (before, after))
+    if limit_after.get("rate"):
+        out["dns_kernel_dropped"] = limit_after.get("dropped", 0) - limit_before.get("dropped", 0)
+        out["dns_kernel_passed"] = limit_after.get("passed", 0) - limit_before.get("passed", 0)
     return out
 
 
@@ -441,6 +448,8 @@ def print_table(cells: list[dict]) -> None:
             notes.append("top drops " + ", ".join(f"{k} {v}" for k, v in c["drops"].items()))
         if c.get("dns_drops"):
             notes.append("DNS stub drops " + ", ".join(f"{k} {v}" for k, v in c["dns_drops"].items()))
+        if c.get("dns_kernel_passed") is not None:
+            notes.append(f"DNS kernel limit passed {c['dns_kernel_passed']}, dropped {c['dns_kernel_dropped']}")
         if notes:
             print(f"- {c['impl']}/{c['flood']}: " + "; ".join(notes))
 

@@ -16,6 +16,7 @@ import socket
 
 from typing import Callable
 
+from fzpoll.dns.shaper import DnsRateLimit
 from fzpoll.dns.sockets import QuerySockets
 from fzpoll.dns.tcpserver import TcpDnsServer
 from fzpoll.dns.stub import Resource, StubResolver, UpstreamQuery
@@ -30,10 +31,11 @@ log = logging.getLogger("fzpoll.dns.stub")
 # Under a sustained query flood (more than DNS_OVERLOAD_QUERIES reached the stub in the last
 # DNS_OVERLOAD_WINDOW seconds), the stub parses only MAX_QUERIES_PER_PASS queries per pass and the
 # rest are dropped (counted dns_shed) until a window brings fewer. A query costs ~60 us (dnslib)
-# against ~2 us to drop it, and queries share the TUN device's ring (txqueuelen packets) with the
-# tunnel's traffic: a local process flooding the stub must not keep that ring full, or the kernel
-# drops the tunnel's packets at it. A burst (an application's 1000 queries at once) is answered
-# whole; a client that sustains more than 4,000 queries/s is shed.
+# against ~2 us to drop it. Queries share the TUN device's ring (txqueuelen packets) with the
+# tunnel's traffic, and shedding here comes after the ring: what keeps a local flood from filling
+# it is the kernel's rate limit on the sentinels (fzpoll.dns.shaper, 1,000 queries/s); this
+# shedding is the fallback where the kernel cannot. A burst (an application's 1000 queries at
+# once) is answered whole; a client that sustains more than 4,000 queries/s is shed.
 MAX_QUERIES_PER_PASS = 8
 DNS_OVERLOAD_WINDOW = 0.5
 DNS_OVERLOAD_QUERIES = 2000
@@ -70,6 +72,7 @@ class DnsForwarder:
         self._window_queries = 0  # intercepted since _window_start
         self._window_start = 0.0
         self.shedding = False
+        self.kernel_limit: DnsRateLimit | None = None  # the daemon's (fzpoll.dns.shaper), for the stats
         datapath.set_intercept(self._intercept,
                                frozenset(s.packed for s in stub.sentinels if s.version == 4),
                                frozenset(s.packed for s in stub.sentinels if s.version == 6))

@@ -53,7 +53,7 @@ class LinkEvent(NamedTuple):
     name: str | None
 
 
-def _attributes(data: bytes, start: int, end: int) -> dict[int, bytes]:
+def rtattrs(data: bytes, start: int, end: int) -> dict[int, bytes]:
     """The rtattrs of one message (the last of a type wins); a truncated one ends the list."""
     attrs: dict[int, bytes] = {}
     at = start
@@ -81,7 +81,7 @@ def parse_link_messages(data: bytes) -> list[LinkEvent]:
         body = at + _NLMSGHDR.size
         if kind in (RTM_NEWLINK, RTM_DELLINK) and length >= _NLMSGHDR.size + _IFINFOMSG.size:
             _family, _type, index, _ifflags, _change = _IFINFOMSG.unpack_from(data, body)
-            attrs = _attributes(data, body + _IFINFOMSG.size, at + length)
+            attrs = rtattrs(data, body + _IFINFOMSG.size, at + length)
             mtu = attrs.get(IFLA_MTU)
             name = attrs.get(IFLA_IFNAME)
             events.append(LinkEvent(

@@ -1,0 +1,216 @@
+"""A kernel rate limit on the DNS stub's sentinel addresses, in the TUN device's qdisc.
+
+Queries to the sentinels reach us through the TUN device, in the same kernel ring (txqueuelen
+packets) as every other packet the tunnel carries. The TUN driver (drivers/net/tun.c, checked on
+6.18) never stops its netdev queue: when the ring is full it drops (``tx_dropped``) whatever comes,
+so a qdisc before it holds nothing and a fair one (fq_codel, if the kernel had it) cannot help. A
+local process flooding the stub kept the ring full and the tunnel's own packets (echo replies to a
+peer's pings) were dropped before the daemon could read them; shedding in Python comes too late.
+
+So the flood is kept out of the ring: the root qdisc becomes HTB (handle ``53:``), whose
+unclassified traffic goes through its direct queue unshaped, and a u32 filter per family puts
+packets to the sentinel ranges into one class (``53:53``) limited to :data:`DNS_QUERY_RATE` packets/s
+(the class counts every packet as at least :data:`DNS_MPU` bytes, so its byte rate is a packet
+rate for queries) with a bucket of :data:`DNS_QUERY_BURST` queries (a burst of a thousand at once
+passes whole, as before) and a short fifo of :data:`DNS_QUEUE` packets. Beyond that the kernel
+drops in the flooding process's own send, counted in the class (read back by
+:func:`read_class_stats` without pyroute2, for ``fzpoll show``).
+
+:func:`install` runs in a forked child (pyroute2, see :mod:`fzpoll.up.forked`); a kernel without
+HTB or u32 gets a warning and today's behaviour. Nothing needs removing: the qdisc goes with the
+TUN device, which the kernel deletes when the daemon closes it (``fzpoll down``, exit, a failed
+start). ``FZPOLL_DNS_RATE=0`` turns it off (benchmarks), another value replaces the rate.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import struct
+from typing import Any, Iterable
+
+from fzpoll.errors import LocalError
+from fzpoll.io.linkwatch import NLMSG_DONE, NLMSG_ERROR, rtattrs
+
+log = logging.getLogger("fzpoll.dns.shaper")
+
+DNS_QUERY_RATE = 1000  # packets/s to the sentinels: far above a host's resolver, far below a flood
+DNS_QUERY_BURST = 1000  # queries passed at once after a quiet second (an application's burst)
+DNS_QUEUE = 64  # packets waiting for the rate beyond the burst (~64 ms); the rest are dropped
+DNS_MPU = 512  # bytes a packet counts for at least: a UDP DNS query without EDNS fits in 512
+QDISC_HANDLE = 0x530000  # 53:
+CLASS_ID = 0x530053  # 53:53
+LEAF_HANDLE = 0x540000  # 54: the class's fifo
+ENV_RATE = "FZPOLL_DNS_RATE"
+
+# <linux/rtnetlink.h>, <linux/pkt_sched.h>, <linux/gen_stats.h>: stable kernel ABI.
+RTM_NEWTCLASS = 40
+RTM_GETTCLASS = 42
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+TCA_STATS2 = 7
+TCA_STATS_BASIC = 1
+TCA_STATS_QUEUE = 3
+_NLMSGHDR = struct.Struct("=IHHII")
+_TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
+_BASIC = struct.Struct("=QI")  # bytes, packets
+_QUEUE = struct.Struct("=IIIII")  # qlen, backlog, drops, requeues, overlimits
+_ETH_P_IP, _ETH_P_IPV6 = 0x0800, 0x86DD
+_DST_OFFSET = {4: 16, 6: 24}  # of the destination address in the IP header
+_PROTOCOL = {4: _ETH_P_IP, 6: _ETH_P_IPV6}
+
+
+def configured_rate() -> int:
+    """:data:`DNS_QUERY_RATE`, or ``$FZPOLL_DNS_RATE`` (0: no kernel limit)."""
+    value = os.environ.get(ENV_RATE, "")
+    return int(value) if value.strip().isdigit() else DNS_QUERY_RATE
+
+
+def u32_keys(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> list[str]:
+    """pyroute2's u32 keys (``value/mask+offset``, 32-bit words) matching a destination in
+    ``network``; whole-zero words of the mask are left out."""
+    address = network.network_address.packed
+    mask = network.netmask.packed
+    keys = []
+    for word in range(len(address) // 4):
+        m = int.from_bytes(mask[4 * word:4 * word + 4], "big")
+        if m:
+            value = int.from_bytes(address[4 * word:4 * word + 4], "big")
+            keys.append(f"0x{value:08x}/0x{m:08x}+{_DST_OFFSET[network.version] + 4 * word}")
+    return keys
+
+
+def install(ifname: str, networks: Iterable[str], rate: int) -> str | None:
+    """Rate-limit packets to ``networks`` on ``ifname`` (in a forked child: imports pyroute2).
+    None if done, else why not (the qdisc is then back to the kernel's default)."""
+    from pyroute2 import IPRoute, NetlinkError
+
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            return f"no interface {ifname}"
+        index = found[0]
+        try:
+            _add(ipr, index, [ipaddress.ip_network(n) for n in networks], rate)
+        except NetlinkError as exc:
+            try:
+                ipr.tc("del", index=index, handle=QDISC_HANDLE)  # the root qdisc back to the default
+            except NetlinkError:
+                pass
+            code = exc.code
+            return f"{errno.errorcode.get(code, code)} ({os.strerror(code)}): the kernel lacks HTB or u32?"
+    return None
+
+
+def _add(ipr: Any, index: int, networks: list, rate: int) -> None:
+    ipr.tc("replace", "htb", index, QDISC_HANDLE, default=0)  # unclassified: the direct queue
+    ipr.tc("add-class", "htb", index, CLASS_ID, parent=QDISC_HANDLE, rate=f"{rate * DNS_MPU * 8}bit",
+           burst=DNS_QUERY_BURST * DNS_MPU, cburst=DNS_QUERY_BURST * DNS_MPU, mpu=DNS_MPU)
+    ipr.tc("add", "pfifo", index, LEAF_HANDLE, parent=CLASS_ID, limit=DNS_QUEUE)
+    for prio, network in enumerate(networks, 1):
+        ipr.tc("add-filter", "u32", index, parent=QDISC_HANDLE, prio=prio,
+               protocol=_PROTOCOL[network.version], target=CLASS_ID, keys=u32_keys(network))
+
+
+class DnsRateLimit:
+    """The limit on one interface, as the daemon keeps it: installed once, when the stub starts."""
+
+    def __init__(self, ifname: str, rate: int, problem: str | None) -> None:
+        self.ifname = ifname
+        self.rate = rate if problem is None else 0
+        self.problem = problem
+        self.ifindex = 0
+        if self.rate:
+            try:
+                self.ifindex = socket.if_nametoindex(ifname)
+            except OSError:
+                self.rate = 0
+
+    @classmethod
+    def start(cls, ifname: str, networks: Iterable[str]) -> "DnsRateLimit":
+        """Install the limit (a forked child); a warning, and no limit, if the kernel cannot."""
+        from fzpoll.up import forked
+
+        rate = configured_rate()
+        if not rate:
+            return cls(ifname, 0, f"{ENV_RATE}=0")
+        try:
+            problem = forked.call(install, ifname, list(networks), rate)
+        except LocalError as exc:
+            problem = str(exc)
+        if problem:
+            log.warning("DNS queries are not rate-limited in the kernel: a local query flood can crowd "
+                        "the tunnel's packets out of the TUN queue", extra={"fields": {"error": problem}})
+        else:
+            log.info("DNS queries rate-limited in the kernel", extra={"fields": {
+                "interface": ifname, "queries_per_second": rate, "burst": DNS_QUERY_BURST}})
+        return cls(ifname, rate, problem)
+
+    def stats(self) -> dict[str, Any]:
+        """``{"rate": N, "passed", "dropped", "queued", "overlimits"}`` (off: rate 0 and why)."""
+        if not self.rate:
+            return {"rate": 0, "off": self.problem or "not installed"}
+        counters = read_class_stats(self.ifindex)
+        if counters is None:
+            return {"rate": self.rate, "off": "the class is gone (the qdisc was replaced?)"}
+        return {"rate": self.rate, **counters}
+
+
+def _dump_request(ifindex: int, seq: int) -> bytes:
+    body = _TCMSG.pack(socket.AF_UNSPEC, ifindex, 0, 0, 0)
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETTCLASS, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+
+
+def parse_class_stats(data: bytes, classid: int) -> dict[str, int] | None:
+    """The counters of class ``classid`` in a datagram of RTM_NEWTCLASS messages (None: absent)."""
+    at = 0
+    while at + _NLMSGHDR.size <= len(data):
+        length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, at)
+        if length < _NLMSGHDR.size or at + length > len(data):
+            break
+        body = at + _NLMSGHDR.size
+        if kind == RTM_NEWTCLASS and body + _TCMSG.size <= at + length:
+            handle = _TCMSG.unpack_from(data, body)[2]
+            if handle == classid:
+                stats2 = rtattrs(data, body + _TCMSG.size, at + length).get(TCA_STATS2, b"")
+                nested = rtattrs(stats2, 0, len(stats2))
+                basic = nested.get(TCA_STATS_BASIC, b"")
+                queue = nested.get(TCA_STATS_QUEUE, b"")
+                if len(basic) >= _BASIC.size and len(queue) >= _QUEUE.size:
+                    _, packets = _BASIC.unpack_from(basic)
+                    qlen, _, drops, _, overlimits = _QUEUE.unpack_from(queue)
+                    return {"passed": packets, "dropped": drops, "queued": qlen, "overlimits": overlimits}
+        at += (length + 3) & ~3
+    return None
+
+
+def read_class_stats(ifindex: int, classid: int = CLASS_ID) -> dict[str, int] | None:
+    """The class's counters, asked of the kernel (an rtnetlink dump; no pyroute2); None if the
+    class is not there or the kernel did not answer."""
+    found = None
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as sock:  # NETLINK_ROUTE
+        sock.settimeout(1.0)
+        try:
+            sock.send(_dump_request(ifindex, 1))
+            while True:
+                data = sock.recv(65536)
+                found = found or parse_class_stats(data, classid)
+                kinds = _message_kinds(data)
+                if NLMSG_DONE in kinds or NLMSG_ERROR in kinds or not kinds:
+                    return found
+        except OSError:
+            return found
+
+
+def _message_kinds(data: bytes) -> set[int]:
+    kinds, at = set(), 0
+    while at + _NLMSGHDR.size <= len(data):
+        length, kind = _NLMSGHDR.unpack_from(data, at)[:2]
+        kinds.add(kind)
+        if length < _NLMSGHDR.size:
+            break
+        at += (length + 3) & ~3
+    return kinds
