@@ -1,0 +1,68 @@
+"""The DNS stub's kernel rate limit (fzpoll/dns/shaper.py) without a kernel: the u32 keys it
+matches the sentinels with, the parser of the class counters it reads back, the rate's override,
+and the warning (not a failed start) when the limit cannot be installed. The real qdisc, and a
+real flood, are in tests/test_dns_flood_netns.py."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import struct
+
+import pytest
+
+from fzpoll.dns import shaper
+from fzpoll.dns.stub import SENTINELS_V4, SENTINELS_V6
+
+
+def _rtattr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + bytes(-length % 4)
+
+
+def _class_message(handle: int, packets: int, drops: int, qlen: int, overlimits: int) -> bytes:
+    stats2 = _rtattr(shaper.TCA_STATS_BASIC, struct.pack("=QI", 999, packets) + bytes(4)) + \
+        _rtattr(shaper.TCA_STATS_QUEUE, struct.pack("=IIIII", qlen, 100, drops, 0, overlimits))
+    body = struct.pack("=BxxxiIII", 0, 7, handle, 0xFFFFFFFF, 0) + _rtattr(1, b"htb\0") + \
+        _rtattr(shaper.TCA_STATS2 | 0x8000, stats2)  # NLA_F_NESTED, as the kernel sends it
+    return struct.pack("=IHHII", 16 + len(body), shaper.RTM_NEWTCLASS, 2, 1, 0) + body
+
+
+def test_u32_keys_match_the_sentinel_ranges() -> None:
+    assert shaper.u32_keys(SENTINELS_V4) == ["0x64646f00/0xffffff00+16"]  # 100.100.111.0/24 at dst
+    assert shaper.u32_keys(SENTINELS_V6) == [  # fd00:2021:1111:8000:100:100:111:0/120 at dst (24)
+        "0xfd002021/0xffffffff+24", "0x11118000/0xffffffff+28",
+        "0x01000100/0xffffffff+32", "0x01110000/0xffffff00+36"]
+    assert shaper.u32_keys(ipaddress.ip_network("fd00::/8")) == ["0xfd000000/0xff000000+24"]
+
+
+def test_class_counters_are_read_from_the_dump() -> None:
+    data = _class_message(0x10001, 5, 6, 7, 8) + _class_message(shaper.CLASS_ID, 1234, 56789, 64, 321)
+    assert shaper.parse_class_stats(data, shaper.CLASS_ID) == {
+        "passed": 1234, "dropped": 56789, "queued": 64, "overlimits": 321}
+    assert shaper.parse_class_stats(data, 0x10001)["dropped"] == 6
+    assert shaper.parse_class_stats(data, 0x20002) is None
+
+
+@pytest.mark.parametrize("cut", [3, 20, 40, 60])
+def test_a_truncated_dump_gives_no_counters_not_an_error(cut: int) -> None:
+    data = _class_message(shaper.CLASS_ID, 1, 2, 3, 4)
+    assert shaper.parse_class_stats(data[:cut], shaper.CLASS_ID) is None
+
+
+@pytest.mark.parametrize("value, rate", [("", shaper.DNS_QUERY_RATE), ("0", 0), ("250", 250),
+                                         ("fast", shaper.DNS_QUERY_RATE)])
+def test_the_rate_can_be_overridden_or_turned_off(monkeypatch, value: str, rate: int) -> None:
+    monkeypatch.setenv(shaper.ENV_RATE, value)
+    assert shaper.configured_rate() == rate
+
+
+def test_a_limit_that_cannot_be_installed_is_a_warning_and_no_limit(monkeypatch, caplog) -> None:
+    monkeypatch.delenv(shaper.ENV_RATE, raising=False)
+    with caplog.at_level(logging.WARNING, logger="fzpoll.dns.shaper"):
+        # the real install, in a forked child: no such interface (as a kernel without HTB, a
+        # refused netlink request or a missing pyroute2 would: a reason, never an exception)
+        limit = shaper.DnsRateLimit.start("fznosuch0", [str(SENTINELS_V4), str(SENTINELS_V6)])
+    assert limit.rate == 0 and "fznosuch0" in limit.problem
+    assert limit.stats() == {"rate": 0, "off": limit.problem}
+    assert any("not rate-limited" in r.getMessage() for r in caplog.records)
