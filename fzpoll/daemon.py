@@ -195,8 +195,7 @@ class Daemon:
     def _sync_dns(self, config: Config) -> None:
         """The DNS stub runs when the config names DNS servers or declares resources."""
         from fzpoll.dns.forwarder import DnsForwarder, make_stub, write_resolv_conf
-        from fzpoll.dns.shaper import DnsRateLimit
-        from fzpoll.dns.stub import SENTINELS_V4, SENTINELS_V6, Resource
+        from fzpoll.dns.stub import Resource
 
         resources = [Resource(r.name, r.peer.base64()) for r in config.resources]
         if self.dns is not None:
@@ -206,8 +205,7 @@ class Daemon:
         if not config.interface.dns and not resources:
             return
         stub = make_stub(list(config.interface.dns), resources)
-        self.dns = DnsForwarder(stub, self.loop, self.device.datapath)
-        self.dns.kernel_limit = DnsRateLimit.start(self.device.name, [str(SENTINELS_V4), str(SENTINELS_V6)])
+        self.dns = DnsForwarder(stub, self.loop, self.device.datapath)  # kernel_limit: with the routes
         log.info("DNS stub ready", extra={"fields": {
             "sentinels": [str(s) for s in stub.sentinels],
             "upstreams": [f"{h}:{p}" for h, p in (stub.upstream_for(s) for s in stub.sentinels)],
@@ -267,14 +265,18 @@ class Daemon:
         child answers). The child sends back what it configured and the fwmark it chose for a
         full tunnel (already set on the shared UDP sockets); on failure it has undone its
         additions and its LocalError is raised here, nothing changed."""
-        self._addresses, self._routing_state, fwmark = yield from forked.steps(
+        self._addresses, self._routing_state, fwmark, dns_limit = yield from forked.steps(
             self._sync_network_in_child, config, os.getpid())
         if fwmark != self.device.fwmark:
             self.device.set_fwmark(fwmark)
+        if dns_limit is not None and self.dns is not None:
+            self.dns.set_kernel_limit(self.device.name, *dns_limit)
 
-    def _sync_network_in_child(self, config: Config, daemon_pid: int) -> tuple[set[str], bytes, int]:
+    def _sync_network_in_child(self, config: Config, daemon_pid: int) -> tuple[set[str], bytes, int, tuple[int, str | None] | None]:
+        """(Also installs the DNS stub's kernel rate limit, once: fzpoll.dns.shaper.)"""
         import pickle
 
+        from fzpoll.dns import shaper
         from fzpoll.io import netlink
         from fzpoll.up.routing import PolicyRouting
 
@@ -284,7 +286,10 @@ class Daemon:
             routing = pickle.loads(self._routing_state)
         for _ in self._network_batches(config, routing, netlink):
             pass
-        return self._addresses, pickle.dumps(routing), self.device.fwmark
+        dns_limit = None
+        if self.dns is not None and self.dns.kernel_limit is None:
+            dns_limit = shaper.install_sentinel_limit(self.device.name)
+        return self._addresses, pickle.dumps(routing), self.device.fwmark, dns_limit
 
     def _network_batches(self, config: Config, routing, netlink) -> Iterator[None]:
         """Addresses, MTU, routes (in batches: one netlink round trip each) and rules."""
@@ -466,12 +471,7 @@ class Daemon:
             "uapi": dict(self.uapi.counters),  # accepted, answered, evicted, timed_out, slices
         }
         if self.dns is not None:
-            stub = self.dns.stub
-            tcp = self.dns.tcp_server
-            stats["dns"] = {"in_flight": stub.in_flight, "drops": dict(stub.drops + tcp.drops),
-                            "stats": dict(stub.stats + tcp.stats), "tcp_connections": len(tcp)}
-            if self.dns.kernel_limit is not None:
-                stats["dns"]["kernel"] = self.dns.kernel_limit.stats()
+            stats["dns"] = self.dns.stats()
         if self.resources is not None:
             stats["resources"] = self.resources.stats()
         return stats

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -61,25 +62,35 @@ def _show(ns: Namespace, ifname: str, *args: str) -> subprocess.CompletedProcess
 
 def _dns_stats(ns: Namespace, ifname: str) -> dict[str, Any]:
     (iface,) = json.loads(_show(ns, ifname, "--json").stdout)["interfaces"]
-    return iface["stats"]["dns"]
+    return iface["stats"].get("dns", {})
 
 
 def _qdiscs(ns: Namespace, ifname: str) -> list[dict[str, Any]]:
     return json.loads(ns.run(["tc", "-j", "qdisc", "show", "dev", ifname]).stdout or "[]")
 
 
-def _start(tmp: Path, ns_b: Namespace, pair, key_a: PrivateKey, key_b: PrivateKey,
-           env: dict[str, str]) -> tuple[subprocess.Popen, str, Path]:
-    name = f"fzdf{secrets.token_hex(2)}"  # the UAPI socket's path is shared by all namespaces
-    conf = tmp / f"{name}.conf"
-    conf.write_text(
+def _config(pair, key_a: PrivateKey, key_b: PrivateKey, dns: bool = True) -> str:
+    return (
         "[Interface]\n"
         f"PrivateKey = {key_b.base64()}\nListenPort = 51821\nAddress = 100.64.9.2/32\n"
-        f"DNS = {pair.ip_a.rsplit('.', 1)[0]}.99\n"  # never answers
-        "\n[Peer]\n"
+        + (f"DNS = {pair.ip_a.rsplit('.', 1)[0]}.99\n" if dns else "")  # never answers
+        + "\n[Peer]\n"
         f"PublicKey = {key_a.public_key.base64()}\nEndpoint = {pair.ip_a}:51820\nAllowedIPs = 100.64.9.1/32\n"
-        "\n[Resource]\n"
-        f"Name = *.corp.test\nPeer = {key_a.public_key.base64()}\n")
+        + (f"\n[Resource]\nName = *.corp.test\nPeer = {key_a.public_key.base64()}\n" if dns else ""))
+
+
+def _wait_for_sentinel_route(ns: Namespace, daemon: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + 10
+    while not list(ns.ip_json("route", "show", "100.100.111.1")):
+        assert daemon.poll() is None and time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.05)
+
+
+def _start(tmp: Path, ns_b: Namespace, pair, key_a: PrivateKey, key_b: PrivateKey,
+           env: dict[str, str], dns: bool = True) -> tuple[subprocess.Popen, str, Path]:
+    name = f"fzdf{secrets.token_hex(2)}"  # the UAPI socket's path is shared by all namespaces
+    conf = tmp / f"{name}.conf"
+    conf.write_text(_config(pair, key_a, key_b, dns))
     log_path = tmp / f"{name}.log"
     with open(log_path, "w") as log:
         daemon = ns_b.popen(["env", f"PYTHONPATH={REPO}", *[f"{k}={v}" for k, v in env.items()],
@@ -87,9 +98,11 @@ def _start(tmp: Path, ns_b: Namespace, pair, key_a: PrivateKey, key_b: PrivateKe
                             stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 10
     while name not in ns_b.ip("link", "show", check=False).stdout or \
-            not list(ns_b.ip_json("route", "show", "100.100.111.1")):
+            not list(ns_b.ip_json("route", "show", "100.64.9.1")):
         assert daemon.poll() is None and time.monotonic() < deadline, log_path.read_text()
         time.sleep(0.05)
+    if dns:
+        _wait_for_sentinel_route(ns_b, daemon, log_path)
     return daemon, name, log_path
 
 
@@ -130,6 +143,25 @@ def test_limit_is_installed_shown_and_goes_with_the_interface(tunnel) -> None:
         assert daemon.wait(timeout=10) == 0, log_path.read_text()
     assert name not in ns_b.ip("link", "show", check=False).stdout  # and its qdisc with it
     assert "not rate-limited" not in log_path.read_text()
+
+
+def test_a_reload_that_starts_the_stub_installs_the_limit(tunnel) -> None:
+    tmp, ns_a, ns_b, pair, key_a, key_b = tunnel
+    daemon, name, log_path = _start(tmp, ns_b, pair, key_a, key_b, {}, dns=False)
+    try:
+        assert not [q for q in _qdiscs(ns_b, name) if q.get("kind") == "htb"]
+        (tmp / f"{name}.conf").write_text(_config(pair, key_a, key_b, dns=True))
+        daemon.send_signal(signal.SIGHUP)
+        _wait_for_sentinel_route(ns_b, daemon, log_path)
+        deadline = time.monotonic() + 10
+        while "kernel" not in _dns_stats(ns_b, name):
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        assert _dns_stats(ns_b, name)["kernel"]["rate"] == DNS_QUERY_RATE
+        assert [q["kind"] for q in _qdiscs(ns_b, name) if q.get("root")] == ["htb"]
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=10)
 
 
 def test_without_the_limit_nothing_is_installed(tunnel) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from fzpoll.dns import shaper
 from fzpoll.dns.stub import SENTINELS_V4, SENTINELS_V6
+from fzpoll.up import forked
 
 
 def _rtattr(kind: int, payload: bytes) -> bytes:
@@ -59,10 +60,20 @@ def test_the_rate_can_be_overridden_or_turned_off(monkeypatch, value: str, rate:
 
 def test_a_limit_that_cannot_be_installed_is_a_warning_and_no_limit(monkeypatch, caplog) -> None:
     monkeypatch.delenv(shaper.ENV_RATE, raising=False)
-    with caplog.at_level(logging.WARNING, logger="fzpoll.dns.shaper"):
-        # the real install, in a forked child: no such interface (as a kernel without HTB, a
-        # refused netlink request or a missing pyroute2 would: a reason, never an exception)
-        limit = shaper.DnsRateLimit.start("fznosuch0", [str(SENTINELS_V4), str(SENTINELS_V6)])
-    assert limit.rate == 0 and "fznosuch0" in limit.problem
-    assert limit.stats() == {"rate": 0, "off": limit.problem}
-    assert any("not rate-limited" in r.getMessage() for r in caplog.records)
+    # the real install, in a forked child as the daemon runs it: no such interface (as a kernel
+    # without HTB, a refused netlink request or a missing pyroute2: a reason, never an exception)
+    rate, problem = forked.call(shaper.install_sentinel_limit, "fznosuch0")
+    assert rate == shaper.DNS_QUERY_RATE and "fznosuch0" in problem
+    with caplog.at_level(logging.INFO, logger="fzpoll.dns.shaper"):
+        limit = shaper.DnsRateLimit("fznosuch0", rate, problem)
+    assert limit.rate == 0 and limit.stats() == {"rate": 0, "off": problem}
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "not rate-limited" in caplog.records[0].getMessage()
+
+
+def test_a_limit_turned_off_is_no_warning(monkeypatch, caplog) -> None:
+    monkeypatch.setenv(shaper.ENV_RATE, "0")
+    assert shaper.install_sentinel_limit("fznosuch0") == (0, "FZPOLL_DNS_RATE=0")  # nothing asked of the kernel
+    with caplog.at_level(logging.INFO, logger="fzpoll.dns.shaper"):
+        limit = shaper.DnsRateLimit("fznosuch0", 0, "FZPOLL_DNS_RATE=0")
+    assert limit.stats() == {"rate": 0, "off": "FZPOLL_DNS_RATE=0"} and not caplog.records

@@ -81,6 +81,19 @@ class DnsForwarder:
         self.tcp_server = TcpDnsServer()
         loop.add_timer_source(self.tcp_server.next_deadline, self.tcp_server.handle_timer)
 
+    def set_kernel_limit(self, ifname: str, rate: int, problem: str | None) -> None:
+        """What the configuration child did about the kernel's limit on the sentinels."""
+        self.kernel_limit = DnsRateLimit(ifname, rate, problem)
+
+    def stats(self) -> dict:
+        """The stub's counters for ``get=fzpoll``, with the kernel limit's (``kernel``)."""
+        stub, tcp = self.stub, self.tcp_server
+        out = {"in_flight": stub.in_flight, "drops": dict(stub.drops + tcp.drops),
+               "stats": dict(stub.stats + tcp.stats), "tcp_connections": len(tcp)}
+        if self.kernel_limit is not None:
+            out["kernel"] = self.kernel_limit.stats()
+        return out
+
     def _intercept(self, packet: bytes, now: float) -> bool:
         """A TUN packet to one of our addresses: ours (True) only if it is to a sentinel; the
         DNS resources chain their proxy addresses through here, and their traffic is neither

@@ -16,8 +16,9 @@ passes whole, as before) and a short fifo of :data:`DNS_QUEUE` packets. Beyond t
 drops in the flooding process's own send, counted in the class (read back by
 :func:`read_class_stats` without pyroute2, for ``fzpoll show``).
 
-:func:`install` runs in a forked child (pyroute2, see :mod:`fzpoll.up.forked`); a kernel without
-HTB or u32 gets a warning and today's behaviour. Nothing needs removing: the qdisc goes with the
+:func:`install` runs in the configuration child (pyroute2, see :mod:`fzpoll.up.forked`) that
+routes the sentinels, the first time it does; a kernel without HTB or u32 gets a warning and the
+stub works as without the limit (its own shedding, fzpoll.dns.forwarder, is then all there is). Nothing needs removing: the qdisc goes with the
 TUN device, which the kernel deletes when the daemon closes it (``fzpoll down``, exit, a failed
 start). ``FZPOLL_DNS_RATE=0`` turns it off (benchmarks), another value replaces the rate.
 """
@@ -32,7 +33,6 @@ import socket
 import struct
 from typing import Any, Iterable
 
-from fzpoll.errors import LocalError
 from fzpoll.io.linkwatch import NLMSG_DONE, NLMSG_ERROR, rtattrs
 
 log = logging.getLogger("fzpoll.dns.shaper")
@@ -115,39 +115,39 @@ def _add(ipr: Any, index: int, networks: list, rate: int) -> None:
                protocol=_PROTOCOL[network.version], target=CLASS_ID, keys=u32_keys(network))
 
 
+def install_sentinel_limit(ifname: str) -> tuple[int, str | None]:
+    """In the configuration child: the rate, and why it is not installed (None: it is)."""
+    from fzpoll.dns.stub import SENTINELS_V4, SENTINELS_V6
+
+    rate = configured_rate()
+    if not rate:
+        return 0, f"{ENV_RATE}=0"
+    try:
+        return rate, install(ifname, [str(SENTINELS_V4), str(SENTINELS_V6)], rate)
+    except ImportError as exc:
+        return rate, f"no pyroute2: {exc}"
+
+
 class DnsRateLimit:
-    """The limit on one interface, as the daemon keeps it: installed once, when the stub starts."""
+    """The limit on one interface, as the daemon keeps it: installed once, when the stub is first
+    routed (by the configuration child, see :func:`install_sentinel_limit`); a kernel that cannot
+    gets a warning, and the stub works as without it."""
 
     def __init__(self, ifname: str, rate: int, problem: str | None) -> None:
-        self.ifname = ifname
         self.rate = rate if problem is None else 0
         self.problem = problem
         self.ifindex = 0
         if self.rate:
             try:
                 self.ifindex = socket.if_nametoindex(ifname)
-            except OSError:
-                self.rate = 0
-
-    @classmethod
-    def start(cls, ifname: str, networks: Iterable[str]) -> "DnsRateLimit":
-        """Install the limit (a forked child); a warning, and no limit, if the kernel cannot."""
-        from fzpoll.up import forked
-
-        rate = configured_rate()
-        if not rate:
-            return cls(ifname, 0, f"{ENV_RATE}=0")
-        try:
-            problem = forked.call(install, ifname, list(networks), rate)
-        except LocalError as exc:
-            problem = str(exc)
-        if problem:
-            log.warning("DNS queries are not rate-limited in the kernel: a local query flood can crowd "
-                        "the tunnel's packets out of the TUN queue", extra={"fields": {"error": problem}})
-        else:
+            except OSError as exc:
+                self.rate, self.problem = 0, f"no interface {ifname}: {exc.strerror}"
+        if self.rate:
             log.info("DNS queries rate-limited in the kernel", extra={"fields": {
                 "interface": ifname, "queries_per_second": rate, "burst": DNS_QUERY_BURST}})
-        return cls(ifname, rate, problem)
+        elif rate:
+            log.warning("DNS queries are not rate-limited in the kernel: a local query flood can crowd "
+                        "the tunnel's packets out of the TUN queue", extra={"fields": {"error": self.problem}})
 
     def stats(self) -> dict[str, Any]:
         """``{"rate": N, "passed", "dropped", "queued", "overlimits"}`` (off: rate 0 and why)."""
