@@ -31,7 +31,8 @@ in turn:
         AF_PACKET on B's A-facing veth while A pings B), from X;
   e     DNS queries into the tunnel at B's stub (100.100.111.1), from a process in B's namespace:
         half for a resource name the stub answers, half for random names it forwards to an
-        upstream that never answers (fzpoll only: wireguard-go has no stub);
+        upstream that never answers (fzpoll only: wireguard-go has no stub); during the ping a
+        legitimate client in B asks for the resource name 20 times (one try, 0.5 s timeout);
   f     the UAPI socket: processes connecting, sending ``get=1``, a bad ``set=1`` or garbage,
         reading the answer, closing, as fast as they can (``--attackers`` of them).
 
@@ -84,8 +85,8 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import flood_attack as attack  # noqa: E402
 from flood_measure import (  # noqa: E402
-    ForeignCpu, proc_cpu_seconds, proc_status_kib, reset_peak_rss, run_iperf, run_ping, softnet_dropped,
-    udp_counters, wait_quiet,
+    ForeignCpu, finish_dns_probe, proc_cpu_seconds, proc_status_kib, reset_peak_rss, run_iperf, run_ping, softnet_dropped,
+    start_dns_probe, udp_counters, wait_quiet,
 )
 from fzpoll.wireguard.constants import REKEY_AFTER_TIME  # noqa: E402  (the initiator rekeys a session this old)
 
@@ -359,7 +360,10 @@ def run_cell(setup: Setup, flood: str, args, tmp: Path) -> dict:
         foreign = ForeignCpu(setup.namespaces)
         backlog0 = softnet_dropped()
         snmp0, cpu0, t0 = udp_counters(setup.ns_b), proc_cpu_seconds(pid), time.monotonic()
+        probe = start_dns_probe(setup.ns_b, SENTINEL, LOCAL_NAME, 20, args.seconds / 2) if flood == "e" else None
         cell.update(run_ping(setup.ns_a, int(args.seconds / 2 * 100), TUN_B))
+        if probe is not None:
+            cell["dns_probe"] = finish_dns_probe(probe)
         cell["tcp_mbps"] = run_iperf(setup.ns_a, setup.ns_b, args.seconds / 2, TUN_B)
         snmp1, cpu1, t1 = udp_counters(setup.ns_b), proc_cpu_seconds(pid), time.monotonic()
         cell["cpu_pct"] = 100.0 * (cpu1 - cpu0) / (t1 - t0)
@@ -448,6 +452,10 @@ def print_table(cells: list[dict]) -> None:
             notes.append("top drops " + ", ".join(f"{k} {v}" for k, v in c["drops"].items()))
         if c.get("dns_drops"):
             notes.append("DNS stub drops " + ", ".join(f"{k} {v}" for k, v in c["dns_drops"].items()))
+        if c.get("dns_probe"):
+            p = c["dns_probe"]
+            notes.append(f"a legitimate client's queries for {LOCAL_NAME} during the ping: {p.get('answered')}/{p.get('sent')} "
+                         f"answered (p50 {_f(p.get('p50_ms'), '.1f')} ms)")
         if c.get("dns_kernel_passed") is not None:
             notes.append(f"DNS kernel limit passed {c['dns_kernel_passed']}, dropped {c['dns_kernel_dropped']}")
         if notes:

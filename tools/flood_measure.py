@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -120,3 +121,45 @@ def run_iperf(ns_a, ns_b, seconds: float, target: str) -> float | None:
         if server.poll() is None:
             server.kill()
         server.wait(timeout=5)
+
+
+# A legitimate client of the DNS stub during a query flood: ``count`` queries for ``name`` spread
+# over ``seconds``, each from a fresh socket (as a stub resolver does), one try with a 0.5 s
+# timeout; prints how many were answered (with the query's ID).
+_DNS_PROBE = """
+import json, random, socket, struct, sys, time
+server, name, count, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+labels = b"".join(bytes([len(p)]) + p for p in name.encode().split(b".")) + b"\\x00"
+answered, latencies = 0, []
+for i in range(count):
+    started = time.monotonic()
+    qid = random.getrandbits(16)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.5)
+        try:
+            s.sendto(struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + struct.pack(">HH", 1, 1), (server, 53))
+            while True:
+                data = s.recv(4096)
+                if data[:2] == struct.pack(">H", qid):
+                    answered += 1
+                    latencies.append(time.monotonic() - started)
+                    break
+        except OSError:
+            pass
+    time.sleep(max(0.0, seconds / count - (time.monotonic() - started)))
+print(json.dumps({"sent": count, "answered": answered,
+                  "p50_ms": 1e3 * sorted(latencies)[len(latencies) // 2] if latencies else None}))
+"""
+
+
+def start_dns_probe(ns, server: str, name: str, count: int, seconds: float) -> subprocess.Popen:
+    return ns.popen([sys.executable, "-c", _DNS_PROBE, server, name, str(count), str(seconds)],
+                    stdout=subprocess.PIPE, text=True)
+
+
+def finish_dns_probe(proc: subprocess.Popen) -> dict:
+    out, _ = proc.communicate(timeout=60)
+    try:
+        return json.loads(out)
+    except json.JSONDecodeError:
+        return {}
