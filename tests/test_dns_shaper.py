@@ -37,18 +37,26 @@ def test_u32_keys_match_the_sentinel_ranges() -> None:
     assert shaper.u32_keys(ipaddress.ip_network("fd00::/8")) == ["0xfd000000/0xff000000+24"]
 
 
+def test_u32_key_on_the_source_port_bucket() -> None:
+    # the word after the IP header: source port (high half), destination port (low half)
+    assert shaper.source_port_key(4, 5) == "0x00050000/0x000f0000+20"
+    assert shaper.source_port_key(6, 15) == "0x000f0000/0x000f0000+40"
+    assert shaper.bucket_class(15) == 0x53010F
+
+
 def test_class_counters_are_read_from_the_dump() -> None:
-    data = _class_message(0x10001, 5, 6, 7, 8) + _class_message(shaper.CLASS_ID, 1234, 56789, 64, 321)
-    assert shaper.parse_class_stats(data, shaper.CLASS_ID) == {
-        "passed": 1234, "dropped": 56789, "queued": 64, "overlimits": 321}
-    assert shaper.parse_class_stats(data, 0x10001)["dropped"] == 6
-    assert shaper.parse_class_stats(data, 0x20002) is None
+    data = _class_message(0x10001, 5, 6, 7, 8) + _class_message(shaper.CLASS_ID, 1234, 0, 0, 321) + \
+        _class_message(shaper.bucket_class(0), 1000, 56000, 8, 0) + _class_message(shaper.bucket_class(9), 234, 789, 3, 0)
+    classes = shaper.parse_classes(data)
+    assert classes[0x10001] == (5, 6, 7)
+    assert shaper.limit_counters(classes) == {"passed": 1234, "dropped": 56789, "queued": 11}
+    assert shaper.limit_counters(shaper.parse_classes(_class_message(0x10001, 5, 6, 7, 8))) is None
 
 
 @pytest.mark.parametrize("cut", [3, 20, 40, 60])
 def test_a_truncated_dump_gives_no_counters_not_an_error(cut: int) -> None:
     data = _class_message(shaper.CLASS_ID, 1, 2, 3, 4)
-    assert shaper.parse_class_stats(data[:cut], shaper.CLASS_ID) is None
+    assert shaper.parse_classes(data[:cut]) == {}
 
 
 @pytest.mark.parametrize("value, rate", [("", shaper.DNS_QUERY_RATE), ("0", 0), ("250", 250),

@@ -9,12 +9,16 @@ peer's pings) were dropped before the daemon could read them; shedding in Python
 
 So the flood is kept out of the ring: the root qdisc becomes HTB (handle ``53:``), whose
 unclassified traffic goes through its direct queue unshaped, and a u32 filter per family puts
-packets to the sentinel ranges into one class (``53:53``) limited to :data:`DNS_QUERY_RATE` packets/s
-(the class counts every packet as at least :data:`DNS_MPU` bytes, so its byte rate is a packet
-rate for queries) with a bucket of :data:`DNS_QUERY_BURST` queries (a burst of a thousand at once
-passes whole, as before) and a short fifo of :data:`DNS_QUEUE` packets. Beyond that the kernel
-drops in the flooding process's own send, counted in the class (read back by
-:func:`read_class_stats` without pyroute2, for ``fzpoll show``).
+packets to the sentinel ranges into a class (``53:53``) limited to :data:`DNS_QUERY_RATE` packets/s
+(HTB counts every packet as at least :data:`DNS_MPU` bytes, so its byte rate is a packet rate for
+queries) with a bucket of :data:`DNS_QUERY_BURST` queries (a burst of a thousand at once passes
+whole, as before). Under it, :data:`SOURCE_BUCKETS` classes by the low bits of the source port,
+each with its share of the rate, the whole rate when the others are idle, and a fifo of
+:data:`DNS_QUEUE` packets: a flood from a few sockets fills only its own buckets, and other
+clients' queries (a stub resolver asks from a fresh port each time) still get through. Beyond
+that the kernel drops in the flooding process's own send, counted in the classes (read back by
+:func:`read_class_stats` without pyroute2, for ``fzpoll show``). A flood from many ports gets the
+rate and no more: the tunnel's own packets are safe either way.
 
 :func:`install` runs in the configuration child (pyroute2, see :mod:`fzpoll.up.forked`) that
 routes the sentinels, the first time it does; a kernel without HTB or u32 gets a warning and the
@@ -39,11 +43,13 @@ log = logging.getLogger("fzpoll.dns.shaper")
 
 DNS_QUERY_RATE = 1000  # packets/s to the sentinels: far above a host's resolver, far below a flood
 DNS_QUERY_BURST = 1000  # queries passed at once after a quiet second (an application's burst)
-DNS_QUEUE = 64  # packets waiting for the rate beyond the burst (~64 ms); the rest are dropped
+DNS_QUEUE = 8  # packets per source bucket waiting for the rate (at most 128 ms in all); more are dropped
 DNS_MPU = 512  # bytes a packet counts for at least: a UDP DNS query without EDNS fits in 512
+SOURCE_BUCKETS = 16  # classes by the source port's low bits: a flood from a few sockets fills only its own
 QDISC_HANDLE = 0x530000  # 53:
-CLASS_ID = 0x530053  # 53:53
-LEAF_HANDLE = 0x540000  # 54: the class's fifo
+CLASS_ID = 0x530053  # 53:53, the rate of all queries together
+BUCKET_MINOR = 0x100  # 53:100 .. 53:10f, one per source bucket
+LEAF_MAJOR = 0x100  # 100: .. 10f:, the buckets' fifos
 ENV_RATE = "FZPOLL_DNS_RATE"
 
 # <linux/rtnetlink.h>, <linux/pkt_sched.h>, <linux/gen_stats.h>: stable kernel ABI.
@@ -61,6 +67,7 @@ _QUEUE = struct.Struct("=IIIII")  # qlen, backlog, drops, requeues, overlimits
 _ETH_P_IP, _ETH_P_IPV6 = 0x0800, 0x86DD
 _DST_OFFSET = {4: 16, 6: 24}  # of the destination address in the IP header
 _PROTOCOL = {4: _ETH_P_IP, 6: _ETH_P_IPV6}
+_TRANSPORT_OFFSET = {4: 20, 6: 40}
 
 
 def configured_rate() -> int:
@@ -106,13 +113,29 @@ def install(ifname: str, networks: Iterable[str], rate: int) -> str | None:
 
 
 def _add(ipr: Any, index: int, networks: list, rate: int) -> None:
+    burst = DNS_QUERY_BURST * DNS_MPU
     ipr.tc("replace", "htb", index, QDISC_HANDLE, default=0)  # unclassified: the direct queue
     ipr.tc("add-class", "htb", index, CLASS_ID, parent=QDISC_HANDLE, rate=f"{rate * DNS_MPU * 8}bit",
-           burst=DNS_QUERY_BURST * DNS_MPU, cburst=DNS_QUERY_BURST * DNS_MPU, mpu=DNS_MPU)
-    ipr.tc("add", "pfifo", index, LEAF_HANDLE, parent=CLASS_ID, limit=DNS_QUEUE)
-    for prio, network in enumerate(networks, 1):
-        ipr.tc("add-filter", "u32", index, parent=QDISC_HANDLE, prio=prio,
-               protocol=_PROTOCOL[network.version], target=CLASS_ID, keys=u32_keys(network))
+           burst=burst, cburst=burst, mpu=DNS_MPU)
+    for bucket in range(SOURCE_BUCKETS):  # each its share, and the whole when the others are idle
+        classid = bucket_class(bucket)
+        ipr.tc("add-class", "htb", index, classid, parent=CLASS_ID, rate=f"{rate * DNS_MPU * 8 // SOURCE_BUCKETS}bit",
+               ceil=f"{rate * DNS_MPU * 8}bit", burst=burst // SOURCE_BUCKETS, cburst=burst, mpu=DNS_MPU)
+        ipr.tc("add", "pfifo", index, (LEAF_MAJOR + bucket) << 16, parent=classid, limit=DNS_QUEUE)
+        for prio, network in enumerate(networks, 1):  # one u32 filter per family, a key node per bucket
+            ipr.tc("add-filter", "u32", index, parent=QDISC_HANDLE, prio=prio, protocol=_PROTOCOL[network.version],
+                   target=classid, keys=u32_keys(network) + [source_port_key(network.version, bucket)])
+
+
+def bucket_class(bucket: int) -> int:
+    """The class of the source ports whose low bits are ``bucket`` (53:100 + bucket)."""
+    return QDISC_HANDLE | (BUCKET_MINOR + bucket)
+
+
+def source_port_key(version: int, bucket: int) -> str:
+    """The u32 key on the low bits of the UDP/TCP source port, right after a header without
+    options (queries a host sends have none; one with options lands in some bucket anyway)."""
+    return f"0x{bucket << 16:08x}/0x{(SOURCE_BUCKETS - 1) << 16:08x}+{_TRANSPORT_OFFSET[version]}"
 
 
 def install_sentinel_limit(ifname: str) -> tuple[int, str | None]:
@@ -150,7 +173,7 @@ class DnsRateLimit:
                         "the tunnel's packets out of the TUN queue", extra={"fields": {"error": self.problem}})
 
     def stats(self) -> dict[str, Any]:
-        """``{"rate": N, "passed", "dropped", "queued", "overlimits"}`` (off: rate 0 and why)."""
+        """``{"rate": N, "passed", "dropped", "queued"}`` (off: rate 0 and why)."""
         if not self.rate:
             return {"rate": 0, "off": self.problem or "not installed"}
         counters = read_class_stats(self.ifindex)
@@ -164,8 +187,10 @@ def _dump_request(ifindex: int, seq: int) -> bytes:
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETTCLASS, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
 
-def parse_class_stats(data: bytes, classid: int) -> dict[str, int] | None:
-    """The counters of class ``classid`` in a datagram of RTM_NEWTCLASS messages (None: absent)."""
+def parse_classes(data: bytes) -> dict[int, tuple[int, int, int]]:
+    """``{class handle: (packets sent, drops, queue length)}`` of the RTM_NEWTCLASS messages in a
+    datagram read from an rtnetlink dump; a truncated message ends the parse."""
+    found = {}
     at = 0
     while at + _NLMSGHDR.size <= len(data):
         length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, at)
@@ -174,35 +199,43 @@ def parse_class_stats(data: bytes, classid: int) -> dict[str, int] | None:
         body = at + _NLMSGHDR.size
         if kind == RTM_NEWTCLASS and body + _TCMSG.size <= at + length:
             handle = _TCMSG.unpack_from(data, body)[2]
-            if handle == classid:
-                stats2 = rtattrs(data, body + _TCMSG.size, at + length).get(TCA_STATS2, b"")
-                nested = rtattrs(stats2, 0, len(stats2))
-                basic = nested.get(TCA_STATS_BASIC, b"")
-                queue = nested.get(TCA_STATS_QUEUE, b"")
-                if len(basic) >= _BASIC.size and len(queue) >= _QUEUE.size:
-                    _, packets = _BASIC.unpack_from(basic)
-                    qlen, _, drops, _, overlimits = _QUEUE.unpack_from(queue)
-                    return {"passed": packets, "dropped": drops, "queued": qlen, "overlimits": overlimits}
+            stats2 = rtattrs(data, body + _TCMSG.size, at + length).get(TCA_STATS2, b"")
+            nested = rtattrs(stats2, 0, len(stats2))
+            basic, queue = nested.get(TCA_STATS_BASIC, b""), nested.get(TCA_STATS_QUEUE, b"")
+            if len(basic) >= _BASIC.size and len(queue) >= _QUEUE.size:
+                qlen, _, drops, _, _ = _QUEUE.unpack_from(queue)
+                found[handle] = (_BASIC.unpack_from(basic)[1], drops, qlen)
         at += (length + 3) & ~3
-    return None
+    return found
 
 
-def read_class_stats(ifindex: int, classid: int = CLASS_ID) -> dict[str, int] | None:
-    """The class's counters, asked of the kernel (an rtnetlink dump; no pyroute2); None if the
-    class is not there or the kernel did not answer."""
-    found = None
+def limit_counters(classes: dict[int, tuple[int, int, int]]) -> dict[str, int] | None:
+    """What the limit passed (its top class), dropped and holds (its bucket classes); None if its
+    classes are not there."""
+    if CLASS_ID not in classes:
+        return None
+    buckets = [classes.get(bucket_class(b), (0, 0, 0)) for b in range(SOURCE_BUCKETS)]
+    return {"passed": classes[CLASS_ID][0], "dropped": sum(b[1] for b in buckets),
+            "queued": sum(b[2] for b in buckets)}
+
+
+def read_class_stats(ifindex: int) -> dict[str, int] | None:
+    """The limit's counters, asked of the kernel (an rtnetlink dump of the interface's classes; no
+    pyroute2); None if the classes are not there or the kernel did not answer."""
+    classes: dict[int, tuple[int, int, int]] = {}
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as sock:  # NETLINK_ROUTE
         sock.settimeout(1.0)
         try:
             sock.send(_dump_request(ifindex, 1))
             while True:
                 data = sock.recv(65536)
-                found = found or parse_class_stats(data, classid)
+                classes.update(parse_classes(data))
                 kinds = _message_kinds(data)
                 if NLMSG_DONE in kinds or NLMSG_ERROR in kinds or not kinds:
-                    return found
+                    break
         except OSError:
-            return found
+            pass
+    return limit_counters(classes)
 
 
 def _message_kinds(data: bytes) -> set[int]:
