@@ -490,6 +490,42 @@ def test_a_new_session_under_floors_has_none() -> None:
         assert _passes(r, s, [counted(7, 0), counted(5, 1)]) == [counted(7, 0), counted(5, 1)]
 
 
+def _flood_on(engine: FakeEngine, control: sockfilter.PrefilterControl, now: float) -> float:
+    """Replays above the rate: the floors come on at the returned time."""
+    control(now)
+    engine.drops["replayed"] = engine.drops.get("replayed", 0) + 10_000
+    now += sockfilter.REPLAY_FLOOD_CHECK
+    control(now)
+    assert control.replay.active
+    return now
+
+
+def test_a_refused_refresh_leaves_no_stale_program(monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A kernel that refuses a refresh mid-flood must not leave the last program (its floors and
+    its indices) in place: the sockets fall back to unfiltered, logged, and the sessions made
+    afterwards are not dropped by a program that never heard of them."""
+    engine, control = _floored_control(10_000)
+    r, s = _receiver(gro=False, program_gro=False)
+    with r, s:
+        assert control.set_sockets([r], gro=False)
+        now = _flood_on(engine, control, 1.0)
+        assert _passes(r, s, [counted(5, 0)]) == []  # the floor is in the kernel
+
+        def refuse(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
+            raise OSError(12, "Cannot allocate memory")
+
+        monkeypatch.setattr(sockfilter, "attach", refuse)
+        engine.indices[5] = 20_000
+        control(now + sockfilter.REPLAY_FLOOD_CHECK)  # the refresh is refused: no exception
+        assert "prefilter unavailable" in caplog.text
+        engine.indices[77] = -1  # a session made after the refusal
+        engine.handshakes += 1
+        control(now + 2 * sockfilter.REPLAY_FLOOD_CHECK)
+        fresh = [counted(77, 0), counted(5, 0)]  # the engine decides now, not a stale program
+        assert sorted(_passes(r, s, fresh)) == sorted(fresh)
+
+
 def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(sockfilter.DISABLE_ENV, "1")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:

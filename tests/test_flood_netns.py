@@ -210,3 +210,63 @@ def test_replay_flood_is_dropped_by_the_counter_floor(tmp_path: Path, monkeypatc
         after = _stats(ns_b, b.ifname)
         netns.transfer(ns_a, ns_b, "100.64.0.2", 4_000_000)
         assert _stats(ns_b, b.ifname)["kernel"]["drops"] == after["kernel"]["drops"]
+
+
+# 200 sessions under a replay flood, in a namespace whose optmem_max is OPTMEM: the floors come
+# on, the sessions move on, the floors are refreshed; prints what passes the refreshed program.
+_REFRESH = """
+import socket, time
+from fzpoll.io import sockfilter
+optmem = int(open("/proc/sys/net/core/optmem_max").read())
+assert optmem == OPTMEM, optmem
+
+class Engine:
+    def __init__(self):
+        self.indices = {0x9E3779B9 * (i + 1) & 0xFFFFFFFF: 10_000 for i in range(sockfilter.MAX_FILTER_INDICES)}
+        self.drops = {}
+    def receive_counters(self): return dict(self.indices)
+    def live_indices(self): return frozenset(self.indices)
+    def index_generation(self): return 0
+    def is_under_load(self, now): return False
+
+def counted(index, counter):
+    return b"\\x04\\x00\\x00\\x00" + index.to_bytes(4, "little") + counter.to_bytes(8, "little") + bytes(32)
+
+engine = Engine()
+control = sockfilter.PrefilterControl(engine, gro=True, check_indices=True)
+r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); r.bind(("127.0.0.1", 0)); r.setblocking(False)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(r.getsockname())
+assert control.set_sockets([r], gro=True)
+control(1.0)
+engine.drops["replayed"] = 10_000
+control(1.05)
+assert control.replay.active
+engine.indices = dict.fromkeys(engine.indices, 50_000)
+control(1.1)
+first = next(iter(engine.indices))
+for counter in (20_000, 50_000):
+    s.send(counted(first, counter))
+time.sleep(0.1)
+got = []
+while True:
+    try:
+        got.append(int.from_bytes(r.recv(2048)[8:16], "little"))
+    except BlockingIOError:
+        break
+print(control.attached, got)
+"""
+OPTMEM_OLD_DEFAULT = 20480  # net.core.optmem_max before kernels raised it to 128 KiB
+
+
+@pytest.mark.netns
+def test_floors_refresh_within_an_old_kernels_optmem_max() -> None:
+    """The kernel charges the old and the new program to the socket together while it replaces
+    one (optmem_max): with 200 floors two programs do not fit in the old default, one does. The
+    refresh must still land, not leave the previous floors (and indices) behind."""
+    reason = netns.need_root()
+    if reason:
+        pytest.skip(reason)
+    with netns.Namespace("optmem") as ns:
+        ns.run(["sysctl", "-q", "-w", f"net.core.optmem_max={OPTMEM_OLD_DEFAULT}"])
+        out = ns.python(_REFRESH.replace("OPTMEM", str(OPTMEM_OLD_DEFAULT)), timeout=30).stdout
+        assert out.split() == ["True", "[50000]"], out
