@@ -26,6 +26,7 @@ peer sent): a run that GRO merged behind a replay from a spoofed peer address is
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import socket
@@ -65,6 +66,27 @@ def attach(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> Non
     buf = ctypes.create_string_buffer(code, len(code))  # referenced until setsockopt returns
     fprog = struct.pack("@HP", len(program), ctypes.addressof(buf))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def detach(sock: socket.socket) -> None:
+    """Remove the socket's filter (none attached, or a closed socket: nothing to do)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+    except OSError:
+        pass
+
+
+def replace(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
+    """Attach ``program`` in place of the socket's filter. The kernel charges the new program to
+    the socket (optmem_max, 20 KiB on older kernels) before it frees the old one: two large
+    programs (200 counter floors) may not fit together where one does, so retry alone."""
+    try:
+        attach(sock, program)
+    except OSError as exc:
+        if exc.errno != errno.ENOMEM:
+            raise
+        detach(sock)
+        attach(sock, program)
 
 
 def attach_wireguard(sock: socket.socket, gro: bool) -> bool:
@@ -201,9 +223,12 @@ class PrefilterControl:
         for sock in self.sockets:
             if self.attached:
                 try:
-                    attach(sock, program)
+                    replace(sock, program)
                 except OSError as exc:
                     log.warning("kernel prefilter unavailable, every datagram reaches the loop",
                                 extra={"fields": {"error": exc.strerror or str(exc)}})
                     self.attached = False
+        if not self.attached:  # no earlier program left behind: its indices and floors go stale
+            for sock in self.sockets:
+                detach(sock)
         self.updates += 1
