@@ -526,6 +526,32 @@ def test_a_refused_refresh_leaves_no_stale_program(monkeypatch: pytest.MonkeyPat
         assert sorted(_passes(r, s, fresh)) == sorted(fresh)
 
 
+def test_floors_are_reported_only_when_the_kernel_has_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``fzpoll show`` reports as the counter floors (``floors_on``) is what the attached
+    program does: beyond MAX_FILTER_INDICES it checks no index and so has no floor, and after a
+    refused attach the sockets have no program at all, while a replay flood is still on."""
+    engine, control = _floored_control(10_000)
+    engine.indices.update({1000 + i: 10_000 for i in range(sockfilter.MAX_FILTER_INDICES)})
+    r, s = _receiver(gro=False, program_gro=False)
+    with r, s:
+        assert control.set_sockets([r], gro=False)
+        now = _flood_on(engine, control, 1.0)
+        assert _passes(r, s, [counted(5, 0)]) == [counted(5, 0)]  # too many indices: no floor
+        assert not control.floors_on
+        engine.indices = {5: 10_000}  # under the limit again: the floors reach the kernel
+        control(now)
+        assert _passes(r, s, [counted(5, 0)]) == [] and control.floors_on
+
+        def refuse(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
+            raise OSError(1, "Operation not permitted")
+
+        monkeypatch.setattr(sockfilter, "attach", refuse)
+        engine.indices[5] = 20_000
+        control(now + sockfilter.REPLAY_FLOOD_CHECK)
+        assert _passes(r, s, [counted(5, 0)]) == [counted(5, 0)]
+        assert not control.floors_on and not control.attached
+
+
 def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(sockfilter.DISABLE_ENV, "1")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
