@@ -170,6 +170,7 @@ class PrefilterControl:
         self.updates = 0  # programs attached since start (for fzpoll show)
         self.under_load = False
         self.replay = ReplayGuard()
+        self.floors_on = False  # the attached program carries counter floors (for fzpoll show)
         self._indices: frozenset[int] = frozenset()
         self._generation = -1  # of the engine's indices when the program was built
         self._program: list[tuple[int, int, int, int]] = []
@@ -215,11 +216,13 @@ class PrefilterControl:
             self._indices = self.engine.live_indices()
             self._generation = self.engine.index_generation()
             indices = self._indices if len(self._indices) <= MAX_FILTER_INDICES else None
-        program = wireguard_filter(self.gro, receiver_indices=indices, counter_floors=self._floors(indices),
+        floors = self._floors(indices)
+        program = wireguard_filter(self.gro, receiver_indices=indices, counter_floors=floors,
                                    initiation_keep=INITIATION_KEEP_UNDER_LOAD if self.under_load else None)
         if program == self._program:
             return  # e.g. floors refreshed while no datagram of the sessions arrived
         self._program = program
+        self.floors_on = any(floor > 0 for floor in (floors or {}).values())
         for sock in self.sockets:
             if self.attached:
                 try:
@@ -229,6 +232,7 @@ class PrefilterControl:
                                 extra={"fields": {"error": exc.strerror or str(exc)}})
                     self.attached = False
         if not self.attached:  # no earlier program left behind: its indices and floors go stale
+            self.floors_on = False
             for sock in self.sockets:
                 detach(sock)
         self.updates += 1
