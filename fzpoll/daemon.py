@@ -404,7 +404,8 @@ class Daemon:
         self.notifier.ready()
         self.notifier.status(self.status_line())
         log.info("interface ready", extra={"fields": {"interface": self.device.name,
-                                                        "port": self.device.listen_port}})
+                                                        "port": self.device.listen_port,
+                                                        "libsodium": self.device.engine.aead.describe()}})
 
     def run(self) -> int:
         """Serve until a signal or the interface's deletion; always cleans up. Returns the exit
@@ -454,6 +455,7 @@ class Daemon:
                 "uapi_clients": self.uapi.client_count,
                 "udp_offloads": datapath.offloads(),
                 "tun_offloads": self.device.tun.offloads,
+                "sodium": engine.aead.as_dict(),
             },
             "drops": dict(engine.drops),
             "kernel": {"filter": self.device.udp_filter if self.device.prefilter.attached else "off",

@@ -14,6 +14,7 @@ import time
 
 from fzpoll.wireguard.constants import DEFAULT_MTU
 from fzpoll.wireguard.engine import Engine
+from fzpoll.wireguard import sodium
 from fzpoll.errors import LocalError
 from fzpoll.wireguard.constants import DEFAULT_BATCH_SIZE
 from fzpoll.io.datapath import Datapath
@@ -23,6 +24,7 @@ from fzpoll.io.tun import TunDevice, offload_disabled, segmentation_enabled
 
 log = logging.getLogger("fzpoll.device")
 
+SODIUM_ENV = "FZPOLL_SODIUM"  # auto (default), bundled or system: which libsodium (fzpoll.wireguard.sodium)
 TUN_TXQUEUELEN = 1000  # packets the kernel holds for us between reads (its default: 500)
 SOCKET_BUFFER_BYTES = 4 << 20  # as wireguard-go, large kernel buffers absorb bursts (not ours)
 
@@ -98,7 +100,8 @@ class Device:
         except LocalError:
             self.tun.close()
             raise
-        self.engine = Engine(None, random_bytes=os.urandom, wall_time=time.time, mtu=mtu)
+        self.engine = Engine(None, random_bytes=os.urandom, wall_time=time.time, mtu=mtu,
+                             aead=sodium.choose(os.environ.get(SODIUM_ENV)))
         self.loop = Loop(schedule=schedule)
         self.datapath = Datapath(self.engine, self.loop, self.tun.fd, batch_size=batch_size,
                                  tun_vnet=self.tun.vnet_hdr)

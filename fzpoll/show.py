@@ -230,6 +230,10 @@ def _format_stats(stats: dict[str, Any] | None) -> list[str]:
         udp = daemon.get("udp_offloads") or {}
         on = [name for name, enabled in udp.items() if enabled] if isinstance(udp, dict) else list(udp)
         out.append(f"  offloads: udp {','.join(on) or 'off'}; tun {','.join(daemon.get('tun_offloads') or []) or 'off'}")
+    sodium = daemon.get("sodium")
+    if isinstance(sodium, dict) and sodium.get("kind"):
+        version = f" {sodium['version']}" if sodium.get("version") else ""
+        out.append(f"  libsodium: {sodium['kind']} ({sodium.get('library', '?')}{version}, via {sodium.get('via', '?')})")
     if poller:
         out.append(f"  loop: {poller.get('passes', 0)} passes, packets in: "
                    f"{poller.get('udp_packets_in', 0)} udp, {poller.get('tun_packets_in', 0)} tun; "

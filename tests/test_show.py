@@ -67,7 +67,8 @@ def sample_stats() -> dict[str, Any]:
     return {
         "daemon": {"pid": 4242, "interface": "wg0", "schedule": "fair", "batch_size": 64,
                    "listen_port": 51820, "config": "/etc/fzpoll/wg0.conf", "uapi_clients": 1,
-                   "udp_offloads": {"gso": True, "gro": False}, "tun_offloads": ["gro", "csum", "tso4", "tso6"]},
+                   "udp_offloads": {"gso": True, "gro": False}, "tun_offloads": ["gro", "csum", "tso4", "tso6"],
+                   "sodium": {"kind": "system", "via": "dlopen", "library": "libsodium.so.23", "version": "1.0.18"}},
         "drops": {"bad_tag": 3, "no_route": 11},
         "poller": {"passes": 90, "udp_packets_in": 120, "tun_packets_in": 80, "max_udp_batch": 7,
                    "max_tun_batch": 5, "errors": {"no_route": 11, "bad_tag": 3}},
@@ -214,6 +215,7 @@ peer: {PEER2.base64()}
 
 fzpoll: pid 4242, schedule fair, batch size 64, listen port 51820
   offloads: udp gso; tun gro,csum,tso4,tso6
+  libsodium: system (libsodium.so.23 1.0.18, via dlopen)
   loop: 90 passes, packets in: 120 udp, 80 tun; max batch: 7 udp, 5 tun
   errors: no_route 11, bad_tag 3
   drops: no_route 11, bad_tag 3

@@ -44,12 +44,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import nacl  # noqa: E402
 from nacl.bindings import crypto_aead_chacha20poly1305_ietf_decrypt as aead_decrypt  # noqa: E402
 from nacl.bindings import crypto_aead_chacha20poly1305_ietf_encrypt as aead_encrypt  # noqa: E402
-from nacl._sodium import ffi, lib  # noqa: E402  (pynacl's cffi module: libsodium without the wrapper)
+from nacl._sodium import ffi  # noqa: E402  (pynacl's cffi module: libsodium without the wrapper)
 
 from fzpoll.wireguard.constants import REKEY_AFTER_TIME, REPLAY_WINDOW_SIZE  # noqa: E402
 from fzpoll.wireguard.engine import Engine
 from fzpoll.wireguard.peer import HandshakeCompleted  # noqa: E402
 from fzpoll.wireguard.keys import PrivateKey  # noqa: E402
+from fzpoll.wireguard import sodium  # noqa: E402
+
+# The libsodium the engines use: FZPOLL_SODIUM=bundled|system picks one, as for the daemon.
+AEAD = sodium.choose(os.environ.get("FZPOLL_SODIUM"))
 
 ADDR_A = ("192.0.2.1", 51820)
 ADDR_B = ("192.0.2.2", 51820)
@@ -74,8 +78,8 @@ class Link:
         self.now = 0.0
         key_a = PrivateKey.generate(rng.randbytes)
         key_b = PrivateKey.generate(rng.randbytes)
-        self.a = Engine(key_a, random_bytes=rng.randbytes, wall_time=self.wall)
-        self.b = Engine(key_b, random_bytes=rng.randbytes, wall_time=self.wall)
+        self.a = Engine(key_a, random_bytes=rng.randbytes, wall_time=self.wall, aead=AEAD)
+        self.b = Engine(key_b, random_bytes=rng.randbytes, wall_time=self.wall, aead=AEAD)
         peer_b = self.a.add_peer(key_b.public_key)
         peer_a = self.b.add_peer(key_a.public_key)
         self.a.add_allowed_ip(peer_b, "10.0.0.2/32")
@@ -217,7 +221,7 @@ def bench_raw(size: int, seconds: float) -> tuple[int, float, float, float, floa
         raise SystemExit("bench_engine: libsodium round trip failed")
     out = ffi.new("unsigned char[]", size + 16)
     view = ffi.buffer(out)
-    seal, open_, null = lib.crypto_aead_chacha20poly1305_ietf_encrypt, lib.crypto_aead_chacha20poly1305_ietf_decrypt, ffi.NULL
+    seal, open_, null = AEAD.seal, AEAD.open, ffi.NULL
     seal(out, null, message, size, null, 0, null, nonce, key)
     if view[0:size + 16] != sealed or open_(out, null, null, sealed, size + 16, null, 0, nonce, key) or view[0:size] != message:
         raise SystemExit("bench_engine: direct libsodium call disagrees with nacl.bindings")
@@ -330,6 +334,7 @@ def measure(seconds: float, size: int, runs: int) -> dict:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "pynacl": nacl.__version__,
+        "libsodium": AEAD.describe(),
     }
     return r
 
@@ -363,6 +368,7 @@ def table(r: dict) -> str:
     m = r["machine"]
     head = (f"fzpoll engine, {r['size']}-byte IPv4 packets ({r['datagram_size']}-byte datagrams), median of "
             f"{r['runs']} runs, {r['seconds']:g} s budget; Python {m['python']}, pynacl {m['pynacl']}, "
+            f"libsodium {m['libsodium']}, "
             f"{m['nproc']} CPUs, kernel {m['kernel']}")
     header = ("measurement", "rate", "per op", f"range of {r['runs']} runs")
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(4)]

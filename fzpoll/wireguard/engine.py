@@ -55,17 +55,16 @@ from fzpoll.wireguard.handshake import LoadGuard
 from fzpoll.wireguard.handshaking import HandshakeDriver
 from fzpoll.wireguard.peer import Endpoint, Local, Peer, StagedBudget
 from fzpoll.wireguard.session import Keypair, Sessions
+from fzpoll.wireguard.sodium import Backend, choose
 from fzpoll.wireguard.timers import PeerTimer, TimerHeap
 
 from nacl._sodium import ffi as _ffi
-from nacl._sodium import lib as _lib
 
-# Transport AEAD: libsodium through pynacl's own cffi module, not nacl.bindings, whose wrapper checks
-# each argument in Python and allocates a fresh output per call -- more than the ChaCha20-Poly1305 of
-# a 1420-byte packet costs. Our keys and nonces always have the right sizes; each engine seals into
-# and opens from one scratch buffer of its own (grown if a bigger packet ever comes).
-_seal = _lib.crypto_aead_chacha20poly1305_ietf_encrypt
-_open = _lib.crypto_aead_chacha20poly1305_ietf_decrypt
+# Transport AEAD: libsodium straight through cffi (the fastest one found: :mod:`.sodium`), not
+# nacl.bindings, whose wrapper checks each argument in Python and allocates a fresh output per call
+# -- more than the ChaCha20-Poly1305 of a 1420-byte packet costs. Our keys and nonces always have
+# the right sizes; each engine seals into and opens from one scratch buffer of its own (grown if a
+# bigger packet ever comes).
 _NULL = _ffi.NULL
 _OVERHEAD = 16 + AEAD_TAG_SIZE  # transport header + tag
 # Transport header (5.4.6): type and reserved (4 bytes), receiver index (u32le), counter (u64le);
@@ -97,8 +96,11 @@ class Engine(HandshakeDriver):
         random_bytes: Callable[[int], bytes],
         wall_time: Callable[[], float],
         mtu: int = DEFAULT_MTU,
+        aead: Backend | None = None,
     ) -> None:
         self.random_bytes = random_bytes
+        self.aead = aead or choose()  # which libsodium seals and opens transport data
+        self._seal, self._open = self.aead.seal, self.aead.open
         self._jitter_rng = random.Random(random_bytes(16))
         self.wall_time = wall_time
         self.mtu = mtu
@@ -372,7 +374,7 @@ class Engine(HandshakeDriver):
             self._grow_scratch(size)
         view = self._scratch_view
         _pack_header(view, 0, kp.header, counter)
-        _seal(self._scratch_body, _NULL, packet, len(packet), _NULL, 0, _NULL, _pack_nonce(counter), kp.send_key)
+        self._seal(self._scratch_body, _NULL, packet, len(packet), _NULL, 0, _NULL, _pack_nonce(counter), kp.send_key)
         datagram = view[0:size]
         self._out.append((datagram, peer.endpoint, peer.local))
         peer.tx_bytes += len(datagram)
@@ -454,7 +456,7 @@ class Engine(HandshakeDriver):
         size = len(data) - _OVERHEAD
         if size > self._scratch_size:
             self._grow_scratch(size)
-        if _open(self._scratch, _NULL, _NULL, data[16:], size + AEAD_TAG_SIZE, _NULL, 0,
+        if self._open(self._scratch, _NULL, _NULL, data[16:], size + AEAD_TAG_SIZE, _NULL, 0,
                  b"\x00\x00\x00\x00" + data[8:16], kp.recv_key):
             return D.BAD_TAG
         plain = self._scratch_view[0:size]
