@@ -27,6 +27,7 @@ import netns
 from fzpoll.show import QueryError, query
 from fzpoll.uapi.protocol import UapiError
 from fzpoll.wireguard.engine import Engine
+from fzpoll.wireguard.sodium import Backend
 from fzpoll.wireguard.keys import PresharedKey, PrivateKey
 from netns import Namespace
 
@@ -109,13 +110,14 @@ class Clock:
 class Pair:
     """Engines ``a`` and ``b``, each with the other as its only peer."""
 
-    def __init__(self, seed: int = 1, psk: bytes | None = None) -> None:
+    def __init__(self, seed: int = 1, psk: bytes | None = None, aead_a: Backend | None = None,
+                 aead_b: Backend | None = None) -> None:
         self.clock = Clock()
         rng = random.Random(seed)
         self.key_a = PrivateKey.generate(rng.randbytes)
         self.key_b = PrivateKey.generate(rng.randbytes)
-        self.a = Engine(self.key_a, random_bytes=rng.randbytes, wall_time=self.clock.wall)
-        self.b = Engine(self.key_b, random_bytes=rng.randbytes, wall_time=self.clock.wall)
+        self.a = Engine(self.key_a, random_bytes=rng.randbytes, wall_time=self.clock.wall, aead=aead_a)
+        self.b = Engine(self.key_b, random_bytes=rng.randbytes, wall_time=self.clock.wall, aead=aead_b)
         self.peer_b = self.a.add_peer(self.key_b.public_key)  # a's view of b
         self.peer_a = self.b.add_peer(self.key_a.public_key)  # b's view of a
         self.a.add_allowed_ip(self.peer_b, "10.0.0.2/32")

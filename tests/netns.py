@@ -545,6 +545,18 @@ class FzpollNoOffload(Fzpoll):
     extra_env = {"FZPOLL_DISABLE_OFFLOAD": "tun"}
 
 
+class FzpollSodiumSystem(Fzpoll):
+    """fzpoll sealing with the shared system libsodium (fzpoll/wireguard/sodium.py)."""
+
+    extra_env = {"FZPOLL_SODIUM": "system"}
+
+
+class FzpollSodiumBundled(Fzpoll):
+    """fzpoll sealing with PyNaCl's own libsodium, whatever it links."""
+
+    extra_env = {"FZPOLL_SODIUM": "bundled"}
+
+
 class FzpollTso(Fzpoll):
     """fzpoll reading TSO/USO super-packets from TUN (split in Python), not only coalescing."""
 

@@ -14,16 +14,22 @@ import sys
 import pytest
 
 from helpers import skip_unless
-from netns import Fzpoll, FzpollNoOffload, FzpollTso, Namespace, UpstreamWireguardGo, WireguardGo, transfer, veth_pair, wg_pair
+from netns import (Fzpoll, FzpollNoOffload, FzpollSodiumBundled, FzpollSodiumSystem, FzpollTso, Namespace,
+                   UpstreamWireguardGo, WireguardGo, transfer, veth_pair, wg_pair)
 
 pytestmark = [pytest.mark.netns, pytest.mark.needs("wireguard-go")]
 
 
 
+def daemon_stats(daemon: Fzpoll) -> dict:
+    """What an fzpoll daemon says of itself (``fzpoll show --json``)."""
+    out = daemon.ns.run([sys.executable, "-m", "fzpoll", "show", "--json", daemon.ifname]).stdout
+    return json.loads(out)["interfaces"][0]["stats"]["daemon"]
+
+
 def tun_offloads(daemon: Fzpoll) -> list[str]:
-    """The TUN offloads an fzpoll daemon reports (``fzpoll show --json``)."""
-    out = daemon.ns.run([sys.executable, "-m", "fzpoll", "show", daemon.ifname, "--json"]).stdout
-    return json.loads(out)["interfaces"][0]["stats"]["daemon"]["tun_offloads"]
+    """The TUN offloads an fzpoll daemon reports."""
+    return daemon_stats(daemon)["tun_offloads"]
 
 
 def ping(ns: Namespace, address: str, count: int = 3) -> None:
@@ -41,6 +47,8 @@ KINDS = {
     "fzpoll-upstream": (Fzpoll, UpstreamWireguardGo),
     "tso-upstream": (FzpollTso, UpstreamWireguardGo),
     "tso-nooffload": (FzpollTso, FzpollNoOffload),
+    # which libsodium seals (FZPOLL_SODIUM): the shared system one against PyNaCl's own
+    "sodium-system-bundled": (FzpollSodiumSystem, FzpollSodiumBundled),
 }
 
 
@@ -55,6 +63,9 @@ def test_tunnel_ping_and_tcp_both_ways(kinds):
         assert b.vnet_hdr() is (kinds[1] not in (WireguardGo, FzpollNoOffload))
         if kinds[0] is FzpollTso:  # the kernel was asked for TSO: reads are super-packets to split
             assert "tso4" in tun_offloads(a)
+        if kinds[0] is FzpollSodiumSystem:  # as asked, whether PyNaCl links it (Debian) or not (PyPI)
+            assert daemon_stats(a)["sodium"]["kind"] == "system"
+            assert daemon_stats(b)["sodium"]["via"] == "pynacl"
         try:
             ping(ns_a, "100.64.0.2", count=1)  # the very first ping: handshake on demand
             ping(ns_b, "100.64.0.1")
