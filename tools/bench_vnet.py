@@ -63,9 +63,9 @@ def engines(first: bytes) -> tuple[Engine, Engine]:
     b.set_endpoint(peer_a, ADDR_A)
     a.send(first, 0.0)
     for _ in range(3):
-        for data, _addr in a.datagrams_to_send():
+        for data, *_ in a.datagrams_to_send():
             b.receive(data, ADDR_A, 0.0)
-        for data, _addr in b.datagrams_to_send():
+        for data, *_ in b.datagrams_to_send():
             a.receive(data, ADDR_B, 0.0)
     b.packets_for_tun()
     return a, b
@@ -92,7 +92,7 @@ def main() -> int:
             if name == "decrypt":
                 times["encrypt"].append(time.perf_counter() - t)
             t = time.perf_counter()
-            for data, _addr in datagrams:
+            for data, *_ in datagrams:
                 b.receive(data, ADDR_A, 0.0)
             packets = b.packets_for_tun()
             if co:

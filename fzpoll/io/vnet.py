@@ -198,48 +198,57 @@ def _split(packet: bytes, version: int, proto: int, offset: int, gso_size: int) 
 class _Run:
     """Consecutive segments of one TCP flow being merged (the first one's headers lead).
 
-    ``mid`` is what the next full-size segment must carry from ``mid_from`` to the end of the TCP
-    window field (addresses, ports, the expected sequence number, ACK, flags, window): with the
-    other unchanging bytes it lets :func:`coalesce` take such a segment in a few comparisons."""
+    The segments are kept whole and joined once, when the run is framed (:func:`_frame`). ``mid``
+    is what the next full-size segment must carry from ``mid_from`` to the end of the TCP window
+    field (addresses, ports, the expected sequence number, ACK, flags, window); with the other
+    unchanging bytes (``lead``, ``v4_mid``, ``options``, taken once) it lets :func:`coalesce` take
+    such a segment in a few comparisons."""
 
-    __slots__ = ("packet", "version", "offset", "header_len", "segment", "next_seq", "count", "closed",
-                 "full", "head_to", "mid_from", "mid", "seq_in_mid")
+    __slots__ = ("packets", "flags", "version", "offset", "header_len", "segment", "next_seq", "size", "closed",
+                 "full", "head_to", "lead", "v4_mid", "mid_from", "mid_to", "mid", "seq_in_mid", "options_from",
+                 "options", "limit")
 
     def __init__(self, packet: bytes, version: int, offset: int, header_len: int, seq: int) -> None:
-        self.packet = bytearray(packet)
+        self.packets = [packet]
+        self.flags = packet[offset + 13]  # the TCP flags of the whole (PSH from the last segment)
         self.version = version
         self.offset = offset
         self.header_len = header_len
         self.segment = len(packet) - header_len  # gso_size: every segment but the last has it
         self.next_seq = (seq + self.segment) & 0xFFFFFFFF
-        self.count = 1
-        self.closed = self.segment == 0 or bool(packet[offset + 13] & TCP_PSH)
+        self.size = len(packet)  # of the merged packet
+        self.closed = self.segment == 0 or bool(self.flags & TCP_PSH)
         self.full = len(packet)
+        self.limit = MAX_SUPER_PACKET + (40 if version == 6 else 0) - self.segment  # a full one more fits below
         # IPv4: version/IHL, TOS, total length (then 6:10 flags, TTL, protocol); IPv6: all but addresses
         self.head_to = 4 if version == 4 else 8
+        self.lead = packet[:self.head_to]
+        self.v4_mid = packet[6:10] if version == 4 else b""
         self.mid_from = 12 if version == 4 else 8
-        self.mid = bytearray(packet[self.mid_from:offset + 16])
+        self.mid_to = offset + 16
+        self.mid = bytearray(packet[self.mid_from:self.mid_to])
         self.seq_in_mid = offset + 4 - self.mid_from
         _U32.pack_into(self.mid, self.seq_in_mid, self.next_seq)
+        self.options_from = offset + 18  # urgent pointer and options
+        self.options = packet[self.options_from:header_len]
 
     def follows(self, packet: bytes) -> bool:
         """Is ``packet`` the next full-size segment of this run, with equal headers but for the
         IP ID, the sequence number and the checksums? (Else :func:`_can_append` decides.)"""
-        first, offset = self.packet, self.offset
         return len(packet) == self.full and not self.closed \
-            and packet[self.mid_from:offset + 16] == self.mid \
-            and packet[:self.head_to] == first[:self.head_to] \
-            and packet[offset + 18:self.header_len] == first[offset + 18:self.header_len] \
-            and (self.version == 6 or packet[6:10] == first[6:10])
+            and packet[self.mid_from:self.mid_to] == self.mid \
+            and packet[:self.head_to] == self.lead \
+            and packet[self.options_from:self.header_len] == self.options \
+            and (self.version == 6 or packet[6:10] == self.v4_mid)
 
     def take(self, packet: bytes) -> None:
         """Append a segment that :meth:`follows` (full-size, no PSH)."""
-        self.packet += memoryview(packet)[self.header_len:]
+        packets = self.packets
+        packets.append(packet)
+        self.size += self.segment
         self.next_seq = (self.next_seq + self.segment) & 0xFFFFFFFF
         _U32.pack_into(self.mid, self.seq_in_mid, self.next_seq)
-        self.count += 1
-        if self.count >= MAX_COALESCED_SEGMENTS or \
-                len(self.packet) + self.segment > MAX_SUPER_PACKET + (40 if self.version == 6 else 0):
+        if len(packets) >= MAX_COALESCED_SEGMENTS or self.size > self.limit:
             self.closed = True
 
 
@@ -284,14 +293,14 @@ def _checksum_valid(packet: bytes, version: int, offset: int) -> bool:
 
 
 def _can_append(run: _Run, packet: bytes, header_len: int, seq: int) -> bool:
-    if run.closed or run.count >= MAX_COALESCED_SEGMENTS or header_len != run.header_len:
+    if run.closed or len(run.packets) >= MAX_COALESCED_SEGMENTS or header_len != run.header_len:
         return False
     size = len(packet) - header_len
     if size == 0 or size > run.segment or seq != run.next_seq:
         return False
-    if len(run.packet) + size > MAX_SUPER_PACKET + (40 if run.version == 6 else 0):
+    if run.size + size > MAX_SUPER_PACKET + (40 if run.version == 6 else 0):
         return False
-    head, first, offset = packet, run.packet, run.offset
+    head, first, offset = packet, run.packets[0], run.offset
     if run.version == 4:  # TOS, flags (DF), TTL, protocol must match; IDs and lengths differ
         if head[1] != first[1] or head[6] & 0xE0 != first[6] & 0xE0 or head[8] != first[8]:
             return False
@@ -304,31 +313,37 @@ def _can_append(run: _Run, packet: bytes, header_len: int, seq: int) -> bool:
 
 def _append(run: _Run, packet: bytes, header_len: int) -> None:
     size = len(packet) - header_len
-    run.packet += memoryview(packet)[header_len:]
+    run.packets.append(packet)
+    run.size += size
     run.next_seq = (run.next_seq + size) & 0xFFFFFFFF
     _U32.pack_into(run.mid, run.seq_in_mid, run.next_seq)
-    run.count += 1
     if size < run.segment or packet[run.offset + 13] & TCP_PSH:
-        run.packet[run.offset + 13] |= packet[run.offset + 13] & TCP_PSH
+        run.flags |= packet[run.offset + 13] & TCP_PSH
         run.closed = True  # a short or pushed segment ends a run
+    elif len(run.packets) >= MAX_COALESCED_SEGMENTS or run.size > run.limit:
+        run.closed = True
 
 
 def _frame(run: _Run, plain: bytes) -> bytes:
     """A merged run as a GSO frame: IP lengths for the whole, the TCP checksum field holding
     the pseudo-header sum for the kernel to finish (NEEDS_CSUM)."""
-    packet, version, offset = run.packet, run.version, run.offset
-    if run.count == 1:
-        return plain + bytes(packet)
+    packets, version, offset, header_len = run.packets, run.version, run.offset, run.header_len
+    if len(packets) == 1:
+        return plain + packets[0]
+    head = bytearray(packets[0][:header_len])
+    size = run.size
     if version == 4:
-        packet[2:4] = _U16.pack(len(packet))
-        _ipv4_header_checksum(memoryview(packet)[:offset])  # type: ignore[arg-type]
+        _U16.pack_into(head, 2, size)
+        _ipv4_header_checksum(memoryview(head)[:offset])  # type: ignore[arg-type]
         gso_type = GSO_TCPV4
     else:
-        packet[4:6] = _U16.pack(len(packet) - 40)
+        _U16.pack_into(head, 4, size - 40)
         gso_type = GSO_TCPV6
-    packet[offset + 16:offset + 18] = _U16.pack(_pseudo_sum(packet, version, PROTO_TCP, len(packet) - offset))
-    header = VNET_HDR.pack(F_NEEDS_CSUM, gso_type, run.header_len, run.segment, offset, 16)
-    return header + packet  # bytes + bytearray: one copy
+    head[offset + 13] = run.flags
+    _U16.pack_into(head, offset + 16, _pseudo_sum(head, version, PROTO_TCP, size - offset))
+    header = VNET_HDR.pack(F_NEEDS_CSUM, gso_type, header_len, run.segment, offset, 16)
+    view = memoryview
+    return b"".join([header, head, view(packets[0])[header_len:], *[view(p)[header_len:] for p in packets[1:]]])
 
 
 def coalesce(packets: list[bytes], authenticated: bool = False) -> list[bytes]:
@@ -356,6 +371,11 @@ def coalesce(packets: list[bytes], authenticated: bool = False) -> list[bytes]:
             frames.append(plain + packet)
             continue
         version, offset, header_len = candidate
+        if header_len == len(packet):  # a pure ACK goes alone, and ends its flow's run
+            frames.append(plain + packet)
+            if runs:
+                runs.pop(_flow_key(packet, version, offset), None)
+            continue
         if not authenticated and not _checksum_valid(packet, version, offset):
             frames.append(NO_OFFLOAD + packet)  # the kernel checks it and drops it, as it should
             continue

@@ -73,6 +73,7 @@ _pack_header = struct.Struct("<8sQ").pack_into  # our remote-index header, then 
 _unpack_header = struct.Struct("<IQ").unpack_from  # receiver index, counter (from offset 4)
 _pack_nonce = struct.Struct("<4xQ").pack
 _PADDING = bytes(16)
+_TRANSPORT_TYPE = bytes([MESSAGE_TRANSPORT_DATA, 0, 0, 0])  # type and reserved of a transport message
 _RETRANSMIT = PeerTimer.RETRANSMIT_HANDSHAKE
 _KEEPALIVE = PeerTimer.SEND_KEEPALIVE
 _NEW_HANDSHAKE = PeerTimer.NEW_HANDSHAKE
@@ -326,20 +327,27 @@ class Engine(HandshakeDriver):
     def send(self, packet: bytes, now: float) -> D | None:
         """Encrypt an IP packet from the TUN device for the peer that its destination routes to."""
         n = len(packet)
-        if n >= 20 and packet[0] >> 4 == 4:
+        version = packet[0] >> 4 if n else 0
+        if n >= 20 and version == 4:
             peer = self._allowed_ips.lookup_v4(packet[16:20])
-        elif n >= 40 and packet[0] >> 4 == 6:
+        elif n >= 40 and version == 6:
             peer = self._allowed_ips.lookup_v6(packet[24:40])
         else:
             self._drops[D.BAD_INNER_PACKET] += 1
             return D.BAD_INNER_PACKET
         if peer is None:
             # multicast (IPv6 router solicitations, MLD): the kernel's own, no peer asked for it
-            multicast = packet[24] == 0xFF if packet[0] >> 4 == 6 else packet[16] >> 4 == 14
+            multicast = packet[24] == 0xFF if version == 6 else packet[16] >> 4 == 14
             reason = D.MULTICAST if multicast else D.NO_ROUTE
             self._drops[reason] += 1
             return reason
-        return self.send_to_peer(peer, packet, now)
+        kp = peer.current
+        # the usual case, without the call: a usable session and nothing staged (send_to_peer's test)
+        if kp is None or peer.staged or peer.endpoint is None or kp.send_counter >= REJECT_AFTER_MESSAGES \
+                or now - kp.created_at >= REJECT_AFTER_TIME:
+            return self.send_to_peer(peer, packet, now)
+        self._encrypt(peer, kp, packet, now)
+        return None
 
     def send_to_peer(self, peer: Peer, packet: bytes, now: float) -> D | None:
         """Encrypt ``packet`` for ``peer`` now if a session is usable, else stage it and handshake."""
@@ -377,7 +385,7 @@ class Engine(HandshakeDriver):
         self._seal(self._scratch_body, _NULL, packet, len(packet), _NULL, 0, _NULL, _pack_nonce(counter), kp.send_key)
         datagram = view[0:size]
         self._out.append((datagram, peer.endpoint, peer.local))
-        peer.tx_bytes += len(datagram)
+        peer.tx_bytes += size
         # timers: any authenticated packet traversal / sent, data sent (wireguard-go timers.go)
         if peer.persistent_keepalive_interval:
             self._timers.arm(peer, _PERSISTENT, now + peer.persistent_keepalive_interval)
@@ -422,21 +430,15 @@ class Engine(HandshakeDriver):
         ``local`` (opaque here) says which of our addresses it was sent to: if it authenticates,
         what we send to its peer carries it back, as the kernel and wireguard-go answer from the
         address the peer used."""
-        if len(data) < 4:
-            self._drops[D.TOO_SHORT] += 1
-            return D.TOO_SHORT
-        kind = data[0]
-        if data[1] or data[2] or data[3]:
-            self._drops[D.BAD_TYPE] += 1
-            return D.BAD_TYPE
-        if kind == MESSAGE_TRANSPORT_DATA:
+        if data[:4] == _TRANSPORT_TYPE:  # the data path first: type 4, reserved zero
             reason = self._on_transport(data, addr, now, local)
+        elif len(data) < 4:
+            reason = D.TOO_SHORT
+        elif data[1] or data[2] or data[3]:
+            reason = D.BAD_TYPE
         else:
-            handler = self._handlers.get(kind)
-            if handler is None:
-                reason = D.BAD_TYPE
-            else:
-                reason = handler(data, addr, now, local)
+            handler = self._handlers.get(data[0])
+            reason = D.BAD_TYPE if handler is None else handler(data, addr, now, local)
         if reason is not None:
             self._drops[reason] += 1
         return reason
@@ -451,13 +453,13 @@ class Engine(HandshakeDriver):
         if now - kp.created_at >= REJECT_AFTER_TIME:
             return D.KEY_EXPIRED
         replay = kp.replay
-        if not replay.may_accept(counter):
-            return D.REPLAYED
+        if (counter <= replay.newest or counter >= REJECT_AFTER_MESSAGES) and not replay.may_accept(counter):
+            return D.REPLAYED  # (in order, the usual case, needs no call)
         size = len(data) - _OVERHEAD
         if size > self._scratch_size:
             self._grow_scratch(size)
         if self._open(self._scratch, _NULL, _NULL, data[16:], size + AEAD_TAG_SIZE, _NULL, 0,
-                 b"\x00\x00\x00\x00" + data[8:16], kp.recv_key):
+                 _pack_nonce(counter), kp.recv_key):
             return D.BAD_TAG
         plain = self._scratch_view[0:size]
         peer = kp.peer
@@ -473,7 +475,7 @@ class Engine(HandshakeDriver):
         if peer.endpoint != addr:
             peer.endpoint = addr  # roaming: follow the latest authenticated packet
         peer.local = local
-        peer.rx_bytes += len(data)
+        peer.rx_bytes += size + _OVERHEAD
         # timers: keep key fresh, traversal, any authenticated packet received
         if (
             kp.is_initiator
@@ -491,15 +493,7 @@ class Engine(HandshakeDriver):
             self._timers.arm(peer, _KEEPALIVE, now + KEEPALIVE_TIMEOUT)
         else:
             peer.need_another_keepalive = True
-        reason = self._check_inner(peer, plain)
-        if reason is not None:
-            return reason
-        n = len(plain)
-        length = ((plain[2] << 8) | plain[3]) if plain[0] >> 4 == 4 else ((plain[4] << 8) | plain[5]) + 40
-        if _is_control(plain):
-            return self._take_control(peer, plain[:length])
-        self._to_tun.append(plain if length == n else plain[:length])  # without the padding
-        return None
+        return self._deliver(peer, plain)
 
     def _take_control(self, peer: Peer, packet: bytes) -> D | None:
         if len(self._control) >= MAX_QUEUED_CONTROL_PACKETS:  # nobody takes them (no resources)
@@ -507,22 +501,28 @@ class Engine(HandshakeDriver):
         self._control.append((peer.public_key, packet))
         return None
 
-    def _check_inner(self, peer: Peer, plain: bytes) -> D | None:
-        """Check the inner packet's length and source against the peer's allowed IPs."""
+    def _deliver(self, peer: Peer, plain: bytes) -> D | None:
+        """Check a decrypted packet's length and source against the peer's allowed IPs, and queue
+        it for TUN without its padding (an in-tunnel control packet, exempt, for its taker)."""
         n = len(plain)
         version = plain[0] >> 4
         if version == 4 and n >= 20:
             length = (plain[2] << 8) | plain[3]
-            source_peer = self._allowed_ips.lookup_v4(plain[12:16])
+            if length > n or length < 20:
+                return D.BAD_INNER_PACKET
+            if self._allowed_ips.lookup_v4(plain[12:16]) is not peer:
+                return D.NOT_ALLOWED_SOURCE
         elif version == 6 and n >= 40:
             length = ((plain[4] << 8) | plain[5]) + 40
-            source_peer = self._allowed_ips.lookup_v6(plain[8:24])
+            if length > n:
+                return D.BAD_INNER_PACKET
+            if _is_control(plain):
+                return self._take_control(peer, plain[:length])
+            if self._allowed_ips.lookup_v6(plain[8:24]) is not peer:
+                return D.NOT_ALLOWED_SOURCE
         else:
             return D.BAD_INNER_PACKET
-        if length > n or length < 20:
-            return D.BAD_INNER_PACKET
-        if source_peer is not peer and not _is_control(plain):
-            return D.NOT_ALLOWED_SOURCE
+        self._to_tun.append(plain if length == n else plain[:length])
         return None
 
     # ------------------------------------------------------------------ cleanup
