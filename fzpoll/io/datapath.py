@@ -49,7 +49,7 @@ from fzpoll.errors import DropReason as D
 from fzpoll.io.loop import EPOLLERR, EPOLLIN, EPOLLOUT, MAX_PENDING_WRITES, Loop, Outbox
 from fzpoll.io.tun import MAX_FRAME
 from fzpoll.io.udp import READ_SIZE, Datagram, UdpSockets
-from fzpoll.io.vnet import coalesce, split_frame
+from fzpoll.io.vnet import F_NEEDS_CSUM, GSO_NONE, VNET_HDR_LEN, coalesce, split_frame
 from fzpoll.ippacket import destination_in, may_be_answered
 from fzpoll.wireguard.constants import (
     DEFAULT_BATCH_SIZE,
@@ -291,7 +291,12 @@ class Datapath:
         try:
             if self._tun_vnet:
                 while n < limit:
-                    packets = split_frame(read(fd, MAX_FRAME))
+                    frame = read(fd, MAX_FRAME)
+                    if len(frame) > VNET_HDR_LEN and frame[1] == GSO_NONE and not frame[0] & F_NEEDS_CSUM:
+                        batch.append(frame[VNET_HDR_LEN:])  # a plain packet (the usual case): no call
+                        n += 1
+                        continue
+                    packets = split_frame(frame)
                     if packets is None:
                         self.engine.count_drop(D.BAD_TUN_FRAME)
                         n += 1
