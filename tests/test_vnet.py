@@ -231,3 +231,17 @@ def test_authenticated_packets_are_merged_without_summing_and_alone_say_data_val
     assert vnet.coalesce([udp], authenticated=True) == [vnet.DATA_VALID + udp]
     assert vnet.VNET_HDR.unpack(vnet.DATA_VALID) == (vnet.F_DATA_VALID, vnet.GSO_NONE, 0, 0, 0, 0)
     assert vnet.coalesce([first, unsummed]) == [vnet.NO_OFFLOAD + first, vnet.NO_OFFLOAD + unsummed]
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_a_pure_ack_goes_alone_and_ends_its_flows_run(version: int) -> None:
+    """A segment without payload (an ACK, a window update) is never merged, and the segments of
+    its flow after it are not merged into the run before it: the flow stays in order."""
+    data = [tcp_segment(version, bytes([65 + i]) * 100, seq=1000 + 100 * i) for i in range(4)]
+    ack = tcp_segment(version, b"", seq=1200)
+    frames = vnet.coalesce([data[0], data[1], ack, data[2], data[3]], authenticated=True)
+    assert len(frames) == 3
+    assert frames[1] == vnet.DATA_VALID + ack
+    assert frames[0].endswith(b"A" * 100 + b"B" * 100) and frames[2].endswith(b"C" * 100 + b"D" * 100)
+    for frame in (frames[0], frames[2]):
+        assert [len(p) for p in vnet.split_frame(frame)] == [len(data[0])] * 2
