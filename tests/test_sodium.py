@@ -15,7 +15,7 @@ from helpers import TUN_A, TUN_B, Pair, ip4, ip6
 SYSTEM_LIB = choose(SYSTEM)
 # every distinct library this process can use: PyNaCl's, and the shared one if it is another
 BACKENDS = [PYNACL] + ([SYSTEM_LIB] if SYSTEM_LIB.via == "dlopen" else [])
-IDS = [b.describe() for b in BACKENDS]
+IDS = [f"{b.kind}-via-{b.via}" for b in BACKENDS]
 
 
 def test_sodium_init_ran_on_pynacl_library() -> None:
