@@ -139,8 +139,8 @@ def _function_types() -> tuple[Any, Any, Any, Any]:
 def _already_loaded() -> str | None:
     """The soname of a shared libsodium this process has loaded already: PyNaCl's module links it
     (Debian's python3-nacl), as nothing else in fzpoll loads one before :func:`choose`. Asked
-    with libc's ``dlopen(RTLD_NOLOAD)``, which loads nothing (cffi's own load_library with that
-    flag crashes on a library that is not loaded: it reads a NULL dlerror())."""
+    with libc's ``dlopen(RTLD_NOLOAD)``, which loads nothing (``_cffi_backend.load_library`` with
+    that flag segfaulted here, cffi 2.0.0, for a library that exists but is not loaded)."""
     b = _cffi_backend
     void_p = b.new_pointer_type(b.new_void_type())
     dlopen_t = b.new_function_type((b.new_pointer_type(b.new_primitive_type("char")), b.new_primitive_type("int")),
