@@ -31,7 +31,6 @@ from typing import Any, Callable
 
 import _cffi_backend
 import nacl
-import nacl.bindings  # noqa: F401  (the public bindings: their import runs sodium_init() too)
 from nacl._sodium import ffi, lib
 
 # Without sodium_init() libsodium runs its portable code, 2x slower per packet: make sure.
