@@ -60,10 +60,20 @@ def test_a_truncated_dump_gives_no_counters_not_an_error(cut: int) -> None:
 
 
 @pytest.mark.parametrize("value, rate", [("", shaper.DNS_QUERY_RATE), ("0", 0), ("250", 250),
-                                         ("fast", shaper.DNS_QUERY_RATE)])
+                                         ("fast", shaper.DNS_QUERY_RATE), ("-5", shaper.DNS_QUERY_RATE),
+                                         ("²", shaper.DNS_QUERY_RATE), (" 250 ", 250)])
 def test_the_rate_can_be_overridden_or_turned_off(monkeypatch, value: str, rate: int) -> None:
     monkeypatch.setenv(shaper.ENV_RATE, value)
     assert shaper.configured_rate() == rate
+
+
+@pytest.mark.parametrize("value", ["fast", "-5", "²", "1e3"])
+def test_a_rate_that_is_not_a_number_is_a_warning(monkeypatch, caplog, value: str) -> None:
+    monkeypatch.setenv(shaper.ENV_RATE, value)
+    with caplog.at_level(logging.INFO, logger="fzpoll.dns.shaper"):
+        assert shaper.configured_rate() == shaper.DNS_QUERY_RATE
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert shaper.ENV_RATE in caplog.records[0].getMessage()
 
 
 def test_a_limit_that_cannot_be_installed_is_a_warning_and_no_limit(monkeypatch, caplog) -> None:
