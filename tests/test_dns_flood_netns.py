@@ -211,3 +211,21 @@ def test_local_dns_flood_does_not_stop_pings_through_the_tunnel(tunnel) -> None:
     assert answered >= 2, report  # (a dig lands in a flooder's bucket 1 time in 8)
     # what passed is bounded by the bucket and the rate (generously: the flood ran FLOOD_SECONDS)
     assert passed <= 2 * DNS_QUERY_RATE * (FLOOD_SECONDS + 2), report
+
+
+@pytest.mark.parametrize("value", ["1", "²"])  # a rate pyroute2 cannot encode; a digit int() refuses
+def test_a_rate_that_cannot_be_installed_is_a_warning_not_a_failed_start(tunnel, value: str) -> None:
+    tmp, ns_a, ns_b, pair, key_a, key_b = tunnel
+    daemon, name, log_path = _start(tmp, ns_b, pair, key_a, key_b, {"FZPOLL_DNS_RATE": value})
+    try:
+        limit = _dns_stats(ns_b, name)["kernel"]
+        if value == "1":  # refused, and the root qdisc back to the kernel's default
+            assert limit["rate"] == 0 and limit["off"], limit
+            assert not [q for q in _qdiscs(ns_b, name) if q.get("kind") == "htb"]
+        else:  # not a number: the default rate, and a warning that names the variable
+            assert limit["rate"] == DNS_QUERY_RATE, limit
+        assert daemon.poll() is None
+    finally:
+        daemon.terminate()
+        assert daemon.wait(timeout=10) == 0, log_path.read_text()
+    assert ("not rate-limited" if value == "1" else "FZPOLL_DNS_RATE") in log_path.read_text()

@@ -71,9 +71,15 @@ _TRANSPORT_OFFSET = {4: 20, 6: 40}
 
 
 def configured_rate() -> int:
-    """:data:`DNS_QUERY_RATE`, or ``$FZPOLL_DNS_RATE`` (0: no kernel limit)."""
-    value = os.environ.get(ENV_RATE, "")
-    return int(value) if value.strip().isdigit() else DNS_QUERY_RATE
+    """:data:`DNS_QUERY_RATE`, or ``$FZPOLL_DNS_RATE`` (0: no kernel limit); anything but a whole
+    number is a warning and the default (``isdigit`` alone takes "²", which ``int`` refuses)."""
+    value = os.environ.get(ENV_RATE, "").strip()
+    if value.isascii() and value.isdigit():
+        return int(value)
+    if value:
+        log.warning(f"{ENV_RATE} ignored: not a whole number of queries per second (0: no limit)",
+                    extra={"fields": {"value": value, "queries_per_second": DNS_QUERY_RATE}})
+    return DNS_QUERY_RATE
 
 
 def u32_keys(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> list[str]:
