@@ -1,0 +1,50 @@
+"""The DNS stub's kernel rate limit (fzpoll/dns/shaper.py) against the real kernel, on a TUN
+device in a namespace of our own: installed twice (a persistent device the previous daemon left
+limited), and an install the kernel (or pyroute2) refuses midway, which must leave no HTB root."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from netns import Namespace
+from fzpoll.dns.shaper import CLASS_ID, QDISC_HANDLE, SOURCE_BUCKETS
+
+pytestmark = [pytest.mark.netns, pytest.mark.needs("netns")]
+
+_INSTALL = """
+import sys
+from fzpoll.dns import shaper
+from fzpoll.dns.stub import SENTINELS_V4, SENTINELS_V6
+print(repr(shaper.install("fzsh0", [str(SENTINELS_V4), str(SENTINELS_V6)], {rate})))
+"""
+
+
+@pytest.fixture()
+def tun():
+    with Namespace("shaper") as ns:
+        ns.ip("tuntap", "add", "dev", "fzsh0", "mode", "tun")  # persistent: outlives its daemons
+        ns.ip("link", "set", "fzsh0", "up")
+        yield ns
+
+
+def _install(ns: Namespace, rate: int) -> str:
+    return ns.python(_INSTALL.format(rate=rate)).stdout.strip()
+
+
+def _root(ns: Namespace) -> list[tuple[str, str]]:
+    qdiscs = json.loads(ns.run(["tc", "-j", "qdisc", "show", "dev", "fzsh0"]).stdout or "[]")
+    return [(q["kind"], q["handle"]) for q in qdiscs if q.get("root")]
+
+
+def _classes(ns: Namespace) -> str:
+    return ns.run(["tc", "class", "show", "dev", "fzsh0"]).stdout
+
+
+@pytest.mark.parametrize("rate", [1, 2])  # pyroute2 cannot encode the burst's time at these rates
+def test_a_refused_install_is_a_reason_and_leaves_the_default_root(tun, rate: int) -> None:
+    reason = _install(tun, rate)
+    assert reason != "None" and "Traceback" not in reason, reason
+    assert ("htb", f"{QDISC_HANDLE >> 16:x}:") not in _root(tun)
+    assert "class htb" not in _classes(tun)
