@@ -56,6 +56,7 @@ ENV_RATE = "FZPOLL_DNS_RATE"
 RTM_NEWTCLASS = 40
 RTM_GETTCLASS = 42
 NLM_F_REQUEST = 0x1
+TC_H_ROOT = 0xFFFFFFFF
 NLM_F_DUMP = 0x300
 TCA_STATS2 = 7
 TCA_STATS_BASIC = 1
@@ -109,13 +110,23 @@ def install(ifname: str, networks: Iterable[str], rate: int) -> str | None:
         try:
             _add(ipr, index, [ipaddress.ip_network(n) for n in networks], rate)
         except NetlinkError as exc:
-            try:
-                ipr.tc("del", index=index, handle=QDISC_HANDLE)  # the root qdisc back to the default
-            except NetlinkError:
-                pass
+            _remove(ipr, index)
             code = exc.code
             return f"{errno.errorcode.get(code, code)} ({os.strerror(code)}): the kernel lacks HTB or u32?"
+        except (struct.error, ValueError, OverflowError) as exc:  # pyroute2 cannot encode the rate
+            _remove(ipr, index)
+            return f"{ENV_RATE}={rate} cannot be encoded: {exc}"
     return None
+
+
+def _remove(ipr: Any, index: int) -> None:
+    """Our root qdisc (and its classes and filters) gone: the kernel's default back."""
+    from pyroute2 import NetlinkError
+
+    try:
+        ipr.tc("del", index=index, handle=QDISC_HANDLE, parent=TC_H_ROOT)  # without parent: EINVAL
+    except NetlinkError:
+        pass
 
 
 def _add(ipr: Any, index: int, networks: list, rate: int) -> None:
