@@ -42,6 +42,17 @@ def _classes(ns: Namespace) -> str:
     return ns.run(["tc", "class", "show", "dev", "fzsh0"]).stdout
 
 
+def test_a_second_install_on_a_limited_device_is_a_success(tun) -> None:
+    assert _install(tun, 1000) == "None"
+    assert _install(tun, 500) == "None"  # e.g. the next daemon on a persistent device
+    assert _root(tun) == [("htb", f"{QDISC_HANDLE >> 16:x}:")]
+    classes = _classes(tun)
+    assert classes.count("class htb ") == 1 + SOURCE_BUCKETS, classes
+    assert f"class htb 53:{CLASS_ID & 0xFFFF:x} root rate 2048Kbit" in classes  # the new rate
+    filters = tun.run(["tc", "filter", "show", "dev", "fzsh0"]).stdout
+    assert filters.count("flowid") == 2 * SOURCE_BUCKETS, filters  # one set, not two
+
+
 @pytest.mark.parametrize("rate", [1, 2])  # pyroute2 cannot encode the burst's time at these rates
 def test_a_refused_install_is_a_reason_and_leaves_the_default_root(tun, rate: int) -> None:
     reason = _install(tun, rate)
