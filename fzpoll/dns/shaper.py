@@ -24,7 +24,7 @@ rate and no more: the tunnel's own packets are safe either way.
 routes the sentinels, the first time it does; a kernel without HTB or u32 gets a warning and the
 stub works as without the limit (its own shedding, fzpoll.dns.forwarder, is then all there is). Nothing needs removing: the qdisc goes with the
 TUN device, which the kernel deletes when the daemon closes it (``fzpoll down``, exit, a failed
-start). ``FZPOLL_DNS_RATE=0`` turns it off (benchmarks), another value replaces the rate.
+start; a persistent device keeps it, and the next daemon's install replaces it). ``FZPOLL_DNS_RATE=0`` turns it off (benchmarks), another value replaces the rate.
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ def install(ifname: str, networks: Iterable[str], rate: int) -> str | None:
         if not found:
             return f"no interface {ifname}"
         index = found[0]
+        _remove(ipr, index)  # a persistent device keeps an earlier daemon's: HTB cannot replace itself
         try:
             _add(ipr, index, [ipaddress.ip_network(n) for n in networks], rate)
         except NetlinkError as exc:
