@@ -116,7 +116,8 @@ def install(ifname: str, networks: Iterable[str], rate: int) -> str | None:
             return f"{errno.errorcode.get(code, code)} ({os.strerror(code)}): the kernel lacks HTB or u32?"
         except (struct.error, ValueError, OverflowError) as exc:  # pyroute2 cannot encode the rate
             _remove(ipr, index)
-            return f"{ENV_RATE}={rate} cannot be encoded: {exc}"
+            return (f"{ENV_RATE}={rate} is out of HTB's range (below 4 queries/s a burst of "
+                    f"{DNS_QUERY_BURST} lasts too long to encode): {exc}")
     return None
 
 
