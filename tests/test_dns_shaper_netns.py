@@ -59,3 +59,11 @@ def test_a_refused_install_is_a_reason_and_leaves_the_default_root(tun, rate: in
     assert reason != "None" and "Traceback" not in reason, reason
     assert ("htb", f"{QDISC_HANDLE >> 16:x}:") not in _root(tun)
     assert "class htb" not in _classes(tun)
+
+
+def test_a_root_qdisc_the_user_set_is_left_alone(tun) -> None:
+    tun.run(["tc", "qdisc", "add", "dev", "fzsh0", "root", "handle", "7:", "pfifo", "limit", "100"])
+    reason = _install(tun, 1000)
+    assert reason != "None" and "pfifo" in reason, reason  # the warning says whose qdisc is there
+    assert _root(tun) == [("pfifo", "7:")]
+    assert "class htb" not in _classes(tun)
