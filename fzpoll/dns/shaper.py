@@ -7,7 +7,8 @@ so a qdisc before it holds nothing and a fair one (fq_codel, if the kernel had i
 local process flooding the stub kept the ring full and the tunnel's own packets (echo replies to a
 peer's pings) were dropped before the daemon could read them; shedding in Python comes too late.
 
-So the flood is kept out of the ring: the root qdisc becomes HTB (handle ``53:``), whose
+So the flood is kept out of the ring: the root qdisc (the kernel's default; one a user or another
+tool set is left alone, with a warning) becomes HTB (handle ``53:``), whose
 unclassified traffic goes through its direct queue unshaped, and a u32 filter per family puts
 packets to the sentinel ranges into a class (``53:53``) limited to :data:`DNS_QUERY_RATE` packets/s
 (HTB counts every packet as at least :data:`DNS_MPU` bytes, so its byte rate is a packet rate for
@@ -108,6 +109,9 @@ def install(ifname: str, networks: Iterable[str], rate: int) -> str | None:
             return f"no interface {ifname}"
         index = found[0]
         _remove(ipr, index)  # a persistent device keeps an earlier daemon's: HTB cannot replace itself
+        theirs = _foreign_root(ipr, index)
+        if theirs:
+            return f"the root qdisc is someone else's ({theirs}): left as it is"
         try:
             _add(ipr, index, [ipaddress.ip_network(n) for n in networks], rate)
         except NetlinkError as exc:
@@ -118,6 +122,15 @@ def install(ifname: str, networks: Iterable[str], rate: int) -> str | None:
             _remove(ipr, index)
             return (f"{ENV_RATE}={rate} is out of HTB's range (below 4 queries/s a burst of "
                     f"{DNS_QUERY_BURST} lasts too long to encode): {exc}")
+    return None
+
+
+def _foreign_root(ipr: Any, index: int) -> str | None:
+    """The root qdisc a user or another tool set (kind and handle); None for the kernel's default,
+    whose handle is 0:."""
+    for qdisc in ipr.get_qdiscs(index=index):
+        if qdisc["parent"] == TC_H_ROOT and qdisc["handle"]:
+            return f"{qdisc.get_attr('TCA_KIND')} {qdisc['handle'] >> 16:x}:"
     return None
 
 
