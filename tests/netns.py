@@ -498,9 +498,12 @@ class WireguardGo:
 # Upstream wireguard-go (with sticky sockets and offloads): FZPOLL_WIREGUARD_GO_UPSTREAM, else the
 # binary the project keeps beside its checkouts (shared/anchors/README.md says how it is built).
 # The upstream build lies in ../shared/anchors beside the checkout (as CI lays it out).
+# A git worktree (wt/NAME) sits a level deeper: the first parent with shared/anchors wins.
+_ANCHOR = Path("shared") / "anchors" / "wireguard-go-upstream"
 UPSTREAM_WIREGUARD_GO = os.environ.get(
     "FZPOLL_WIREGUARD_GO_UPSTREAM",
-    str(Path(__file__).resolve().parent.parent.parent / "shared" / "anchors" / "wireguard-go-upstream"))
+    str(next((p / _ANCHOR for p in Path(__file__).resolve().parents if (p / _ANCHOR).exists()),
+             Path(__file__).resolve().parent.parent.parent / _ANCHOR)))
 
 
 def need_upstream_wireguard_go() -> str | None:
