@@ -231,3 +231,43 @@ def test_packets_queued_for_tun_by_another_source_are_written_once(rig):
     assert rig.tun_packets() == [answer]
     rig.loop.run_pass([], rig.pair.now)
     assert rig.tun_packets() == []
+
+
+def test_a_lone_bad_packet_is_counted_and_reported(rig, caplog):
+    rig.handshake()
+    rig.a_to_b([b"\x04\x00\x00\x00" + b"\xff" * 40])
+    with caplog.at_level(logging.WARNING, logger="fzpoll.io.loop"):
+        rig.loop.run_once(max_timeout=1)
+    assert rig.loop.last_error.counts() == {D.UNKNOWN_INDEX: 1}
+    assert rig.pair.b.drops[D.UNKNOWN_INDEX] == 1
+    assert rig.tun_packets() == []
+
+
+def test_a_lone_packet_meeting_a_full_tun_waits_and_stops_udp_reads():
+    rig = Rig(max_pending=4)
+    try:
+        rig.handshake()
+        p = rig.pair
+        filler = b"x" * 1000
+        try:
+            while True:
+                rig.tun_dev.send(filler)
+        except BlockingIOError:
+            pass
+        datagrams = []
+        for i in range(2):
+            p.a.send(ip4(TUN_A, TUN_B, b"lone%d" % i), p.now)
+            datagrams.extend(p.take(p.a))
+        rig.a_to_b(datagrams[:1])
+        rig.loop.run_once(max_timeout=1)
+        assert rig.datapath.pending_writes()["tun"] == 1
+        rig.a_to_b(datagrams[1:])
+        rig.loop.run_once(max_timeout=0.05)
+        assert rig.datapath.pending_writes()["tun"] == 1  # UDP was not read while TUN is blocked
+        drained = rig.tun_packets()
+        for _ in range(3):
+            rig.loop.run_once(max_timeout=0.05)
+        delivered = [x for x in drained + rig.tun_packets() if x != filler]
+        assert delivered == [ip4(TUN_A, TUN_B, b"lone%d" % i) for i in range(2)]
+    finally:
+        rig.close()
