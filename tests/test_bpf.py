@@ -567,3 +567,23 @@ def test_refused_filter_falls_back(caplog: pytest.LogCaptureFixture) -> None:
     sock.close()
     assert sockfilter.attach_wireguard(sock, gro=True) is False
     assert "prefilter unavailable" in caplog.text
+
+
+def test_replay_guard_reads_kernel_drops_only_while_they_matter() -> None:
+    """The sockets' kernel drops (a getsockopt per socket) are read at a sample only when the
+    floors are on or go on at it: not in every quiet 50 ms, on a ping's latency path."""
+    guard = sockfilter.ReplayGuard()
+    reads: list[int] = []
+    kernel = [0]
+
+    def drops() -> int:
+        reads.append(1)
+        return kernel[0]
+
+    step = sockfilter.REPLAY_FLOOD_CHECK
+    assert guard.sample(step, 0, drops) is False and reads == []  # quiet: not read
+    flood = int(sockfilter.REPLAY_FLOOD_RATE * step) + 1
+    assert guard.sample(2 * step, flood, drops) is True and len(reads) == 1  # goes on: the baseline
+    kernel[0] = flood  # the floors drop them in the kernel now
+    assert guard.sample(3 * step, flood, drops) is True and len(reads) == 2  # on: kept on by them
+    assert guard.active

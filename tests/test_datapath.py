@@ -157,15 +157,17 @@ def test_fair_schedule_serves_tun_while_udp_is_flooded(schedule):
         rig.close()
 
 
-def test_backpressure_stops_reading_udp_while_tun_output_is_blocked():
+@pytest.mark.parametrize("sent, first", [(6, 3), (2, 1)])  # (2, 1): a lone packet meets the full TUN
+def test_backpressure_stops_reading_udp_while_tun_output_is_blocked(sent: int, first: int):
     rig = Rig(max_pending=4)
     try:
-        _backpressure(rig)
+        _backpressure(rig, sent, first)
     finally:
         rig.close()
 
 
-def _backpressure(rig: Rig) -> None:
+def _backpressure(rig: Rig, sent: int = 6, first: int = 3) -> None:
+    """``sent`` datagrams while TUN writes meet EAGAIN, ``first`` of them in the first pass."""
     rig.handshake()
     p = rig.pair
     # fill the fake TUN's socket buffer so writes meet EAGAIN
@@ -176,22 +178,22 @@ def _backpressure(rig: Rig) -> None:
     except BlockingIOError:
         pass
     datagrams = []
-    for i in range(6):
+    for i in range(sent):
         p.a.send(ip4(TUN_A, TUN_B, b"bp%d" % i), p.now)
         datagrams.extend(p.take(p.a))
-    rig.a_to_b(datagrams[:3])
+    rig.a_to_b(datagrams[:first])
     rig.loop.run_once(max_timeout=1)
-    assert rig.datapath.pending_writes()["tun"] == 3
-    rig.a_to_b(datagrams[3:])
+    assert rig.datapath.pending_writes()["tun"] == first
+    rig.a_to_b(datagrams[first:])
     rig.loop.run_once(max_timeout=0.05)
-    assert rig.datapath.pending_writes()["tun"] == 3  # UDP was not read: the burst waits in the kernel
+    assert rig.datapath.pending_writes()["tun"] == first  # UDP was not read: the burst waits in the kernel
     drained = rig.tun_packets()  # the application reads: TUN writable again
-    assert len(drained) > 3
+    assert len(drained) > first
     for _ in range(3):
         rig.loop.run_once(max_timeout=0.05)
     rest = rig.tun_packets()
     delivered = [x for x in drained + rest if x != filler]
-    assert delivered == [ip4(TUN_A, TUN_B, b"bp%d" % i) for i in range(6)]  # nothing lost, in order
+    assert delivered == [ip4(TUN_A, TUN_B, b"bp%d" % i) for i in range(sent)]  # nothing lost, in order
 
 
 def test_idle_poller_sleeps_until_the_engine_deadline(rig):
@@ -230,4 +232,14 @@ def test_packets_queued_for_tun_by_another_source_are_written_once(rig):
     sent.append(1)
     assert rig.tun_packets() == [answer]
     rig.loop.run_pass([], rig.pair.now)
+    assert rig.tun_packets() == []
+
+
+def test_a_lone_bad_packet_is_counted_and_reported(rig, caplog):
+    rig.handshake()
+    rig.a_to_b([b"\x04\x00\x00\x00" + b"\xff" * 40])
+    with caplog.at_level(logging.WARNING, logger="fzpoll.io.loop"):
+        rig.loop.run_once(max_timeout=1)
+    assert rig.loop.last_error.counts() == {D.UNKNOWN_INDEX: 1}
+    assert rig.pair.b.drops[D.UNKNOWN_INDEX] == 1
     assert rig.tun_packets() == []

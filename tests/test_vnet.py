@@ -245,3 +245,15 @@ def test_a_pure_ack_goes_alone_and_ends_its_flows_run(version: int) -> None:
     assert frames[0].endswith(b"A" * 100 + b"B" * 100) and frames[2].endswith(b"C" * 100 + b"D" * 100)
     for frame in (frames[0], frames[2]):
         assert [len(p) for p in vnet.split_frame(frame)] == [len(data[0])] * 2
+
+
+@pytest.mark.parametrize("authenticated", [False, True])
+def test_a_lone_packet_gets_the_frame_it_would_get_in_a_batch(authenticated: bool) -> None:
+    """coalesce's shortcut for a single packet (the latency path) frames it as the general path
+    does when the packet cannot merge: a TCP segment, one with a wrong checksum, UDP, IPv6."""
+    other = udp_datagram(4, b"o" * 20, checksum="full")
+    for packet in (tcp_segment(4, b"t" * 50), tcp_segment(6, b"t" * 50),
+                   tcp_segment(4, b"t" * 50, checksum="partial"), udp_datagram(6, b"u" * 9, checksum="full")):
+        (alone,) = vnet.coalesce([packet], authenticated=authenticated)
+        assert alone == vnet.coalesce([packet, other], authenticated=authenticated)[0]
+        assert alone == (vnet.DATA_VALID if authenticated else vnet.NO_OFFLOAD) + packet

@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import struct
+from typing import Callable
 
 from fzpoll.errors import DropReason
 from fzpoll.io.bpf import MAX_FILTER_INDICES, pack, wireguard_filter
@@ -132,13 +133,19 @@ class ReplayGuard:
     def due(self, now: float) -> bool:
         return now - self._sampled_at >= REPLAY_FLOOD_CHECK
 
-    def sample(self, now: float, replays: int, kernel_drops: int) -> bool:
+    def sample(self, now: float, replays: int, kernel_drops: Callable[[], int]) -> bool:
         """Take the engine's replay count and the sockets' kernel drops (both since start); True
-        if the floors are to be attached again: switched on, refreshed, or switched off."""
+        if the floors are to be attached again: switched on, refreshed, or switched off.
+        ``kernel_drops`` is read only while its count matters (the floors are on, or go on now):
+        it is a getsockopt per socket, in the pass of whatever packet comes after 50 ms - a
+        ping's, on the latency path (BENCHMARKS.md, issue 16, session 11)."""
         threshold = REPLAY_FLOOD_RATE * (now - self._sampled_at)
-        flood = (replays - self._replays >= threshold
-                 or (self.active and kernel_drops - self._kernel_drops >= threshold))
-        self._sampled_at, self._replays, self._kernel_drops = now, replays, kernel_drops
+        flood = replays - self._replays >= threshold
+        if flood or self.active:
+            drops = kernel_drops()
+            flood = flood or drops - self._kernel_drops >= threshold
+            self._kernel_drops = drops
+        self._sampled_at, self._replays = now, replays
         if flood:
             self.activations += not self.active
             self.active, self._until = True, now + REPLAY_FLOOD_HOLD
@@ -197,7 +204,7 @@ class PrefilterControl:
             self._indices = indices
         if self.check_indices and self.replay.due(now):
             rebuild |= self.replay.sample(now, self.engine.drops.get(DropReason.REPLAYED, 0),
-                                          sum(kernel_drops(s) or 0 for s in self.sockets))
+                                          lambda: sum(kernel_drops(s) or 0 for s in self.sockets))
         if rebuild:
             self._attach(now)
 
