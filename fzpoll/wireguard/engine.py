@@ -334,13 +334,7 @@ class Engine(HandshakeDriver):
             reason = D.MULTICAST if multicast else D.NO_ROUTE
             self._drops[reason] += 1
             return reason
-        kp = peer.current
-        # the usual case, without the call: a usable session and nothing staged (send_to_peer's test)
-        if kp is None or peer.staged or peer.endpoint is None or kp.send_counter >= REJECT_AFTER_MESSAGES \
-                or now - kp.created_at >= REJECT_AFTER_TIME:
-            return self.send_to_peer(peer, packet, now)
-        self._encrypt(peer, kp, packet, now)
-        return None
+        return self.send_to_peer(peer, packet, now)
 
     def send_to_peer(self, peer: Peer, packet: bytes, now: float) -> D | None:
         """Encrypt ``packet`` for ``peer`` now if a session is usable, else stage it and handshake."""
