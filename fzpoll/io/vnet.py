@@ -206,7 +206,7 @@ class _Run:
 
     __slots__ = ("packets", "flags", "version", "offset", "header_len", "segment", "next_seq", "size", "closed",
                  "full", "head_to", "lead", "v4_mid", "mid_from", "mid_to", "mid", "seq_in_mid", "options_from",
-                 "options", "limit")
+                 "options", "max_size")
 
     def __init__(self, packet: bytes, version: int, offset: int, header_len: int, seq: int) -> None:
         self.packets = [packet]
@@ -219,7 +219,7 @@ class _Run:
         self.size = len(packet)  # of the merged packet
         self.closed = self.segment == 0 or bool(self.flags & TCP_PSH)
         self.full = len(packet)
-        self.limit = MAX_SUPER_PACKET + (40 if version == 6 else 0) - self.segment  # a full one more fits below
+        self.max_size = MAX_SUPER_PACKET + (40 if version == 6 else 0)  # of the merged packet: its length field
         # IPv4: version/IHL, TOS, total length (then 6:10 flags, TTL, protocol); IPv6: all but addresses
         self.head_to = 4 if version == 4 else 8
         self.lead = packet[:self.head_to]
@@ -241,15 +241,19 @@ class _Run:
             and packet[self.options_from:self.header_len] == self.options \
             and (self.version == 6 or packet[6:10] == self.v4_mid)
 
-    def take(self, packet: bytes) -> None:
-        """Append a segment that :meth:`follows` (full-size, no PSH)."""
+    def take(self, packet: bytes, size: int) -> None:
+        """Append a segment of ``size`` payload bytes that :meth:`follows` or :func:`_can_append`
+        allowed; a short or pushed one, or a full run, ends the run."""
         packets = self.packets
         packets.append(packet)
-        self.size += self.segment
-        self.next_seq = (self.next_seq + self.segment) & 0xFFFFFFFF
+        self.size += size
+        self.next_seq = (self.next_seq + size) & 0xFFFFFFFF
         _U32.pack_into(self.mid, self.seq_in_mid, self.next_seq)
-        if len(packets) >= MAX_COALESCED_SEGMENTS or self.size > self.limit:
+        if size < self.segment or packet[self.offset + 13] & TCP_PSH:
+            self.flags |= packet[self.offset + 13] & TCP_PSH
             self.closed = True
+        elif len(packets) >= MAX_COALESCED_SEGMENTS or self.size + self.segment > self.max_size:
+            self.closed = True  # a full segment more would not fit
 
 
 def _tcp_candidate(packet: bytes) -> tuple[int, int, int] | None:
@@ -298,7 +302,7 @@ def _can_append(run: _Run, packet: bytes, header_len: int, seq: int) -> bool:
     size = len(packet) - header_len
     if size == 0 or size > run.segment or seq != run.next_seq:
         return False
-    if run.size + size > MAX_SUPER_PACKET + (40 if run.version == 6 else 0):
+    if run.size + size > run.max_size:
         return False
     head, first, offset = packet, run.packets[0], run.offset
     if run.version == 4:  # TOS, flags (DF), TTL, protocol must match; IDs and lengths differ
@@ -309,19 +313,6 @@ def _can_append(run: _Run, packet: bytes, header_len: int, seq: int) -> bool:
     # window, urgent pointer and options equal; flags checked by _tcp_candidate
     return head[offset + 14:offset + 16] == first[offset + 14:offset + 16] \
         and head[offset + 18:header_len] == first[offset + 18:header_len]
-
-
-def _append(run: _Run, packet: bytes, header_len: int) -> None:
-    size = len(packet) - header_len
-    run.packets.append(packet)
-    run.size += size
-    run.next_seq = (run.next_seq + size) & 0xFFFFFFFF
-    _U32.pack_into(run.mid, run.seq_in_mid, run.next_seq)
-    if size < run.segment or packet[run.offset + 13] & TCP_PSH:
-        run.flags |= packet[run.offset + 13] & TCP_PSH
-        run.closed = True  # a short or pushed segment ends a run
-    elif len(run.packets) >= MAX_COALESCED_SEGMENTS or run.size > run.limit:
-        run.closed = True
 
 
 def _frame(run: _Run, plain: bytes) -> bytes:
@@ -365,7 +356,7 @@ def coalesce(packets: list[bytes], authenticated: bool = False) -> list[bytes]:
     for packet in packets:
         if last is not None and last.follows(packet) and \
                 (authenticated or _checksum_valid(packet, last.version, last.offset)):
-            last.take(packet)
+            last.take(packet, last.segment)
             continue
         last = None
         candidate = _tcp_candidate(packet)
@@ -385,7 +376,7 @@ def coalesce(packets: list[bytes], authenticated: bool = False) -> list[bytes]:
         seq = _U32.unpack_from(packet, offset + 4)[0]
         run = runs.get(key)
         if run is not None and _can_append(run, packet, header_len, seq):
-            _append(run, packet, header_len)
+            run.take(packet, len(packet) - header_len)
             last = run
             continue
         run = runs[key] = _Run(packet, version, offset, header_len, seq)
