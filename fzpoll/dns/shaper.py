@@ -38,7 +38,7 @@ import socket
 import struct
 from typing import Any, Iterable
 
-from fzpoll.io.linkwatch import NLMSG_DONE, NLMSG_ERROR, rtattrs
+from fzpoll.io.linkwatch import NLMSG_DONE, NLMSG_ERROR, netlink_messages, rtattrs
 
 log = logging.getLogger("fzpoll.dns.shaper")
 
@@ -222,23 +222,25 @@ def _dump_request(ifindex: int, seq: int) -> bytes:
 def parse_classes(data: bytes) -> dict[int, tuple[int, int, int]]:
     """``{class handle: (packets sent, drops, queue length)}`` of the RTM_NEWTCLASS messages in a
     datagram read from an rtnetlink dump; a truncated message ends the parse."""
+    return _parse_dump(data)[0]
+
+
+def _parse_dump(data: bytes) -> tuple[dict[int, tuple[int, int, int]], bool]:
+    """:func:`parse_classes`, and whether the dump ends here (NLMSG_DONE or an error, or no whole
+    message: nothing more worth waiting for), in one pass over the datagram."""
     found = {}
-    at = 0
-    while at + _NLMSGHDR.size <= len(data):
-        length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, at)
-        if length < _NLMSGHDR.size or at + length > len(data):
-            break
-        body = at + _NLMSGHDR.size
-        if kind == RTM_NEWTCLASS and body + _TCMSG.size <= at + length:
+    kinds = set()
+    for kind, _seq, body, end in netlink_messages(data):
+        kinds.add(kind)
+        if kind == RTM_NEWTCLASS and body + _TCMSG.size <= end:
             handle = _TCMSG.unpack_from(data, body)[2]
-            stats2 = rtattrs(data, body + _TCMSG.size, at + length).get(TCA_STATS2, b"")
+            stats2 = rtattrs(data, body + _TCMSG.size, end).get(TCA_STATS2, b"")
             nested = rtattrs(stats2, 0, len(stats2))
             basic, queue = nested.get(TCA_STATS_BASIC, b""), nested.get(TCA_STATS_QUEUE, b"")
             if len(basic) >= _BASIC.size and len(queue) >= _QUEUE.size:
                 qlen, _, drops, _, _ = _QUEUE.unpack_from(queue)
                 found[handle] = (_BASIC.unpack_from(basic)[1], drops, qlen)
-        at += (length + 3) & ~3
-    return found
+    return found, not kinds or NLMSG_DONE in kinds or NLMSG_ERROR in kinds
 
 
 def limit_counters(classes: dict[int, tuple[int, int, int]]) -> dict[str, int] | None:
@@ -260,22 +262,10 @@ def read_class_stats(ifindex: int) -> dict[str, int] | None:
         try:
             sock.send(_dump_request(ifindex, 1))
             while True:
-                data = sock.recv(65536)
-                classes.update(parse_classes(data))
-                kinds = _message_kinds(data)
-                if NLMSG_DONE in kinds or NLMSG_ERROR in kinds or not kinds:
+                found, ended = _parse_dump(sock.recv(65536))
+                classes.update(found)
+                if ended:
                     break
         except OSError:
             pass
     return limit_counters(classes)
-
-
-def _message_kinds(data: bytes) -> set[int]:
-    kinds, at = set(), 0
-    while at + _NLMSGHDR.size <= len(data):
-        length, kind = _NLMSGHDR.unpack_from(data, at)[:2]
-        kinds.add(kind)
-        if length < _NLMSGHDR.size:
-            break
-        at += (length + 3) & ~3
-    return kinds

@@ -17,7 +17,7 @@ import errno
 import fcntl
 import socket
 import struct
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 # <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_link.h>: stable kernel ABI.
 NETLINK_ROUTE = 0
@@ -66,22 +66,28 @@ def rtattrs(data: bytes, start: int, end: int) -> dict[int, bytes]:
     return attrs
 
 
+def netlink_messages(data: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """``(type, sequence, body start, end)`` of each netlink message in one datagram read from a
+    netlink socket; a truncated or malformed message ends them (what came before it is kept)."""
+    at, size = 0, len(data)
+    while at + _NLMSGHDR.size <= size:
+        length, kind, _flags, seq, _port = _NLMSGHDR.unpack_from(data, at)
+        if length < _NLMSGHDR.size or at + length > size:
+            return
+        yield kind, seq, at + _NLMSGHDR.size, at + length
+        at += _align(length)
+
+
 def parse_link_messages(data: bytes) -> list[LinkEvent]:
     """Every RTM_NEWLINK/RTM_DELLINK in one datagram read from an rtnetlink socket.
 
     Other message types are skipped; a truncated or malformed message ends the parse (what came
     before it is kept): the kernel never sends one, and nothing we read must raise."""
     events: list[LinkEvent] = []
-    at = 0
-    size = len(data)
-    while at + _NLMSGHDR.size <= size:
-        length, kind, _flags, _seq, _port = _NLMSGHDR.unpack_from(data, at)
-        if length < _NLMSGHDR.size or at + length > size:
-            break
-        body = at + _NLMSGHDR.size
-        if kind in (RTM_NEWLINK, RTM_DELLINK) and length >= _NLMSGHDR.size + _IFINFOMSG.size:
+    for kind, _seq, body, end in netlink_messages(data):
+        if kind in (RTM_NEWLINK, RTM_DELLINK) and end - body >= _IFINFOMSG.size:
             _family, _type, index, _ifflags, _change = _IFINFOMSG.unpack_from(data, body)
-            attrs = rtattrs(data, body + _IFINFOMSG.size, at + length)
+            attrs = rtattrs(data, body + _IFINFOMSG.size, end)
             mtu = attrs.get(IFLA_MTU)
             name = attrs.get(IFLA_IFNAME)
             events.append(LinkEvent(
@@ -90,7 +96,6 @@ def parse_link_messages(data: bytes) -> list[LinkEvent]:
                 mtu=_U32.unpack(mtu)[0] if mtu is not None and len(mtu) == 4 else None,
                 name=name.split(b"\0", 1)[0].decode("ascii", "replace") if name else None,
             ))
-        at += _align(length)
     return events
 
 

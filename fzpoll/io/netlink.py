@@ -21,6 +21,7 @@ from typing import Any, Iterator
 from pyroute2 import IPRoute, NetlinkError
 
 from fzpoll.errors import LocalError
+from fzpoll.io.linkwatch import NLMSG_ERROR, netlink_messages
 
 _MAIN_TABLE = 254  # RT_TABLE_MAIN
 
@@ -202,7 +203,6 @@ def delete_link(ifname: str) -> None:
 
 NETLINK_ROUTE = 0
 RTM_NEWROUTE, RTM_DELROUTE = 24, 25
-NLMSG_ERROR = 2
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
 RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
 RTPROT_BOOT, RT_SCOPE_LINK, RT_SCOPE_NOWHERE, RTN_UNICAST = 3, 253, 255, 1
@@ -234,12 +234,9 @@ def _round_trip(sock: socket.socket, messages: list[bytes], first_seq: int) -> d
     results: dict[int, int] = {}
     while len(results) < len(messages):
         data = sock.recv(1 << 20)
-        offset = 0
-        while offset + 16 <= len(data):
-            length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
-            if kind == NLMSG_ERROR and first_seq <= seq < first_seq + len(messages):
-                results[seq] = -struct.unpack_from("=i", data, offset + 16)[0]
-            offset += (length + 3) & ~3 if length else len(data)
+        for kind, seq, body, end in netlink_messages(data):
+            if kind == NLMSG_ERROR and first_seq <= seq < first_seq + len(messages) and end - body >= 4:
+                results[seq] = -struct.unpack_from("=i", data, body)[0]
     return results
 
 
