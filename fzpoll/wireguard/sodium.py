@@ -207,7 +207,7 @@ def choose(preference: str | None = AUTO) -> Backend:
     library is loaded only when asked for, or when PyNaCl's module has loaded it already."""
     if preference not in CHOICES:
         if preference is not None:
-            log.warning("FZPOLL_SODIUM: unknown choice: auto", extra={"fields": {"choices": ",".join(CHOICES)}})
+            log.warning("FZPOLL_SODIUM: unknown choice, using auto", extra={"fields": {"given": preference[:40], "choices": ",".join(CHOICES)}})
         preference = AUTO
     backend = _chosen.get(preference)
     if backend is None:
