@@ -112,16 +112,16 @@ def test_an_exception_on_one_packet_does_not_abort_the_batch(rig, monkeypatch):
     for i in range(4):
         p.a.send(ip4(TUN_A, TUN_B, b"p%d" % i), p.now)
         datagrams.extend(p.take(p.a))
-    real = p.b.receive
+    real = p.b._deliver  # a bug in the engine's batch, on the second datagram only
     calls = []
 
-    def flaky(data, addr, now, local=None):
+    def flaky(*args):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("bug on one packet")
-        return real(data, addr, now, local)
+        return real(*args)
 
-    monkeypatch.setattr(p.b, "receive", flaky)
+    monkeypatch.setattr(p.b, "_deliver", flaky)
     rig.a_to_b(datagrams)
     rig.loop.run_once(max_timeout=1)
     assert len(rig.tun_packets()) == 3

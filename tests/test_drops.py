@@ -144,7 +144,7 @@ def authentic_not_allowed_source(p):
 
 def authentic_bad_inner_packet(p):
     kp = p.peer_b.current
-    p.a._encrypt(p.peer_b, kp, b"\x45" + bytes(10), p.now)  # too short for an IPv4 header
+    p.a._encrypt_run(p.peer_b, kp, [b"\x45" + bytes(10)], p.now)  # too short for an IPv4 header
     return p.take(p.a)[0], D.BAD_INNER_PACKET
 
 

@@ -173,7 +173,7 @@ def test_session_expires_after_reject_after_time(pair: Pair):
     assert kinds(d for d, *_ in p.out(p.a)) == [1] and len(p.peer_b.staged) == 1
     initiation = p.take(p.a)
     # a packet made with the expired keypair is refused by b
-    p.a._encrypt(p.peer_b, old, ip4(TUN_A, TUN_B), p.now)
+    p.a._encrypt_run(p.peer_b, old, [ip4(TUN_A, TUN_B)], p.now)
     assert p.b.receive(p.take(p.a)[0], ADDR_A, p.now) == D.KEY_EXPIRED
     p.b.receive(initiation[0], ADDR_A, p.now)
     p.deliver()

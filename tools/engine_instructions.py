@@ -27,7 +27,7 @@ import random, sys
 from fzpoll.wireguard.engine import Engine
 from fzpoll.wireguard.keys import PrivateKey
 
-n, size = int(sys.argv[1]), int(sys.argv[2])
+n, size, batch = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 rng = random.Random(1)
 ka, kb = PrivateKey.generate(rng.randbytes), PrivateKey.generate(rng.randbytes)
 a = Engine(ka, random_bytes=rng.randbytes, wall_time=lambda: 1.7e9)
@@ -46,20 +46,35 @@ for _ in range(4):  # the handshake, and b's confirmation
         a.receive(d, B, 0.0)
 assert b.packets_for_tun() == [packet], "handshake failed"
 send, receive, tun = a.send, b.receive, b.packets_for_tun
-for _ in range(n):
-    send(packet, 1.0)
-    receive(take_a()[0][0], A, 1.0)
-    assert tun()[0] == packet
+if not batch:
+    for _ in range(n):
+        send(packet, 1.0)
+        receive(take_a()[0][0], A, 1.0)
+        assert tun()[0] == packet
+    sys.exit(0)
+packets = [packet] * batch
+if hasattr(a, "send_batch"):
+    send_batch, receive_batch = a.send_batch, b.receive_batch
+else:  # before the batch entry points: the datapath's per-packet loops
+    def send_batch(packets, now, failures):
+        return [r for r in map(send, packets, [now] * len(packets)) if r is not None]
+    def receive_batch(datagrams, now, failures):
+        return [r for d, addr, local in datagrams if (r := receive(d, addr, now, local)) is not None]
+failures = []
+for _ in range(n // batch):
+    send_batch(packets, 1.0, failures)
+    receive_batch(take_a(), 1.0, failures)
+    assert tun() == packets and not failures
 """
 
 
-def count(repo: Path, packets: int, size: int) -> int:
+def count(repo: Path, packets: int, size: int, batch: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
         env = dict(os.environ, PYTHONPATH=str(repo), PYTHONHASHSEED="0")
         result = subprocess.run(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-c", WORKLOAD,
-             str(packets), str(size)],
+             str(packets), str(size), str(batch)],
             env=env, cwd=repo, capture_output=True, text=True, check=False,  # cwd: '-c' puts it first
         )
         if result.returncode != 0:
@@ -74,16 +89,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--packets", type=int, default=2000, help="round trips in the smaller run (default 2000)")
     parser.add_argument("--size", type=int, default=1420, help="IPv4 packet size in bytes (default 1420)")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="packets per send_batch/receive_batch (default 0: one send and one receive per packet)")
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent,
                         help="checkout to measure (default: this one)")
     args = parser.parse_args()
-    if args.packets < 1 or not 28 <= args.size <= 65535:
-        parser.error("--packets must be >= 1 and --size within 28..65535")
-    small = count(args.repo, args.packets, args.size)
-    large = count(args.repo, 2 * args.packets, args.size)
+    if args.packets < 1 or not 28 <= args.size <= 65535 or args.batch < 0 or args.packets % max(args.batch, 1):
+        parser.error("--packets must be >= 1 (a multiple of --batch), --size within 28..65535")
+    small = count(args.repo, args.packets, args.size, args.batch)
+    large = count(args.repo, 2 * args.packets, args.size, args.batch)
     per_packet = (large - small) / args.packets
+    how = f"in batches of {args.batch}" if args.batch else "one at a time"
     print(f"{args.repo}: {per_packet:,.0f} instructions per round trip (send + receive) of a "
-          f"{args.size}-byte packet (callgrind, {args.packets} vs {2 * args.packets} packets)")
+          f"{args.size}-byte packet, {how} (callgrind, {args.packets} vs {2 * args.packets} packets)")
     return 0
 
 

@@ -218,31 +218,35 @@ class Datapath:
     def _receive(self, batch: list[Datagram], now: float, drops: dict[str, int],
                  failures: list[Exception]) -> None:
         engine = self.engine
-        receive = engine.receive
         if engine.is_under_load(now):
             batch = self._shed_handshakes(batch, drops)
-        for data, addr, local in batch:
-            try:
-                reason = receive(data, addr, now, local)
-                if reason is not None:
-                    drops[reason] += 1
-            except Exception as exc:  # a bug on one packet must not cost the batch
-                failures.append(exc)
+        for reason in engine.receive_batch(batch, now, failures):  # a bad datagram costs only itself
+            drops[reason] += 1
 
     def _send(self, batch: list[bytes], now: float, drops: dict[str, int], failures: list[Exception]) -> None:
-        """Packets read from TUN: to the interceptor (DNS sentinels) or the engine."""
-        send = self.engine.send
+        """Packets read from TUN, to the engine in one batch; with an interceptor (DNS sentinels
+        and resources), each packet to one of its destinations is offered to it first, and the
+        engine takes what came before that packet first (the interceptor may send too)."""
         intercept = self.intercept
-        iv4, iv6 = self.intercept_v4, self.intercept_v6
-        for packet in batch:
-            try:
-                if intercept is not None and destination_in(packet, iv4, iv6) and intercept(packet, now):
-                    continue
-                reason = send(packet, now)
-                if reason is not None:
-                    drops[reason] += 1
-            except Exception as exc:
-                failures.append(exc)
+        start = 0
+        if intercept is not None:
+            iv4, iv6 = self.intercept_v4, self.intercept_v6
+            for i, packet in enumerate(batch):
+                if destination_in(packet, iv4, iv6):
+                    self._send_to_engine(batch[start:i], now, drops, failures)
+                    start = i + 1
+                    try:
+                        if not intercept(packet, now):
+                            start = i
+                    except Exception as exc:
+                        failures.append(exc)
+        self._send_to_engine(batch[start:] if start else batch, now, drops, failures)
+
+    def _send_to_engine(self, packets: list[bytes], now: float, drops: dict[str, int],
+                        failures: list[Exception]) -> None:
+        if packets:
+            for reason in self.engine.send_batch(packets, now, failures):
+                drops[reason] += 1
 
     def _shed_handshakes(self, batch: list, drops: dict[str, int]) -> list:
         """Under load, a pass processes at most MAX_HANDSHAKES_PER_PASS handshake messages (each

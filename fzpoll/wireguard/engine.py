@@ -23,7 +23,7 @@ import random
 import struct
 from collections import Counter
 from types import MappingProxyType
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 from fzpoll.wireguard import handshake
 from fzpoll.wireguard.allowedips import AllowedIPs, Network
@@ -85,6 +85,14 @@ _UNSPECIFIED_V6 = bytes(16)
 def _is_control(plain: bytes) -> bool:
     """An in-tunnel control packet: IPv6, next header 0xFF, source :: (fzpoll.gateway.control)."""
     return plain[0] >> 4 == 6 and plain[6] == FZ_P2P_CONTROL_NEXT_HEADER and plain[8:24] == _UNSPECIFIED_V6
+
+
+def _room(kp: Keypair | None, now: float) -> int:
+    """How many more packets ``kp`` may encrypt at ``now``: none without a keypair, or once it has
+    reached REJECT_AFTER_TIME or REJECT_AFTER_MESSAGES (whitepaper 6.2)."""
+    if kp is None or now - kp.created_at >= REJECT_AFTER_TIME:
+        return 0
+    return REJECT_AFTER_MESSAGES - kp.send_counter  # (below 0 only after a staged flush: see _flush_staged)
 
 
 class Engine(HandshakeDriver):
@@ -319,69 +327,127 @@ class Engine(HandshakeDriver):
 
     def send(self, packet: bytes, now: float) -> D | None:
         """Encrypt an IP packet from the TUN device for the peer that its destination routes to."""
-        n = len(packet)
-        version = packet[0] >> 4 if n else 0
-        if n >= 20 and version == 4:
-            peer = self._allowed_ips.lookup_v4(packet[16:20])
-        elif n >= 40 and version == 6:
-            peer = self._allowed_ips.lookup_v6(packet[24:40])
-        else:
-            self._drops[D.BAD_INNER_PACKET] += 1
-            return D.BAD_INNER_PACKET
-        if peer is None:
-            # multicast (IPv6 router solicitations, MLD): the kernel's own, no peer asked for it
-            multicast = packet[24] == 0xFF if version == 6 else packet[16] >> 4 == 14
-            reason = D.MULTICAST if multicast else D.NO_ROUTE
-            self._drops[reason] += 1
-            return reason
-        return self.send_to_peer(peer, packet, now)
+        drops = self.send_batch((packet,), now)
+        return drops[0] if drops else None
+
+    def send_batch(self, packets: Iterable[bytes], now: float,
+                   failures: list[Exception] | None = None) -> list[D]:
+        """:meth:`send` each packet, in order, with the outputs and state of one call each; returns
+        the drop reasons (one per dropped packet, counted too). Consecutive packets for one peer
+        go as one run (:meth:`_send_run`), and a destination that is the previous packet's is not
+        looked up again. An exception costs only its packet: it goes to ``failures`` (or is raised
+        at once without)."""
+        drops: list[D] = []
+        run: list[bytes] = []
+        run_peer = peer = None
+        last = b""  # the last destination looked up, routed to ``peer``
+        for packet in packets:
+            n = len(packet)
+            version = packet[0] >> 4 if n else 0
+            if n >= 20 and version == 4:
+                dst = packet[16:20]
+                if dst != last:
+                    last, peer = dst, self._allowed_ips.lookup_v4(dst)
+            elif n >= 40 and version == 6:
+                dst = packet[24:40]
+                if dst != last:
+                    last, peer = dst, self._allowed_ips.lookup_v6(dst)
+            else:
+                self._drop(D.BAD_INNER_PACKET, drops)
+                continue
+            if peer is None:
+                # multicast (IPv6 router solicitations, MLD): the kernel's own, no peer asked for it
+                multicast = dst[0] == 0xFF if version == 6 else dst[0] >> 4 == 14
+                self._drop(D.MULTICAST if multicast else D.NO_ROUTE, drops)
+            elif peer is run_peer:
+                run.append(packet)
+            else:
+                if run:
+                    self._send_run(run_peer, run, now, drops, failures)  # type: ignore[arg-type]
+                run_peer, run = peer, [packet]
+        if run:
+            self._send_run(run_peer, run, now, drops, failures)  # type: ignore[arg-type]
+        return drops
 
     def send_to_peer(self, peer: Peer, packet: bytes, now: float) -> D | None:
         """Encrypt ``packet`` for ``peer`` now if a session is usable, else stage it and handshake."""
-        if peer.endpoint is None:
-            self._drops[D.NO_ENDPOINT] += 1
-            return D.NO_ENDPOINT
-        kp = peer.current
-        if (
-            kp is None
-            or kp.send_counter >= REJECT_AFTER_MESSAGES
-            or now - kp.created_at >= REJECT_AFTER_TIME
-            or peer.staged
-        ):
-            reason = peer.stage(packet)
-            self._flush_staged(peer, now)
-            if reason is not None:
-                self._drops[reason] += 1
-            return reason
-        self._encrypt(peer, kp, packet, now)
-        return None
+        drops: list[D] = []
+        self._send_run(peer, [packet], now, drops, None)
+        return drops[0] if drops else None
 
-    def _encrypt(self, peer: Peer, kp: Keypair, packet: bytes, now: float) -> None:
-        counter = kp.send_counter
-        kp.send_counter = counter + 1
-        n = len(packet)
-        if n & 15:
-            pad = min(-n & 15, self.mtu - n) if n < self.mtu else 0
-            if pad > 0:
-                packet = packet + _PADDING[:pad]
-        size = len(packet) + _OVERHEAD
-        if size > self._scratch_size:
-            self._grow_scratch(size)
-        view = self._scratch_view
-        _pack_header(view, 0, kp.header, counter)
-        self._seal(self._scratch_body, _NULL, packet, len(packet), _NULL, 0, _NULL, _pack_nonce(counter), kp.send_key)
-        datagram = view[0:size]
-        self._out.append((datagram, peer.endpoint, peer.local))
-        peer.tx_bytes += size
-        # timers: any authenticated packet traversal / sent, data sent (wireguard-go timers.go)
+    def _send_run(self, peer: Peer, run: list[bytes], now: float, drops: list[D],
+                  failures: list[Exception] | None) -> None:
+        """Consecutive packets for ``peer``: what its session may send now is encrypted as one run;
+        the rest (no endpoint, no usable session, packets staged before them, or
+        REJECT_AFTER_MESSAGES reached mid-run) is staged one by one, and a handshake started."""
+        kp = peer.current
+        usable = 0 if peer.endpoint is None or peer.staged else _room(kp, now)
+        done = 0
+        if usable > 0:
+            start = kp.send_counter  # type: ignore[union-attr]
+            try:
+                self._encrypt_run(peer, kp, run if usable >= len(run) else run[:usable], now)  # type: ignore[arg-type]
+            except Exception as exc:  # a bug: it costs the packet it happened on (the last counted)
+                if failures is None:
+                    raise
+                failures.append(exc)
+                done = max(kp.send_counter - start, 1)  # type: ignore[union-attr]
+            else:
+                if usable >= len(run):
+                    return  # all sent (the usual case)
+                done = usable
+        for packet in run[done:]:
+            try:
+                reason = self._stage(peer, packet, now)
+            except Exception as exc:
+                if failures is None:
+                    raise
+                failures.append(exc)
+                continue
+            if reason is not None:
+                self._drop(reason, drops)
+
+    def _stage(self, peer: Peer, packet: bytes, now: float) -> D | None:
+        """Keep ``packet`` until ``peer`` has a usable session, and see to one (a handshake)."""
+        if peer.endpoint is None:
+            return D.NO_ENDPOINT
+        reason = peer.stage(packet)
+        self._flush_staged(peer, now)
+        return reason
+
+    def _encrypt_run(self, peer: Peer, kp: Keypair, packets: Iterable[bytes], now: float) -> None:
+        """Encrypt ``packets`` in order with ``kp``, which may send them all (:func:`_room`), with
+        the timers and the rekey of wireguard-go's timers.go for each; the persistent-keepalive
+        deadline is the same for every packet of a run, so it is armed once."""
+        # timers: any authenticated packet traversal / sent, data sent
         if peer.persistent_keepalive_interval:
             self._timers.arm(peer, _PERSISTENT, now + peer.persistent_keepalive_interval)
         peer.keepalive_at = None
-        if n and peer.new_handshake_at is None:
-            self._timers.arm(peer, _NEW_HANDSHAKE, now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter())
-        # keep the key fresh
-        if counter + 1 >= REKEY_AFTER_MESSAGES or (kp.is_initiator and now - kp.created_at >= REKEY_AFTER_TIME):
-            self._send_initiation(peer, now, is_retry=False)
+        # keep the key fresh: from the packet whose counter reaches rekey_at (0: the session is old)
+        rekey_at = 0 if kp.is_initiator and now - kp.created_at >= REKEY_AFTER_TIME else REKEY_AFTER_MESSAGES - 1
+        out, seal, mtu = self._out, self._seal, self.mtu
+        endpoint, local, header, key = peer.endpoint, peer.local, kp.header, kp.send_key
+        for packet in packets:
+            counter = kp.send_counter
+            kp.send_counter = counter + 1
+            n = len(packet)
+            if n & 15:
+                pad = min(-n & 15, mtu - n) if n < mtu else 0
+                if pad > 0:
+                    packet = packet + _PADDING[:pad]
+            size = len(packet) + _OVERHEAD
+            if size > self._scratch_size:
+                self._grow_scratch(size)
+            view = self._scratch_view
+            _pack_header(view, 0, header, counter)
+            seal(self._scratch_body, _NULL, packet, len(packet), _NULL, 0, _NULL, _pack_nonce(counter), key)
+            out.append((view[0:size], endpoint, local))
+            peer.tx_bytes += size
+            if n and peer.new_handshake_at is None:
+                self._timers.arm(peer, _NEW_HANDSHAKE, now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter())
+            if counter >= rekey_at:
+                self._send_initiation(peer, now, is_retry=False)
+                rekey_at = REJECT_AFTER_MESSAGES  # once: at this ``now`` another sends nothing (REKEY_TIMEOUT)
 
     def _grow_scratch(self, size: int) -> None:
         self._scratch = _ffi.new("unsigned char[]", size)
@@ -391,24 +457,26 @@ class Engine(HandshakeDriver):
 
     def _flush_staged(self, peer: Peer, now: float) -> None:
         kp = peer.current
-        if (
-            kp is None
-            or kp.send_counter >= REJECT_AFTER_MESSAGES
-            or now - kp.created_at >= REJECT_AFTER_TIME
-        ):
+        if not _room(kp, now):
             # A responder whose fresh ``next`` keypair waits for the initiator's first packet
             # holds its packets rather than crossing handshakes: confirmation is one RTT away.
             if peer.next is None or now - peer.next.created_at >= REKEY_TIMEOUT:
                 self._send_initiation(peer, now, is_retry=False)
             return
         staged = peer.staged
-        while staged:
-            self._encrypt(peer, kp, staged.popleft(), now)
+        if staged:
+            packets = list(staged)
+            staged.clear()
+            self._encrypt_run(peer, kp, packets, now)  # type: ignore[arg-type]
 
     def _send_keepalive(self, peer: Peer, now: float) -> None:
         if not peer.staged:
             peer.staged.append(b"")
         self._flush_staged(peer, now)
+
+    def _drop(self, reason: D, drops: list[D]) -> None:
+        self._drops[reason] += 1
+        drops.append(reason)
 
     # ------------------------------------------------------------------ data plane: incoming
 
@@ -417,44 +485,92 @@ class Engine(HandshakeDriver):
         ``local`` (opaque here) says which of our addresses it was sent to: if it authenticates,
         what we send to its peer carries it back, as the kernel and wireguard-go answer from the
         address the peer used."""
-        if data[:4] == _TRANSPORT_TYPE:  # the data path first: type 4, reserved zero
-            reason = self._on_transport(data, addr, now, local)
-        elif len(data) < 4:
-            reason = D.TOO_SHORT
-        elif data[1] or data[2] or data[3]:
-            reason = D.BAD_TYPE
-        else:
-            handler = self._handlers.get(data[0])
-            reason = D.BAD_TYPE if handler is None else handler(data, addr, now, local)
-        if reason is not None:
-            self._drops[reason] += 1
-        return reason
+        drops = self.receive_batch(((data, addr, local),), now)
+        return drops[0] if drops else None
 
-    def _on_transport(self, data: bytes, addr: Endpoint, now: float, local: Local) -> D | None:
-        if len(data) < KEEPALIVE_SIZE:
+    def receive_batch(self, datagrams: Iterable[tuple[bytes, Endpoint, Local]], now: float,
+                      failures: list[Exception] | None = None) -> list[D]:
+        """:meth:`receive` each ``(data, addr, local)``, in order, with the outputs and state of one
+        call each; returns the drop reasons (one per dropped datagram, counted too). Consecutive
+        transport datagrams to one receiver index are a run: its keypair is looked up and checked
+        once, and what authentication does to the peer (:meth:`_authenticated`, the same for each
+        datagram of the run) is done once per source. An exception costs only its datagram: it
+        goes to ``failures`` (or is raised at once without)."""
+        drops: list[D] = []
+        run_index = -1  # the receiver index of the run (-1: none yet)
+        kp: Keypair | D | None = None  # its keypair, or why there is none
+        run_addr: Endpoint | None = None  # the source its peer was last authenticated from in the run
+        run_local: Local = None
+        for data, addr, local in datagrams:
+            try:
+                if data[:4] != _TRANSPORT_TYPE or len(data) < KEEPALIVE_SIZE:
+                    run_index = -1  # a handshake message may rotate sessions: look indices up again
+                    reason = self._on_message(data, addr, now, local)
+                    if reason is not None:
+                        self._drop(reason, drops)
+                    continue
+                index, counter = _unpack_header(data, 4)
+                if index != run_index:
+                    run_index, kp, run_addr = index, self._keypair_for(index, now), None
+                if kp.__class__ is D:
+                    self._drop(kp, drops)  # type: ignore[arg-type]
+                    continue
+                replay = kp.replay  # type: ignore[union-attr]
+                if (counter <= replay.newest or counter >= REJECT_AFTER_MESSAGES) and not replay.may_accept(counter):
+                    self._drop(D.REPLAYED, drops)  # (in order, the usual case, needs no call)
+                    continue
+                size = len(data) - _OVERHEAD
+                if size > self._scratch_size:
+                    self._grow_scratch(size)
+                if self._open(self._scratch, _NULL, _NULL, data[16:], size + AEAD_TAG_SIZE, _NULL, 0,
+                              _pack_nonce(counter), kp.recv_key):  # type: ignore[union-attr]
+                    self._drop(D.BAD_TAG, drops)
+                    continue
+                # Authentic from here on: the packet counts for the session, the endpoint and the
+                # timers even if cryptokey routing then refuses its inner packet (whitepaper 2, as
+                # the kernel and wireguard-go do). Only failures of authentication leave state alone.
+                if not replay.accept(counter):
+                    self._drop(D.REPLAYED, drops)
+                    continue
+                plain = self._scratch_view[0:size]  # before anything else may seal into the scratch
+                peer = kp.peer  # type: ignore[union-attr]
+                if run_addr is None or addr != run_addr or local != run_local:
+                    self._authenticated(peer, kp, addr, now, local)  # type: ignore[arg-type]
+                    run_addr, run_local = addr, local
+                reason = self._deliver(peer, plain, size + _OVERHEAD, now)
+                if reason is not None:
+                    self._drop(reason, drops)
+            except Exception as exc:  # a bug: it costs this datagram; the next one starts afresh
+                run_index = -1
+                if failures is None:
+                    raise
+                failures.append(exc)
+        return drops
+
+    def _on_message(self, data: bytes, addr: Endpoint, now: float, local: Local) -> D | None:
+        """A datagram other than transport data of at least a keepalive's size."""
+        if data[:4] == _TRANSPORT_TYPE:
             return D.BAD_LENGTH
-        index, counter = _unpack_header(data, 4)
+        if len(data) < 4:
+            return D.TOO_SHORT
+        if data[1] or data[2] or data[3]:
+            return D.BAD_TYPE
+        handler = self._handlers.get(data[0])
+        return D.BAD_TYPE if handler is None else handler(data, addr, now, local)
+
+    def _keypair_for(self, index: int, now: float) -> Keypair | D:
+        """The session keypair our receiver ``index`` names, or why a datagram to it is dropped."""
         kp = self._keypairs.get(index)
         if kp is None:
             return D.UNKNOWN_INDEX
         if now - kp.created_at >= REJECT_AFTER_TIME:
             return D.KEY_EXPIRED
-        replay = kp.replay
-        if (counter <= replay.newest or counter >= REJECT_AFTER_MESSAGES) and not replay.may_accept(counter):
-            return D.REPLAYED  # (in order, the usual case, needs no call)
-        size = len(data) - _OVERHEAD
-        if size > self._scratch_size:
-            self._grow_scratch(size)
-        if self._open(self._scratch, _NULL, _NULL, data[16:], size + AEAD_TAG_SIZE, _NULL, 0,
-                 _pack_nonce(counter), kp.recv_key):
-            return D.BAD_TAG
-        plain = self._scratch_view[0:size]
-        peer = kp.peer
-        # Authentic from here on: the packet counts for the session, the endpoint and the timers
-        # even if cryptokey routing then refuses its inner packet (whitepaper 2, as the kernel
-        # and wireguard-go do). Only failures of authentication above leave state untouched.
-        if not replay.accept(counter):
-            return D.REPLAYED
+        return kp
+
+    def _authenticated(self, peer: Peer, kp: Keypair, addr: Endpoint, now: float, local: Local) -> None:
+        """What an authenticated transport datagram does to its peer: confirm a responder's keypair,
+        follow its source (roaming, the sticky local address), and the timers. The same for every
+        datagram of a run from one source at one ``now`` (:meth:`receive_batch`)."""
         if kp is peer.next:
             self._sessions.confirm_next(peer)
             self._handshake_complete(peer)
@@ -462,7 +578,6 @@ class Engine(HandshakeDriver):
         if peer.endpoint != addr:
             peer.endpoint = addr  # roaming: follow the latest authenticated packet
         peer.local = local
-        peer.rx_bytes += size + _OVERHEAD
         # timers: keep key fresh, traversal, any authenticated packet received
         if (
             kp.is_initiator
@@ -474,13 +589,6 @@ class Engine(HandshakeDriver):
         if peer.persistent_keepalive_interval:
             self._timers.arm(peer, _PERSISTENT, now + peer.persistent_keepalive_interval)
         peer.new_handshake_at = None
-        if not plain:
-            return None  # a keepalive
-        if peer.keepalive_at is None:
-            self._timers.arm(peer, _KEEPALIVE, now + KEEPALIVE_TIMEOUT)
-        else:
-            peer.need_another_keepalive = True
-        return self._deliver(peer, plain)
 
     def _take_control(self, peer: Peer, packet: bytes) -> D | None:
         if len(self._control) >= MAX_QUEUED_CONTROL_PACKETS:  # nobody takes them (no resources)
@@ -488,9 +596,17 @@ class Engine(HandshakeDriver):
         self._control.append((peer.public_key, packet))
         return None
 
-    def _deliver(self, peer: Peer, plain: bytes) -> D | None:
-        """Check a decrypted packet's length and source against the peer's allowed IPs, and queue
-        it for TUN without its padding (an in-tunnel control packet, exempt, for its taker)."""
+    def _deliver(self, peer: Peer, plain: bytes, size: int, now: float) -> D | None:
+        """An authenticated datagram of ``size`` bytes that decrypted to ``plain``: its bytes and
+        timer, then ``plain``'s length and source checked against the peer's allowed IPs and
+        queued for TUN without its padding (an in-tunnel control packet, exempt, for its taker)."""
+        peer.rx_bytes += size
+        if not plain:
+            return None  # a keepalive
+        if peer.keepalive_at is None:
+            self._timers.arm(peer, _KEEPALIVE, now + KEEPALIVE_TIMEOUT)
+        else:
+            peer.need_another_keepalive = True
         n = len(plain)
         version = plain[0] >> 4
         if version == 4 and n >= 20:
