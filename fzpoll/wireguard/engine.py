@@ -1,8 +1,9 @@
 """The WireGuard protocol engine: sans-IO, driven by datagrams, packets and ``now``.
 
 Inputs (as aioquic's connection): :meth:`Engine.receive` (a UDP datagram and its source
-address), :meth:`Engine.send` (an IP packet read from the TUN device), :meth:`Engine.handle_timer`,
-and the configuration methods (peers, keys, allowed IPs, endpoints). Outputs are handed over once:
+address), :meth:`Engine.send` (an IP packet read from the TUN device), both also by the batch
+(:meth:`Engine.receive_batch`, :meth:`Engine.send_batch`: the one implementation, which does
+per-run work once), :meth:`Engine.handle_timer`, and the configuration methods. Outputs are handed over once:
 :meth:`datagrams_to_send`, :meth:`packets_for_tun`, :meth:`take_events`; :meth:`next_deadline`
 says when to call :meth:`handle_timer` next. Time is always the ``now`` argument (monotonic
 seconds); wall-clock time (TAI64N) and randomness are injected at construction.
@@ -13,7 +14,7 @@ MAC) changes no state; one that authenticates counts for the session, the endpoi
 the timers even when cryptokey routing then refuses its inner packet, as in the kernel and
 wireguard-go. Timers follow wireguard-go's timers.go (whitepaper section 6); the parts live in
 :mod:`.handshaking` (the handshake half of this class), :mod:`.session` (keypairs and indices),
-:mod:`.timers` (the heap), :mod:`.handshake` (messages, cookies and rate limits under load) and
+:mod:`.timers` (the heap, and what each timer does), :mod:`.handshake` (messages, cookies and rate limits under load) and
 :mod:`.allowedips` (cryptokey routing).
 """
 
@@ -34,7 +35,6 @@ from fzpoll.wireguard.constants import (
     KEEPALIVE_SIZE,
     KEEPALIVE_TIMEOUT,
     MAX_QUEUED_CONTROL_PACKETS,
-    MAX_TIMER_HANDSHAKES,
     MESSAGE_HANDSHAKE_COOKIE,
     MESSAGE_HANDSHAKE_INITIATION,
     MESSAGE_HANDSHAKE_RESPONSE,
@@ -44,19 +44,17 @@ from fzpoll.wireguard.constants import (
     REKEY_AFTER_MESSAGES,
     REKEY_AFTER_TIME,
     REKEY_TIMEOUT,
-    REKEY_TIMEOUT_JITTER_MAX,
-    ZERO_KEYS_AFTER_TIME,
 )
 from fzpoll.errors import DropReason as D
 from fzpoll.errors import LocalError
 from fzpoll.wireguard.keys import PresharedKey, PrivateKey, PublicKey
-from fzpoll.wireguard.peer import Event, HandshakeGaveUp, KeysZeroed
+from fzpoll.wireguard.peer import Event
 from fzpoll.wireguard.handshake import LoadGuard
 from fzpoll.wireguard.handshaking import HandshakeDriver
 from fzpoll.wireguard.peer import Endpoint, Local, Peer, StagedBudget
 from fzpoll.wireguard.session import Keypair, Sessions
 from fzpoll.wireguard.sodium import Backend, choose
-from fzpoll.wireguard.timers import PeerTimer, TimerHeap
+from fzpoll.wireguard.timers import PeerTimer, TimerDriver, TimerHeap
 
 from nacl._sodium import ffi as _ffi
 
@@ -74,10 +72,8 @@ _unpack_header = struct.Struct("<IQ").unpack_from  # receiver index, counter (fr
 _pack_nonce = struct.Struct("<4xQ").pack
 _PADDING = bytes(16)
 _TRANSPORT_TYPE = bytes([MESSAGE_TRANSPORT_DATA, 0, 0, 0])  # type and reserved of a transport message
-_RETRANSMIT = PeerTimer.RETRANSMIT_HANDSHAKE
 _KEEPALIVE = PeerTimer.SEND_KEEPALIVE
 _NEW_HANDSHAKE = PeerTimer.NEW_HANDSHAKE
-_ZERO_KEYS = PeerTimer.ZERO_KEY_MATERIAL
 _PERSISTENT = PeerTimer.PERSISTENT_KEEPALIVE
 _UNSPECIFIED_V6 = bytes(16)
 
@@ -95,7 +91,7 @@ def _room(kp: Keypair | None, now: float) -> int:
     return REJECT_AFTER_MESSAGES - kp.send_counter  # (below 0 only after a staged flush: see _flush_staged)
 
 
-class Engine(HandshakeDriver):
+class Engine(HandshakeDriver, TimerDriver):
     """One WireGuard interface's protocol state: our static key, peers, sessions and timers."""
 
     def __init__(
@@ -326,17 +322,16 @@ class Engine(HandshakeDriver):
     # ------------------------------------------------------------------ data plane: outgoing
 
     def send(self, packet: bytes, now: float) -> D | None:
-        """Encrypt an IP packet from the TUN device for the peer that its destination routes to."""
+        """Encrypt an IP packet from the TUN device for the peer its destination routes to."""
         drops = self.send_batch((packet,), now)
         return drops[0] if drops else None
 
     def send_batch(self, packets: Iterable[bytes], now: float,
                    failures: list[Exception] | None = None) -> list[D]:
-        """:meth:`send` each packet, in order, with the outputs and state of one call each; returns
-        the drop reasons (one per dropped packet, counted too). Consecutive packets for one peer
-        go as one run (:meth:`_send_run`), and a destination that is the previous packet's is not
-        looked up again. An exception costs only its packet: it goes to ``failures`` (or is raised
-        at once without)."""
+        """:meth:`send` each packet in order, as one call each would; the drop reasons (one per drop,
+        counted too). Consecutive packets for one peer are a run (:meth:`_send_run`); a repeated
+        destination is not looked up again. An exception costs only its packet: it goes to
+        ``failures`` (raised at once without)."""
         drops: list[D] = []
         run: list[bytes] = []
         run_peer = peer = None
@@ -377,9 +372,9 @@ class Engine(HandshakeDriver):
 
     def _send_run(self, peer: Peer, run: list[bytes], now: float, drops: list[D],
                   failures: list[Exception] | None) -> None:
-        """Consecutive packets for ``peer``: what its session may send now is encrypted as one run;
-        the rest (no endpoint, no usable session, packets staged before them, or
-        REJECT_AFTER_MESSAGES reached mid-run) is staged one by one, and a handshake started."""
+        """Consecutive packets for ``peer``: what its session may send now is encrypted in one go;
+        the rest (no endpoint or usable session, packets staged before, or REJECT_AFTER_MESSAGES
+        reached mid-run) is staged one by one, and a handshake started."""
         kp = peer.current
         usable = 0 if peer.endpoint is None or peer.staged else _room(kp, now)
         done = 0
@@ -416,9 +411,9 @@ class Engine(HandshakeDriver):
         return reason
 
     def _encrypt_run(self, peer: Peer, kp: Keypair, packets: Iterable[bytes], now: float) -> None:
-        """Encrypt ``packets`` in order with ``kp``, which may send them all (:func:`_room`), with
-        the timers and the rekey of wireguard-go's timers.go for each; the persistent-keepalive
-        deadline is the same for every packet of a run, so it is armed once."""
+        """Encrypt ``packets`` with ``kp``, which may send them all (:func:`_room`); the timers
+        (wireguard-go's timers.go) and the rekey as for each, the deadlines that are the same for
+        every packet of the run set once."""
         # timers: any authenticated packet traversal / sent, data sent
         if peer.persistent_keepalive_interval:
             self._timers.arm(peer, _PERSISTENT, now + peer.persistent_keepalive_interval)
@@ -457,7 +452,7 @@ class Engine(HandshakeDriver):
 
     def _flush_staged(self, peer: Peer, now: float) -> None:
         kp = peer.current
-        if not _room(kp, now):
+        if _room(kp, now) <= 0:
             # A responder whose fresh ``next`` keypair waits for the initiator's first packet
             # holds its packets rather than crossing handshakes: confirmation is one RTT away.
             if peer.next is None or now - peer.next.created_at >= REKEY_TIMEOUT:
@@ -490,12 +485,10 @@ class Engine(HandshakeDriver):
 
     def receive_batch(self, datagrams: Iterable[tuple[bytes, Endpoint, Local]], now: float,
                       failures: list[Exception] | None = None) -> list[D]:
-        """:meth:`receive` each ``(data, addr, local)``, in order, with the outputs and state of one
-        call each; returns the drop reasons (one per dropped datagram, counted too). Consecutive
-        transport datagrams to one receiver index are a run: its keypair is looked up and checked
-        once, and what authentication does to the peer (:meth:`_authenticated`, the same for each
-        datagram of the run) is done once per source. An exception costs only its datagram: it
-        goes to ``failures`` (or is raised at once without)."""
+        """:meth:`receive` each ``(data, addr, local)`` in order, as one call each would; the drop
+        reasons (one per drop, counted too). Transport datagrams in a row to one receiver index
+        are a run: its keypair is looked up once, and :meth:`_authenticated` done once per source.
+        An exception costs only its datagram: it goes to ``failures`` (raised at once without)."""
         drops: list[D] = []
         run_index = -1  # the receiver index of the run (-1: none yet)
         kp: Keypair | D | None = None  # its keypair, or why there is none
@@ -568,9 +561,8 @@ class Engine(HandshakeDriver):
         return kp
 
     def _authenticated(self, peer: Peer, kp: Keypair, addr: Endpoint, now: float, local: Local) -> None:
-        """What an authenticated transport datagram does to its peer: confirm a responder's keypair,
-        follow its source (roaming, the sticky local address), and the timers. The same for every
-        datagram of a run from one source at one ``now`` (:meth:`receive_batch`)."""
+        """What an authenticated transport datagram does to its peer (confirm a responder's keypair,
+        follow its source, the timers): the same for each datagram of a run from one source."""
         if kp is peer.next:
             self._sessions.confirm_next(peer)
             self._handshake_complete(peer)
@@ -597,9 +589,9 @@ class Engine(HandshakeDriver):
         return None
 
     def _deliver(self, peer: Peer, plain: bytes, size: int, now: float) -> D | None:
-        """An authenticated datagram of ``size`` bytes that decrypted to ``plain``: its bytes and
-        timer, then ``plain``'s length and source checked against the peer's allowed IPs and
-        queued for TUN without its padding (an in-tunnel control packet, exempt, for its taker)."""
+        """An authenticated datagram of ``size`` bytes, ``plain`` inside: counted, the keepalive
+        timer, then ``plain``'s length and source checked against the peer's allowed IPs and it
+        is queued for TUN without padding (an in-tunnel control packet, exempt, for its taker)."""
         peer.rx_bytes += size
         if not plain:
             return None  # a keepalive
@@ -636,75 +628,3 @@ class Engine(HandshakeDriver):
         peer.staged.clear()
         for timer in PeerTimer:
             setattr(peer, timer, None)
-
-    # ------------------------------------------------------------------ timers
-
-    def _jitter(self) -> float:
-        """Up to REKEY_TIMEOUT_JITTER_MAX. From a PRNG seeded by the injected randomness: it is
-        drawn for data packets too, where a getrandom() syscall each would be a waste."""
-        return self._jitter_rng.random() * REKEY_TIMEOUT_JITTER_MAX
-
-    def next_deadline(self) -> float | None:
-        """The absolute time at which :meth:`handle_timer` must next run, or None if never."""
-        return self._timers.next_deadline()
-
-    def deadline_hint(self) -> float | None:
-        """A lower bound of :meth:`next_deadline` in O(1), without pruning: the earliest heap entry,
-        which may be a timer since cancelled or moved later (every live timer has an entry at or
-        before its deadline). An IO loop may sleep until it: if it is stale, the wakeup's
-        :meth:`next_deadline` prunes the heap, so each stale entry costs at most one early
-        wakeup, and only one that the data path's own churn (each packet cancels and re-arms
-        the keepalive and new-handshake timers) left at the top just before the loop went idle."""
-        return self._timers.lower_bound()
-
-    def handle_timer(self, now: float) -> None:
-        """Fire every timer due at ``now``."""
-        pop_due = self._timers.pop_due
-        while (due := pop_due(now)) is not None:
-            peer, timer = due
-            _ON_TIMER[timer](self, peer, now)
-
-    def _expired_retransmit(self, peer: Peer, now: float) -> None:
-        if peer.handshake_attempts >= MAX_TIMER_HANDSHAKES:
-            dropped = len(peer.staged)
-            peer.staged.clear()
-            if dropped:
-                self._drops[D.HANDSHAKE_GAVE_UP] += dropped
-            self._sessions.clear_handshake(peer)
-            self._events.append(HandshakeGaveUp(peer.public_key))
-            if peer.zero_keys_at is None:
-                self._timers.arm(peer, _ZERO_KEYS, now + ZERO_KEYS_AFTER_TIME)
-            return
-        peer.handshake_attempts += 1
-        peer.local = None  # in case the sticky source is the trouble (as the kernel and wireguard-go)
-        self._send_initiation(peer, now, is_retry=True)
-
-    def _expired_keepalive(self, peer: Peer, now: float) -> None:
-        self._send_keepalive(peer, now)
-        if peer.need_another_keepalive:
-            peer.need_another_keepalive = False
-            self._timers.arm(peer, _KEEPALIVE, now + KEEPALIVE_TIMEOUT)
-
-    def _expired_new_handshake(self, peer: Peer, now: float) -> None:
-        peer.local = None  # we stopped hearing back: maybe the sticky source is the trouble
-        self.initiate_handshake(peer, now)
-
-    def _expired_zero_keys(self, peer: Peer, now: float) -> None:
-        self._clear_sessions(peer)
-        self._events.append(KeysZeroed(peer.public_key))
-
-    def _expired_persistent_keepalive(self, peer: Peer, now: float) -> None:
-        if peer.persistent_keepalive_interval:
-            self._send_keepalive(peer, now)
-
-
-# What each timer does when it fires. A table here, not on each engine: CPython 3.11's fast
-# attribute lookups (shared-key inline values) stop at 30 attributes of an instance, and an engine
-# with 30 cost 1,100 more instructions per packet round trip than with 29 (engine_instructions.py).
-_ON_TIMER: dict[PeerTimer, Callable[[Engine, Peer, float], None]] = {
-    _RETRANSMIT: Engine._expired_retransmit,
-    _KEEPALIVE: Engine._expired_keepalive,
-    _NEW_HANDSHAKE: Engine._expired_new_handshake,
-    _ZERO_KEYS: Engine._expired_zero_keys,
-    _PERSISTENT: Engine._expired_persistent_keepalive,
-}
