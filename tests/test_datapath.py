@@ -243,3 +243,34 @@ def test_a_lone_bad_packet_is_counted_and_reported(rig, caplog):
     assert rig.loop.last_error.counts() == {D.UNKNOWN_INDEX: 1}
     assert rig.pair.b.drops[D.UNKNOWN_INDEX] == 1
     assert rig.tun_packets() == []
+
+
+def test_intercepted_packets_keep_their_place_among_those_for_the_engine(rig):
+    """The interceptor (DNS resources) may send a packet of its own through the engine: it goes
+    out between the packets read before and after the one it took, as it did one by one."""
+    rig.handshake()
+    p = rig.pair
+    sentinel = ip4(TUN_B, "100.100.111.1", b"query")
+    offered = []
+
+    def intercept(packet: bytes, now: float) -> bool:
+        offered.append(packet)
+        if packet.endswith(b"boom"):
+            raise RuntimeError("a bug in the interceptor")
+        if packet.endswith(b"pass"):
+            return False  # not consumed: the engine gets it (no route: dropped there)
+        p.b.send(ip4(TUN_B, TUN_A, b"answer"), now)
+        return True
+
+    sentinels = frozenset({bytes([100, 100, 111, 1])})
+    rig.datapath.set_intercept(intercept, sentinels, frozenset())
+    batch = [ip4(TUN_B, TUN_A, b"one"), sentinel, ip4(TUN_B, TUN_A, b"two"),
+             ip4(TUN_B, "100.100.111.1", b"pass"), ip4(TUN_B, "100.100.111.1", b"boom"), ip4(TUN_B, TUN_A, b"three")]
+    for packet in batch:
+        rig.tun_app.send(packet)
+    rig.loop.run_once(max_timeout=1)
+    assert offered == batch[1:2] + batch[3:5]
+    rig.pump_a()
+    assert p.tun(p.a) == [ip4(TUN_B, TUN_A, x) for x in (b"one", b"answer", b"two", b"three")]
+    assert p.b.drops[D.NO_ROUTE] == 1
+    assert rig.loop.last_error.counts() == {"RuntimeError": 1, D.NO_ROUTE: 1}
