@@ -505,7 +505,7 @@ class Engine(HandshakeDriver, TimerDriver):
                 index, counter = _unpack_header(data, 4)
                 if index != run_index:
                     run_index, kp, run_addr = index, self._keypair_for(index, now), None
-                if kp.__class__ is D:
+                if type(kp) is D:
                     self._drop(kp, drops)  # type: ignore[arg-type]
                     continue
                 replay = kp.replay  # type: ignore[union-attr]
