@@ -55,11 +55,27 @@ if not batch:
 packets = [packet] * batch
 if hasattr(a, "send_batch"):
     send_batch, receive_batch = a.send_batch, b.receive_batch
-else:  # before the batch entry points: the datapath's per-packet loops
+else:  # before the batch entry points: the datapath's per-packet loops (Datapath._send, _receive)
     def send_batch(packets, now, failures):
-        return [r for r in map(send, packets, [now] * len(packets)) if r is not None]
+        drops = []
+        for packet in packets:
+            try:
+                reason = send(packet, now)
+                if reason is not None:
+                    drops.append(reason)
+            except Exception as exc:
+                failures.append(exc)
+        return drops
     def receive_batch(datagrams, now, failures):
-        return [r for d, addr, local in datagrams if (r := receive(d, addr, now, local)) is not None]
+        drops = []
+        for data, addr, local in datagrams:
+            try:
+                reason = receive(data, addr, now, local)
+                if reason is not None:
+                    drops.append(reason)
+            except Exception as exc:
+                failures.append(exc)
+        return drops
 failures = []
 for _ in range(n // batch):
     send_batch(packets, 1.0, failures)

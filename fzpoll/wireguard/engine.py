@@ -68,10 +68,11 @@ _OVERHEAD = 16 + AEAD_TAG_SIZE  # transport header + tag
 # Transport header (5.4.6): type and reserved (4 bytes), receiver index (u32le), counter (u64le);
 # the AEAD nonce is 4 zero bytes and the counter.
 _pack_header = struct.Struct("<8sQ").pack_into  # our remote-index header, then the counter
-_unpack_header = struct.Struct("<IQ").unpack_from  # receiver index, counter (from offset 4)
+_unpack_header = struct.Struct("<IIQ").unpack_from  # type and reserved as one u32le, receiver index, counter
 _pack_nonce = struct.Struct("<4xQ").pack
 _PADDING = bytes(16)
 _TRANSPORT_TYPE = bytes([MESSAGE_TRANSPORT_DATA, 0, 0, 0])  # type and reserved of a transport message
+_TRANSPORT_WORD = MESSAGE_TRANSPORT_DATA  # the same, read as a u32le
 _KEEPALIVE = PeerTimer.SEND_KEEPALIVE
 _NEW_HANDSHAKE = PeerTimer.NEW_HANDSHAKE
 _PERSISTENT = PeerTimer.PERSISTENT_KEEPALIVE
@@ -496,13 +497,13 @@ class Engine(HandshakeDriver, TimerDriver):
         run_local: Local = None
         for data, addr, local in datagrams:
             try:
-                if data[:4] != _TRANSPORT_TYPE or len(data) < KEEPALIVE_SIZE:
+                if len(data) < KEEPALIVE_SIZE or (header := _unpack_header(data))[0] != _TRANSPORT_WORD:
                     run_index = -1  # a handshake message may rotate sessions: look indices up again
                     reason = self._on_message(data, addr, now, local)
                     if reason is not None:
                         self._drop(reason, drops)
                     continue
-                index, counter = _unpack_header(data, 4)
+                _, index, counter = header
                 if index != run_index:
                     run_index, kp, run_addr = index, self._keypair_for(index, now), None
                 if type(kp) is D:
