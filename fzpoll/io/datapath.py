@@ -11,8 +11,9 @@ plugs two steps into every pass of the :class:`~fzpoll.io.loop.Loop`:
    while a write waits there);
 2. read **up to** ``batch_size`` packets from **every** ready data fd (UDP and TUN), so that every
    source makes progress on every tick: a busy UDP socket cannot starve the TUN device;
-3. process the UDP batch (engine.receive; handshakes beyond a budget shed under load), then the
-   TUN batch (the DNS sentinels' intercept, else engine.send).
+3. process the UDP batch (engine.receive_batch; handshakes beyond a budget shed under load), then
+   the TUN batch (engine.send_batch; a packet to the DNS sentinels goes to the intercept first).
+   The engine takes a whole batch: a run of packets for one peer costs its per-run work once.
 
 ``give_output`` (after the loop's timers and flushers):
 
