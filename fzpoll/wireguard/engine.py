@@ -492,7 +492,7 @@ class Engine(HandshakeDriver, TimerDriver):
         An exception costs only its datagram: it goes to ``failures`` (raised at once without)."""
         drops: list[D] = []
         run_index = -1  # the receiver index of the run (-1: none yet)
-        kp: Keypair | D | None = None  # its keypair, or why there is none
+        kp: Keypair | D | None = None
         run_addr: Endpoint | None = None  # the source its peer was last authenticated from in the run
         run_local: Local = None
         for data, addr, local in datagrams:
@@ -504,8 +504,10 @@ class Engine(HandshakeDriver, TimerDriver):
                         self._drop(reason, drops)
                     continue
                 _, index, counter = header
-                if index != run_index:
-                    run_index, kp, run_addr = index, self._keypair_for(index, now), None
+                if index != run_index:  # a new run: its keypair, or why there is none
+                    run_index, run_addr, kp = index, None, self._keypairs.get(index, D.UNKNOWN_INDEX)
+                    if type(kp) is not D and now - kp.created_at >= REJECT_AFTER_TIME:  # type: ignore[union-attr]
+                        kp = D.KEY_EXPIRED
                 if type(kp) is D:
                     self._drop(kp, drops)  # type: ignore[arg-type]
                     continue
@@ -551,15 +553,6 @@ class Engine(HandshakeDriver, TimerDriver):
             return D.BAD_TYPE
         handler = self._handlers.get(data[0])
         return D.BAD_TYPE if handler is None else handler(data, addr, now, local)
-
-    def _keypair_for(self, index: int, now: float) -> Keypair | D:
-        """The session keypair our receiver ``index`` names, or why a datagram to it is dropped."""
-        kp = self._keypairs.get(index)
-        if kp is None:
-            return D.UNKNOWN_INDEX
-        if now - kp.created_at >= REJECT_AFTER_TIME:
-            return D.KEY_EXPIRED
-        return kp
 
     def _authenticated(self, peer: Peer, kp: Keypair, addr: Endpoint, now: float, local: Local) -> None:
         """What an authenticated transport datagram does to its peer (confirm a responder's keypair,
