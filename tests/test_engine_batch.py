@@ -288,7 +288,7 @@ def test_the_datagram_that_confirms_a_keypair_is_delivered_intact_with_what_wait
 # A bug on one packet costs that packet
 
 
-def _flaky(monkeypatch, engine: Engine, name: str, fail_on: int) -> None:
+def _flaky(monkeypatch, engine: object, name: str, fail_on: int) -> None:
     """Make ``engine.<name>`` raise on its ``fail_on``-th call (1-based)."""
     real = getattr(engine, name)
     calls = []
@@ -347,3 +347,13 @@ def test_an_exception_in_receive_batch_costs_only_its_datagram(monkeypatch, name
     assert snapshot(batch) == expected
     assert len(expected[1]) == 5  # every other datagram delivered
     assert drops == []
+
+
+def test_an_exception_while_routing_costs_only_its_packet(monkeypatch):
+    world = World()
+    packets = [world.packet((0, 0, 100)), world.packet((1, 0, 100)), world.packet((0, 0, 100))]
+    _flaky(monkeypatch, world.hub._allowed_ips, "lookup_v4", 2)  # the packet for peer 1
+    failures: list[Exception] = []
+    assert world.hub.send_batch(packets, 0.0, failures) == []
+    assert len(failures) == 1
+    assert [endpoint for _, endpoint, _ in world.hub.datagrams_to_send()] == [REMOTE[0], REMOTE[0]]

@@ -3,10 +3,10 @@
 Inputs (as aioquic's connection): :meth:`Engine.receive` (a UDP datagram and its source
 address), :meth:`Engine.send` (an IP packet read from the TUN device), both also by the batch
 (:meth:`Engine.receive_batch`, :meth:`Engine.send_batch`: the one implementation, which does
-per-run work once), :meth:`Engine.handle_timer`, and the configuration methods. Outputs are handed over once:
-:meth:`datagrams_to_send`, :meth:`packets_for_tun`, :meth:`take_events`; :meth:`next_deadline`
-says when to call :meth:`handle_timer` next. Time is always the ``now`` argument (monotonic
-seconds); wall-clock time (TAI64N) and randomness are injected at construction.
+per-run work once), :meth:`Engine.handle_timer`, and the configuration methods. Outputs are
+handed over once: :meth:`datagrams_to_send`, :meth:`packets_for_tun`, :meth:`take_events`;
+:meth:`next_deadline` says when to call :meth:`handle_timer` next. Time is always the ``now``
+argument (monotonic seconds); wall-clock time (TAI64N) and randomness are injected at construction.
 
 Remote input never raises: an invalid datagram is dropped and its :class:`DropReason` counted and
 returned. A datagram that fails authentication (unknown index, bad tag, replay, expired key, bad
@@ -14,8 +14,8 @@ MAC) changes no state; one that authenticates counts for the session, the endpoi
 the timers even when cryptokey routing then refuses its inner packet, as in the kernel and
 wireguard-go. Timers follow wireguard-go's timers.go (whitepaper section 6); the parts live in
 :mod:`.handshaking` (the handshake half of this class), :mod:`.session` (keypairs and indices),
-:mod:`.timers` (the heap, and what each timer does), :mod:`.handshake` (messages, cookies and rate limits under load) and
-:mod:`.allowedips` (cryptokey routing).
+:mod:`.timers` (the heap, and what each timer does), :mod:`.handshake` (messages, cookies and
+rate limits under load) and :mod:`.allowedips` (cryptokey routing).
 """
 
 from __future__ import annotations
@@ -340,16 +340,23 @@ class Engine(HandshakeDriver, TimerDriver):
         for packet in packets:
             n = len(packet)
             version = packet[0] >> 4 if n else 0
-            if n >= 20 and version == 4:
-                dst = packet[16:20]
-                if dst != last:
-                    last, peer = dst, self._allowed_ips.lookup_v4(dst)
-            elif n >= 40 and version == 6:
-                dst = packet[24:40]
-                if dst != last:
-                    last, peer = dst, self._allowed_ips.lookup_v6(dst)
-            else:
-                self._drop(D.BAD_INNER_PACKET, drops)
+            try:
+                if n >= 20 and version == 4:
+                    dst = packet[16:20]
+                    if dst != last:
+                        last, peer = dst, self._allowed_ips.lookup_v4(dst)
+                elif n >= 40 and version == 6:
+                    dst = packet[24:40]
+                    if dst != last:
+                        last, peer = dst, self._allowed_ips.lookup_v6(dst)
+                else:
+                    self._drop(D.BAD_INNER_PACKET, drops)
+                    continue
+            except Exception as exc:  # a bug: it costs this packet
+                last = b""
+                if failures is None:
+                    raise
+                failures.append(exc)
                 continue
             if peer is None:
                 # multicast (IPv6 router solicitations, MLD): the kernel's own, no peer asked for it
@@ -382,7 +389,7 @@ class Engine(HandshakeDriver, TimerDriver):
         if usable > 0:
             start = kp.send_counter  # type: ignore[union-attr]
             try:
-                self._encrypt_run(peer, kp, run if usable >= len(run) else run[:usable], now)  # type: ignore[arg-type]
+                self._encrypt_run(peer, kp, run if usable >= len(run) else run[:usable], now)  # type: ignore
             except Exception as exc:  # a bug: it costs the packet it happened on (the last counted)
                 if failures is None:
                     raise
