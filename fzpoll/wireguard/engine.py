@@ -77,6 +77,7 @@ _KEEPALIVE = PeerTimer.SEND_KEEPALIVE
 _NEW_HANDSHAKE = PeerTimer.NEW_HANDSHAKE
 _PERSISTENT = PeerTimer.PERSISTENT_KEEPALIVE
 _UNSPECIFIED_V6 = bytes(16)
+_REKEY_COUNTER = REKEY_AFTER_MESSAGES - 1  # the counter whose packet starts a rekey
 
 
 def _is_control(plain: bytes) -> bool:
@@ -84,12 +85,14 @@ def _is_control(plain: bytes) -> bool:
     return plain[0] >> 4 == 6 and plain[6] == FZ_P2P_CONTROL_NEXT_HEADER and plain[8:24] == _UNSPECIFIED_V6
 
 
-def _room(kp: Keypair | None, now: float) -> int:
-    """How many more packets ``kp`` may encrypt at ``now``: none without a keypair, or once it has
-    reached REJECT_AFTER_TIME or REJECT_AFTER_MESSAGES (whitepaper 6.2)."""
+def _room(kp: Keypair | None, now: float, want: int) -> int:
+    """How many of ``want`` more packets ``kp`` may encrypt at ``now``: none without a keypair, or
+    once it has reached REJECT_AFTER_TIME or REJECT_AFTER_MESSAGES (whitepaper 6.2)."""
     if kp is None or now - kp.created_at >= REJECT_AFTER_TIME:
         return 0
-    return REJECT_AFTER_MESSAGES - kp.send_counter  # (below 0 only after a staged flush: see _flush_staged)
+    if kp.send_counter + want <= REJECT_AFTER_MESSAGES:
+        return want  # (the usual case, without a big-int subtraction)
+    return max(REJECT_AFTER_MESSAGES - kp.send_counter, 0)
 
 
 class Engine(HandshakeDriver, TimerDriver):
@@ -384,19 +387,20 @@ class Engine(HandshakeDriver, TimerDriver):
         the rest (no endpoint or usable session, packets staged before, or REJECT_AFTER_MESSAGES
         reached mid-run) is staged one by one, and a handshake started."""
         kp = peer.current
-        usable = 0 if peer.endpoint is None or peer.staged else _room(kp, now)
+        n = len(run)
+        usable = 0 if peer.endpoint is None or peer.staged else _room(kp, now, n)
         done = 0
-        if usable > 0:
+        if usable:
             start = kp.send_counter  # type: ignore[union-attr]
             try:
-                self._encrypt_run(peer, kp, run if usable >= len(run) else run[:usable], now)  # type: ignore
+                self._encrypt_run(peer, kp, run if usable == n else run[:usable], now)  # type: ignore
             except Exception as exc:  # a bug: it costs the packet it happened on (the last counted)
                 if failures is None:
                     raise
                 failures.append(exc)
                 done = max(kp.send_counter - start, 1)  # type: ignore[union-attr]
             else:
-                if usable >= len(run):
+                if usable == n:
                     return  # all sent (the usual case)
                 done = usable
         for packet in run[done:]:
@@ -427,7 +431,7 @@ class Engine(HandshakeDriver, TimerDriver):
             self._timers.arm(peer, _PERSISTENT, now + peer.persistent_keepalive_interval)
         peer.keepalive_at = None
         # keep the key fresh: from the packet whose counter reaches rekey_at (0: the session is old)
-        rekey_at = 0 if kp.is_initiator and now - kp.created_at >= REKEY_AFTER_TIME else REKEY_AFTER_MESSAGES - 1
+        rekey_at = 0 if kp.is_initiator and now - kp.created_at >= REKEY_AFTER_TIME else _REKEY_COUNTER
         out, seal, mtu = self._out, self._seal, self.mtu
         endpoint, local, header, key = peer.endpoint, peer.local, kp.header, kp.send_key
         for packet in packets:
@@ -460,7 +464,7 @@ class Engine(HandshakeDriver, TimerDriver):
 
     def _flush_staged(self, peer: Peer, now: float) -> None:
         kp = peer.current
-        if _room(kp, now) <= 0:
+        if not _room(kp, now, 1):
             # A responder whose fresh ``next`` keypair waits for the initiator's first packet
             # holds its packets rather than crossing handshakes: confirmation is one RTT away.
             if peer.next is None or now - peer.next.created_at >= REKEY_TIMEOUT:
