@@ -191,27 +191,30 @@ class Datapath:
 
     def _read(self, events: list[tuple[int, int]], now: float, udp_batch: list[Datagram],
               tun_batch: list[bytes], failures: list[Exception]) -> None:
-        """A batch from every ready data fd (strict priority: TUN only if UDP had nothing)."""
-        ready = dict(events)
+        """A batch from every ready data fd (strict priority: TUN only if UDP had nothing). The
+        UDP sockets are read in the order epoll reported them, then TUN."""
         last_read = self._last_read  # each read's limit: a batch, or one if the fd was sparse (SPARSE_GAP)
-        if not self._tun_out.pending:
-            udp = self.udp
-            stats = self.stats
-            for fd, sock in udp.by_fd.items():
-                if ready.get(fd, 0) & EPOLLIN:
-                    limit = self.batch_size if now - last_read.get(fd, now) < SPARSE_GAP else 1
-                    last_read[fd] = now
-                    n = udp.read(fd, sock, udp_batch, failures, limit)
-                    stats.udp_packets += n
-                    if n > stats.max_udp_batch:
-                        stats.max_udp_batch = n
         tun_fd = self._tun_fd
-        if tun_fd is not None:
-            tun_events = ready.get(tun_fd, 0)
+        tun_events = 0
+        udp = self.udp
+        by_fd = udp.by_fd
+        udp_open = not self._tun_out.pending  # UDP feeds TUN: not read while TUN's writes wait
+        for fd, mask in events:
+            if fd == tun_fd:
+                tun_events = mask
+            elif mask & EPOLLIN and udp_open and fd in by_fd:
+                limit = self.batch_size if now - last_read.get(fd, now) < SPARSE_GAP else 1
+                last_read[fd] = now
+                n = udp.read(fd, by_fd[fd], udp_batch, failures, limit)
+                stats = self.stats
+                stats.udp_packets += n
+                if n > stats.max_udp_batch:
+                    stats.max_udp_batch = n
+        if tun_events:
             if tun_events & EPOLLERR and not tun_events & EPOLLIN:
                 raise TunGone()
             if tun_events & EPOLLIN and not (self._priority and udp_batch) \
-                    and (self._masks_clear or not self.udp.pending()):
+                    and (self._masks_clear or not udp.pending()):
                 limit = self.batch_size if now - last_read.get(tun_fd, now) < SPARSE_GAP else 1
                 last_read[tun_fd] = now
                 self._read_tun(tun_fd, tun_batch, failures, limit)

@@ -252,7 +252,11 @@ class Loop:
         datapath = self.datapath
         busy = datapath.take_input(events, now, drops, failures) if datapath is not None else False
         if not (busy and self._priority):
-            busy = self._serve(events, now, failures) or busy
+            readers, writers = self._readers, self._writers
+            for fd, _ in events:  # _serve only for an auxiliary fd: a lone packet's pass has none
+                if fd in readers or fd in writers:
+                    busy = self._serve(events, now, failures) or busy
+                    break
             if not (busy and self._priority) and \
                     (deadline is _UNKNOWN or (deadline is not None and deadline <= now)):  # type: ignore[operator]
                 self.run_timers(now, failures)

@@ -125,13 +125,11 @@ class ReplayGuard:
     def __init__(self) -> None:
         self.active = False
         self.activations = 0  # replay floods seen since start (for fzpoll show)
+        self.due_at = REPLAY_FLOOD_CHECK  # the next sample (the prefilter compares it in every pass)
         self._sampled_at = 0.0
         self._replays = 0
         self._kernel_drops = 0
         self._until = 0.0
-
-    def due(self, now: float) -> bool:
-        return now - self._sampled_at >= REPLAY_FLOOD_CHECK
 
     def sample(self, now: float, replays: int, kernel_drops: Callable[[], int]) -> bool:
         """Take the engine's replay count and the sockets' kernel drops (both since start); True
@@ -146,6 +144,7 @@ class ReplayGuard:
             flood = flood or drops - self._kernel_drops >= threshold
             self._kernel_drops = drops
         self._sampled_at, self._replays = now, replays
+        self.due_at = now + REPLAY_FLOOD_CHECK
         if flood:
             self.activations += not self.active
             self.active, self._until = True, now + REPLAY_FLOOD_HOLD
@@ -191,22 +190,30 @@ class PrefilterControl:
         return self.attached
 
     def __call__(self, now: float) -> None:
+        """The pass's check. It runs in every pass, on a lone packet's latency path too: when
+        nothing changed it is the engine's two O(1) answers and a comparison with the replay
+        guard's next sample, calling nothing else."""
         if not self.attached:
             return
-        rebuild = self.engine.is_under_load(now) != self.under_load
-        if self.check_indices and self.engine.index_generation() != self._generation:
-            indices = self.engine.live_indices()
-            self._generation = self.engine.index_generation()
-            # beyond MAX_FILTER_INDICES both programs check no index: the same program
-            rebuild |= indices != self._indices and (len(indices) <= MAX_FILTER_INDICES
-                                                     or len(self._indices) <= MAX_FILTER_INDICES)
-            rebuild |= self.replay.active  # a new session (even at a reused index) has no floor
-            self._indices = indices
-        if self.check_indices and self.replay.due(now):
-            rebuild |= self.replay.sample(now, self.engine.drops.get(DropReason.REPLAYED, 0),
-                                          lambda: sum(kernel_drops(s) or 0 for s in self.sockets))
+        engine = self.engine
+        rebuild = engine.is_under_load(now) != self.under_load
+        if self.check_indices:
+            generation = engine.index_generation()
+            if generation != self._generation:
+                indices = engine.live_indices()
+                self._generation = generation
+                # beyond MAX_FILTER_INDICES both programs check no index: the same program
+                rebuild |= indices != self._indices and (len(indices) <= MAX_FILTER_INDICES
+                                                         or len(self._indices) <= MAX_FILTER_INDICES)
+                rebuild |= self.replay.active  # a new session (even at a reused index) has no floor
+                self._indices = indices
+            if now >= self.replay.due_at:
+                rebuild |= self.replay.sample(now, engine.drops.get(DropReason.REPLAYED, 0), self._kernel_drops)
         if rebuild:
             self._attach(now)
+
+    def _kernel_drops(self) -> int:
+        return sum(kernel_drops(s) or 0 for s in self.sockets)
 
     def _floors(self, indices: frozenset[int] | None) -> dict[int, int] | None:
         """Counter floors while a replay flood is on: below them the engine may still accept a

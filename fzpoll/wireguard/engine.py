@@ -255,8 +255,9 @@ class Engine(HandshakeDriver, TimerDriver):
         return self._allowed_ips.lookup(address)
 
     def is_under_load(self, now: float) -> bool:
-        """Handshakes need a cookie now (a flood was seen within UNDER_LOAD_AFTER_TIME)."""
-        return self._load.is_under_load(now)
+        """Handshakes need a cookie now (a flood was seen within UNDER_LOAD_AFTER_TIME). Asked in
+        every pass (the datapath, the kernel prefilter): the guard's field, without its call."""
+        return now < self._load.under_load_until
 
     def assume_under_load(self, until: float) -> None:
         """Require cookies until ``until`` as if a flood had been seen (tests, and an operator

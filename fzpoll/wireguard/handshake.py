@@ -210,7 +210,7 @@ class LoadGuard:
     __slots__ = ("under_load_until", "_window_start", "_window_count", "_buckets", "_resets")
 
     def __init__(self) -> None:
-        self.under_load_until = float("-inf")
+        self.under_load_until = float("-inf")  # under load while now is before it (Engine.is_under_load)
         self._window_start = float("-inf")
         self._window_count = 0
         self._buckets: dict[bytes, list[float]] = {}
@@ -220,9 +220,6 @@ class LoadGuard:
         """The per-source table: in use, limit, and how often it was full (``fzpoll show``)."""
         return {"rate_limiter_sources": {"used": len(self._buckets), "limit": MAX_RATE_LIMITER_SOURCES,
                                          "resets": self._resets}}
-
-    def is_under_load(self, now: float) -> bool:
-        return now < self.under_load_until
 
     def check(self, cookies: CookieChecker, data: bytes, addr: Endpoint, now: float,
               replies: list[tuple[bytes, Endpoint, Local]], local: Local = None) -> D | None:
