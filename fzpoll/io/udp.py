@@ -79,29 +79,6 @@ def gso_run(datagrams: list[Datagram], start: int, count: int) -> int:
     return end
 
 
-def _recvmsg(sock: socket.socket, batch: list, end: int, sources: pktinfo.Sources) -> None:
-    """recvmsg until ``batch`` holds ``end`` datagrams (or EAGAIN), each with its LocalSource
-    (from its pktinfo), cutting coalesced runs (GRO)."""
-    recvmsg = sock.recvmsg
-    append = batch.append
-    received, intern = sources.received, sources.intern
-    while len(batch) < end:
-        data, ancillary, _, addr = recvmsg(READ_SIZE, _CMSG_SPACE)
-        size = 0
-        local = None
-        # Only what we asked for comes: UDP_GRO's segment size (a coalesced run only), pktinfo.
-        for level, kind, value in ancillary:
-            if kind == UDP_GRO:
-                size = int.from_bytes(value[:4], _ORDER)
-            else:
-                local = received.get(value) or intern(level, value)
-        if size and len(data) > size:
-            for offset in range(0, len(data), size):
-                append((data[offset : offset + size], addr, local))
-        else:
-            append((data, addr, local))
-
-
 class UdpSockets:
     """The UDP sockets of one device, their offloads and their waiting writes."""
 
@@ -153,15 +130,34 @@ class UdpSockets:
     # ------------------------------------------------------------------ reads
 
     def read(self, fd: int, sock: socket.socket, batch: list, failures: list[Exception], limit: int) -> int:
-        """Up to ``limit`` ``(data, address, local)`` datagrams into ``batch`` (with GRO, one
-        recvmsg may bring a run of them, cut here); how many."""
+        """Up to ``limit`` ``(data, address, local)`` datagrams into ``batch``; how many. With
+        pktinfo or GRO, recvmsg: ``local`` from the pktinfo, and a coalesced run (GRO) is cut here
+        into its datagrams (so a run may take the batch past ``limit``). One function, no helper: a lone
+        packet's pass calls it cold."""
         start = len(batch)
+        append = batch.append
         try:
             if self._recvmsg[fd]:
-                _recvmsg(sock, batch, start + limit, self.sources)
+                end = start + limit
+                recvmsg = sock.recvmsg
+                received, intern = self.sources.received, self.sources.intern
+                while len(batch) < end:
+                    data, ancillary, _, addr = recvmsg(READ_SIZE, _CMSG_SPACE)
+                    size = 0
+                    local = None
+                    # Only what we asked for comes: UDP_GRO's segment size (a coalesced run only), pktinfo.
+                    for level, kind, value in ancillary:
+                        if kind == UDP_GRO:
+                            size = int.from_bytes(value[:4], _ORDER)
+                        else:
+                            local = received.get(value) or intern(level, value)
+                    if size and len(data) > size:
+                        for offset in range(0, len(data), size):
+                            append((data[offset : offset + size], addr, local))
+                    else:
+                        append((data, addr, local))
             else:
                 recvfrom = sock.recvfrom
-                append = batch.append
                 for _ in range(limit):
                     data, addr = recvfrom(READ_SIZE)
                     append((data, addr, None))
