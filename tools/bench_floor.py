@@ -51,6 +51,17 @@ TAG = 16
 # ---------------------------------------------------------------------------- the forwarder
 
 
+def _sockets(tun_fd: int) -> tuple[socket.socket, select.epoll]:
+    """A forwarder's UDP socket (non-blocking, on PORT) and its epoll, watching it and ``tun_fd``."""
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("0.0.0.0", PORT))
+    udp.setblocking(False)
+    epoll = select.epoll()
+    epoll.register(tun_fd, select.EPOLLIN)
+    epoll.register(udp.fileno(), select.EPOLLIN)
+    return udp, epoll
+
+
 def forward_lone(iface: str, peer: tuple[str, int], key_out: bytes, key_in: bytes) -> None:
     """The minimal forwarder (``floor``): per wakeup one packet each way, plain TUN, no batching."""
     sys.path.insert(0, REPO)
@@ -59,17 +70,12 @@ def forward_lone(iface: str, peer: tuple[str, int], key_out: bytes, key_in: byte
     from fzpoll.io.tun import TunDevice
 
     tun = TunDevice(iface)
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("0.0.0.0", PORT))
-    udp.setblocking(False)
+    udp, epoll = _sockets(tun.fileno())
     seal, open_ = lib.crypto_aead_chacha20poly1305_ietf_encrypt, lib.crypto_aead_chacha20poly1305_ietf_decrypt
     out = ffi.new("unsigned char[]", 65536)
     out_view = ffi.buffer(out)
     null = ffi.NULL
-    tun_fd, udp_fd = tun.fileno(), udp.fileno()
-    epoll = select.epoll()
-    epoll.register(tun_fd, select.EPOLLIN)
-    epoll.register(udp_fd, select.EPOLLIN)
+    tun_fd = tun.fileno()
     counter = 0
     print("ready", flush=True)
     while True:
@@ -108,18 +114,13 @@ def forward_batch(iface: str, peer: tuple[str, int], key_out: bytes, key_in: byt
     tun = TunDevice(iface, offload=True, segmentation=False)
     if not tun.vnet_hdr:
         raise SystemExit("bench_floor: this kernel's TUN has no virtio-net headers")
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("0.0.0.0", PORT))
-    udp.setblocking(False)
+    udp, epoll = _sockets(tun.fileno())
     udp.setsockopt(SOL_UDP, UDP_GRO, 1)
     seal, open_ = lib.crypto_aead_chacha20poly1305_ietf_encrypt, lib.crypto_aead_chacha20poly1305_ietf_decrypt
     out = ffi.new("unsigned char[]", 65536)
     out_view = ffi.buffer(out)
     null = ffi.NULL
-    tun_fd, udp_fd = tun.fileno(), udp.fileno()
-    epoll = select.epoll()
-    epoll.register(tun_fd, select.EPOLLIN)
-    epoll.register(udp_fd, select.EPOLLIN)
+    tun_fd = tun.fileno()
     space = socket.CMSG_SPACE(4)
     counter = 0
     print("ready", flush=True)
