@@ -8,8 +8,9 @@ timed in wall time after the process slept ``cold`` (50 ms: this VM's caches and
 then), slept ``warm`` (0.2 ms), or right after writing 128 MB (``evict``: caches flushed on
 purpose, steadier than sleeping on a shared machine). ``--daemon`` adds what a daemon's loop has
 besides: the kernel prefilter's flusher on the UDP socket, two more timer sources, an auxiliary
-reader. Every pass must put its packet out at the other side (else exit 1). Prints each run's median of --samples passes; alternate it with ``--repo`` of another
-checkout to compare (one process per tree; wrap it in ``flock /tmp/fzpoll-bench.lock``).
+reader. Every pass must put its packet out at the other side (else exit 1). Prints each run's
+median of --samples passes; alternate it with ``--repo`` of another checkout to compare (one
+process per tree; wrap it in ``flock /tmp/fzpoll-bench.lock``).
 
     python3 tools/bench_lone_pass.py [--daemon] [--gaps cold,warm,evict] [--runs 3] [--repo PATH]
 """
