@@ -1,21 +1,25 @@
 #!/usr/bin/env python3
-"""The latency floor of a Python tunnel on this machine, beside upstream wireguard-go (issue 16).
+"""The ceiling of a Python tunnel on this machine, beside upstream wireguard-go (issue 16).
 
-fzpoll's ping RTT is measured against upstream wireguard-go. This asks how much of the gap any
-CPython tunnel must keep: it runs a *minimal forwarder* - no WireGuard protocol at all, a fixed
-key per direction, no handshake, no timers, no routing table, no counters, no logging: per packet
-one epoll wait, one read, libsodium's ChaCha20-Poly1305 through the same cffi call as fzpoll's
-engine, one write, in a loop of a dozen lines - between two network namespaces, and, interleaved
-with it on the same namespaces, upstream wireguard-go (and fzpoll) on both sides. The datagrams
-have WireGuard's sizes (16-byte header, 16-byte tag), so the kernel's work is the same.
+fzpoll's ping RTT and TCP throughput are measured against upstream wireguard-go. This asks how
+much of the gap any CPython tunnel must keep: it runs a *minimal forwarder* - no WireGuard
+protocol at all, a fixed key per direction, no handshake, no timers, no routing table, no
+counters, no logging; libsodium's ChaCha20-Poly1305 through the same cffi call as fzpoll's engine
+- between two network namespaces, and, interleaved with it on the same namespaces, upstream
+wireguard-go and fzpoll on both sides. The datagrams have WireGuard's sizes (16-byte header,
+16-byte tag), so the kernel's work is the same. Two forwarders: ``floor`` (per wakeup one read,
+one seal, one sendto; one recv, one open, one write) and ``floor-batch`` (fzpoll's IO shape:
+drained TUN reads, UDP GSO sends and GRO reads, coalesced TUN writes).
 
-If the minimal forwarder's RTT is above wireguard-go's, no Python tunnel built of these calls
-reaches wireguard-go's latency on this machine: what is left is the interpreter's own cost.
+If a minimal forwarder is slower than wireguard-go, no Python tunnel built of these calls and
+this IO reaches wireguard-go on this machine: what is left is the interpreter's own cost.
 
-    python3 tools/bench_floor.py [--rounds 5] [--count 20] [--interval 0.05] [--impls floor,upstream,fzpoll]
+    python3 tools/bench_floor.py [--rounds 5] [--tests ping,tcp] [--count 20] [--interval 0.05]
+                                 [--duration 5] [--impls floor,floor-batch,upstream,fzpoll]
 
-Needs root (namespaces, TUN) and iproute2, ping, wg; wrap in `flock /tmp/fzpoll-bench.lock` on a
-shared machine. Only addresses inside the two namespaces it creates are used.
+Needs root (namespaces, TUN) and iproute2, ping, wg, iperf3, ss; wrap in `flock
+/tmp/fzpoll-bench.lock` on a shared machine. Only addresses inside the two namespaces it creates
+are used.
 """
 
 from __future__ import annotations
@@ -103,12 +107,13 @@ def forward_batch(iface: str, peer: tuple[str, int], key_out: bytes, key_in: byt
     It has fzpoll's IO shape, so that its TCP figure is the ceiling of that shape: a wakeup drains
     up to 64 packets from TUN and sends their datagrams in one UDP GSO sendmsg; a UDP GRO read
     gives a run of datagrams, whose packets go to TUN coalesced (fzpoll.io.vnet.coalesce, with
-    virtio-net headers). A lone packet costs one read and one write, as in the loop above."""
+    virtio-net headers). A lone packet costs one more read than in the loop above: the one that
+    ends in EAGAIN."""
     sys.path.insert(0, REPO)
     from nacl._sodium import ffi, lib
 
     from fzpoll.io.tun import TunDevice
-    from fzpoll.io.udp import MAX_GSO_BYTES, SOL_UDP, UDP_GRO, UDP_SEGMENT
+    from fzpoll.io.udp import SOL_UDP, UDP_GRO, UDP_SEGMENT, gso_run
     from fzpoll.io.vnet import VNET_HDR_LEN, coalesce
 
     tun = TunDevice(iface, offload=True, segmentation=False)
@@ -136,20 +141,15 @@ def forward_batch(iface: str, peer: tuple[str, int], key_out: bytes, key_in: byt
                         seal(out + 16, null, packet, n, null, 0, null, b"\0\0\0\0" + counter.to_bytes(8, "little"),
                              key_out)
                         counter += 1
-                        sealed.append(out_view[0:16 + n + TAG])
+                        sealed.append((out_view[0:16 + n + TAG], peer, None))
                 except BlockingIOError:
                     pass
                 start = 0
-                while start < len(sealed):  # runs of equal sizes, the last of a run may be shorter
-                    size = len(sealed[start])
-                    end, total = start + 1, size
-                    while end < len(sealed) and len(sealed[end]) <= size and total + len(sealed[end]) <= MAX_GSO_BYTES:
-                        total += len(sealed[end])
-                        end += 1
-                        if len(sealed[end - 1]) < size:
-                            break
+                while start < len(sealed):  # runs as fzpoll's UDP sends cut them
+                    end = gso_run(sealed, start, len(sealed))
+                    size = len(sealed[start][0])
                     segment = [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, "little"))] if end - start > 1 else []
-                    udp.sendmsg(sealed[start:end], segment, 0, peer)
+                    udp.sendmsg([data for data, _, _ in sealed[start:end]], segment, 0, peer)
                     start = end
             else:
                 data, ancillary, _, _ = udp.recvmsg(65536, space)
