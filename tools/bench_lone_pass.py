@@ -5,7 +5,7 @@ One packet goes through engine ``b``'s real Loop and Datapath (tools/bench_datap
 on loopback, a datagram socketpair for TUN): "in" is UDP->TUN (a datagram from engine ``a``), "out"
 is TUN->UDP (a packet written to the fake TUN, sent to ``a``'s loopback socket). Each pass is
 timed in wall time after the process slept ``cold`` (50 ms: this VM's caches and TLB are gone by
-then), slept ``warm`` (0.2 ms), or right after writing 128 MB (``evict``: caches flushed on
+then), slept ``warm`` (0.2 ms), or right after copying 64 MB (``evict``: caches flushed on
 purpose, steadier than sleeping on a shared machine). ``--daemon`` adds what a daemon's loop has
 besides: the kernel prefilter's flusher on the UDP socket, two more timer sources, an auxiliary
 reader. Every pass must put its packet out at the other side (else exit 1). Prints each run's
